@@ -1,0 +1,476 @@
+"""Hyperparameter configuration manager.
+
+One `Config` object is built once (defaults <- YAML file <- `--set` overrides), checked, and
+passed down; each module reads its own section. Every key is declared below with its type,
+default, range and help text: that declaration is the single source for validation,
+`--set` coercion and the key table in the README (`hanlm config keys`).
+
+Values that follow from others (global batch, tokens per step, scaled learning rate,
+warmup steps) are computed in one place, `derive()`, and saved with the run as `derived`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hanlm.atomic import atomic_write_text
+from hanlm.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def key(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+        above: float | None = None) -> Any:
+    """Declare a config key: its default, help text and allowed range (inclusive `min`/`max`,
+    exclusive `above`)."""
+    meta = {"help": help, "min": min, "max": max, "above": above}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: list[str] = key(["people-daily-1998"],
+                            "Training text: built-in corpus names, files, directories, globs or fsspec URLs.")
+    val_source: list[str] = key([], "Validation text; when empty, `val_fraction` of the documents is held out.")
+    val_fraction: float = key(0.02, "Share of documents held out for validation, chosen by a hash of each "
+                              "document (deterministic).", min=0.0, max=0.5)
+    format: Literal["auto", "txt", "jsonl", "parquet"] = key("auto", "File format; `auto` goes by the extension.")
+    txt_documents: Literal["line", "paragraph"] = key("line", "In .txt files a document is one line, or a "
+                                                      "paragraph ending at a blank line.")
+    text_field: str = key("text", "Field (.jsonl) or column (.parquet) that holds the text.")
+    nfkc: bool = key(False, "Unicode NFKC normalisation (full-width ASCII becomes half-width).")
+    clean_whitespace: bool = key(True, "Strip documents and collapse runs of whitespace into one space.")
+    t2s: bool = key(False, "Convert Traditional to Simplified Chinese with OpenCC (`pip install hanlm[opencc]`).")
+    dedup: bool = key(False, "Drop exact duplicate documents, keeping the first.")
+    min_chars: int = key(1, "Drop documents shorter than this many characters after normalisation.", min=0)
+    on_decode_error: Literal["error", "replace", "skip"] = key(
+        "error", "Invalid UTF-8: stop with the file and byte offset, replace the bad bytes with U+FFFD, or "
+        "skip the document; replace and skip report how much was damaged.")
+    prepared_dir: str | None = key(None, "Where `hanlm prepare` writes shards; default "
+                                   "`$HANLM_HOME/prepared/<sources>-<tokenizer kind>`.")
+    num_workers: int = key(0, "Processes that encode documents; 0 means one per CPU core.", min=0)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["char", "bpe", "word"] = key("char", "Characters, byte-level BPE, or jieba words with "
+                                               "character fallback.")
+    vocab_size: int = key(8000, "Target vocabulary for bpe, upper bound for word; char keeps every "
+                          "character seen `min_freq` times.", min=8)
+    min_freq: int = key(1, "Rarer characters (char, word) or words (word) map to `<unk>` or fall back to "
+                        "characters.", min=1)
+    split_digits: bool = key(True, "bpe: split numbers into single digits before merging.")
+    path: str | None = key(None, "Load this tokenizer.json instead of training one.")
+
+
+# Shapes of the model presets; explicit model.* keys override them.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "context_length": 128},
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "context_length": 256},
+    "base": {"n_layer": 12, "n_head": 12, "n_embd": 768, "context_length": 1024},
+    "1b": {"n_layer": 22, "n_head": 32, "n_embd": 2048, "context_length": 2048},
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["gpt", "lstm", "ngram"] = key("gpt", "Model family.")
+    preset: Literal["tiny", "small", "base", "1b"] | None = key("small", "Shape preset: " + ", ".join(
+        f"{n} ({p['n_layer']}L/{p['n_head']}H/{p['n_embd']}d/{p['context_length']}ctx)"
+        for n, p in MODEL_PRESETS.items()) + ".")
+    n_layer: int | None = key(None, "Layers; default from the preset.", min=1)
+    n_head: int | None = key(None, "Attention heads (gpt); default from the preset.", min=1)
+    n_embd: int | None = key(None, "Embedding width; default from the preset.", min=1)
+    context_length: int | None = key(None, "Longest sequence the model accepts; default from the preset.", min=1)
+    dropout: float = key(0.0, "Dropout probability.", min=0.0, max=0.9)
+    tie_embeddings: bool = key(True, "Share the input embedding and output projection.")
+    order: int = key(5, "n-gram order (arch ngram).", min=1, max=6)
+    vectors: str | None = key(None, "Pretrained word or character vectors (word2vec text or binary) for the "
+                              "embedding.")
+
+
+@dataclass
+class TrainConfig:
+    block_size: int = key(256, "Tokens per training sequence; at most model.context_length.", min=1)
+    micro_batch: int | Literal["auto"] = key(
+        16, "Sequences per forward pass on one worker; `auto` picks the largest that fits memory.", min=1)
+    micro_batch_max: int = key(512, "Upper bound of the `micro_batch: auto` search.", min=1)
+    memory_fraction: float = key(0.8, "Share of free RAM (CPU) or device memory (CUDA) that `micro_batch: "
+                                 "auto` may fill.", above=0.0, max=1.0)
+    grad_accum: int = key(1, "Micro-batches accumulated per optimizer step.", min=1)
+    lr: float = key(1e-3, "Peak learning rate for one worker; see lr_scaling.", above=0.0)
+    lr_scaling: Literal["none", "linear", "sqrt"] = key(
+        "none", "Scale lr with the number of workers: lr × W, lr × √W, or not at all.")
+    warmup_steps: int | None = key(None, "Linear warm-up steps; default warmup_frac × max steps.", min=0)
+    warmup_frac: float = key(0.02, "Warm-up as a share of the run when warmup_steps is unset.", min=0.0, max=1.0)
+    max_steps: int = key(2000, "Stop after this many optimizer steps.", min=1)
+    max_tokens: int | None = key(None, "Stop after this many training tokens (all workers), if sooner.", min=1)
+    max_minutes: float | None = key(None, "Stop after this much wall time, if sooner.", above=0.0)
+    weight_decay: float = key(0.1, "AdamW weight decay (not on norms, biases or embeddings).", min=0.0)
+    grad_clip: float = key(1.0, "Clip the gradient norm to this; 0 turns clipping off.", min=0.0)
+    seed: int = key(1337, "Seed for initialisation, data order and sampling.", min=0)
+    device: Literal["auto", "cpu", "cuda"] = key("auto", "`auto` uses CUDA when available.")
+    run_dir: str = key("runs/default", "Run directory: resolved config, logs, checkpoints.")
+
+
+@dataclass
+class DistConfig:
+    world_size: int = key(1, "Number of workers; the launcher sets it.", min=1)
+    backend: Literal["auto", "gloo", "nccl"] = key("auto", "`auto`: NCCL on CUDA, gloo on CPU.")
+    sync: Literal["full", "diloco", "powersgd", "fp16"] = key("full", "How workers synchronise.")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = key(None, "Checkpoint directory or fsspec URL; default `<run_dir>/checkpoints`.")
+    every_steps: int = key(500, "Save every this many steps (and at the end).", min=1)
+    keep_last: int = key(3, "Keep this many recent checkpoints (the best by val loss is kept too).", min=1)
+    resume: str = key("none", "`none`, `auto` (latest good checkpoint) or a checkpoint path.")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = key(250, "Evaluate on the val split every this many steps (and at the end).", min=1)
+    max_batches: int | None = key(None, "Cap on val batches per evaluation; default the whole split.", min=1)
+
+
+@dataclass
+class ServeConfig:
+    host: str = key("127.0.0.1", "Address to bind; loopback by default.")
+    port: int = key(8000, "TCP port.", min=1, max=65535)
+    max_batch: int = key(16, "Sequences decoded together.", min=1)
+    max_queue: int = key(256, "Waiting requests before new ones get 429.", min=1)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = key(10, "Console and metrics.jsonl line every this many steps.", min=1)
+    progress: bool = key(True, "Show progress bars.")
+    tensorboard: bool = key(True, "Write TensorBoard event files.")
+
+
+@dataclass
+class Derived:
+    """Values computed from the keys above by `derive()`; never set directly."""
+
+    world_size: int
+    micro_batch: int | None  # None while train.micro_batch is `auto` and not yet measured
+    global_batch: int | None  # sequences per optimizer step, all workers
+    tokens_per_step: int | None
+    lr_scale: float
+    lr: float
+    max_steps: int  # train.max_steps, lowered when max_tokens is reached sooner
+    warmup_steps: int
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig,
+    "dist": DistConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "serve": ServeConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    derived: Derived | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (with `derived`) atomically; `load_config(path)` reads it back."""
+        atomic_write_text(path, "# hanlm resolved config: derived values are recomputed on load.\n"
+                          + self.to_yaml())
+
+
+# ---------------------------------------------------------------------------------------------
+# Types: description and coercion, driven by the annotations above.
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return "a list of strings (or one string)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a --set string) to the declared type, or raise ValueError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+            raise ValueError
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is not Literal):
+            try:
+                return _coerce(value, arg)
+            except ValueError:
+                continue
+        raise ValueError
+    if origin is Literal:
+        for a in args:
+            if value == a or (isinstance(value, str) and str(a) == value):
+                return a
+        raise ValueError
+    if origin is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ValueError
+    if isinstance(value, bool):  # YAML `yes`/`true` is never a number or a string here
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        number = float(value)  # accepts "1e6" and 1e6, which YAML 1.1 leaves as text
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    if tp is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        return float(str(value))
+    if tp is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise ValueError
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {value}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{name} must be > {above}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config
+
+def all_keys() -> list[str]:
+    """Every settable dotted key, in declaration order."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key_error(name: str, where: str) -> ConfigError:
+    known = all_keys()
+    leaf = name.rsplit(".", 1)[-1]
+    # The same key in another section is the likeliest slip, then a typo.
+    guesses = [k for k in known if k.endswith("." + leaf)]
+    guesses += difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {guesses[0]!r}?" if guesses else "; `hanlm config keys` lists every key."
+    return ConfigError(f"{where}: unknown key {name!r}{hint}")
+
+
+def set_key(cfg: Config, name: str, value: Any, where: str) -> None:
+    """Set dotted key `name` to `value`, coerced to its declared type and range-checked.
+
+    `where` names the origin (a file or a --set argument) for error messages.
+    """
+    if name.startswith("derived."):
+        raise ConfigError(f"{where}: {name} is computed by hanlm; set the keys it comes from instead "
+                          "(train.micro_batch, train.grad_accum, dist.world_size, train.lr, train.lr_scaling, "
+                          "train.warmup_steps, train.max_steps, train.max_tokens)")
+    section, _, leaf = name.partition(".")
+    if section not in SECTIONS:
+        raise _unknown_key_error(name, where)
+    cls = SECTIONS[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if leaf not in fields:
+        raise _unknown_key_error(name, where)
+    tp = _hints(cls)[leaf]
+    try:
+        coerced = _coerce(value, tp)
+    except ValueError:
+        raise ConfigError(f"{where}: {name} must be {_describe(tp)}, got {value!r}") from None
+    _check_range(f"{where}: {name}", coerced, fields[leaf].metadata)
+    setattr(getattr(cfg, section), leaf, coerced)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        named = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"config file {str(path)!r} not found (built-in configs: {', '.join(named)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train:, ...) at the top")
+    return raw
+
+
+def find_config_file(spec: str | Path) -> Path:
+    """A path as given, or the name of a built-in config (`tiny`, `default`, `base`)."""
+    path = Path(spec)
+    if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{spec}.yaml").exists():
+        return CONFIG_DIR / f"{spec}.yaml"
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
+                world_size: int | None = None) -> Config:
+    """Build the resolved config: defaults, then the YAML file, then `--set key=value` overrides.
+
+    `world_size`, when given (by a launcher), overrides dist.world_size. Raises ConfigError
+    naming the file or override and the key for anything unknown, mistyped, out of range
+    or inconsistent.
+    """
+    cfg = Config()
+    if path is not None:
+        file = find_config_file(path)
+        for section, values in _read_yaml(file).items():
+            if section == "derived":  # a saved resolved config: recomputed below
+                continue
+            if not isinstance(values, dict):
+                if section in SECTIONS:
+                    raise ConfigError(f"{file}: section {section!r} must be a mapping of keys, got {values!r}")
+                raise _unknown_key_error(str(section), str(file))
+            for leaf, value in values.items():
+                set_key(cfg, f"{section}.{leaf}", value, str(file))
+    for override in overrides:
+        name, eq, text = override.partition("=")
+        if not eq or not name.strip():
+            raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        set_key(cfg, name.strip(), value, f"--set {override}")
+    if world_size is not None:
+        set_key(cfg, "dist.world_size", world_size, "launcher")
+    _apply_preset(cfg.model)
+    check(cfg)
+    cfg.derived = derive(cfg)
+    return cfg
+
+
+def _apply_preset(model: ModelConfig) -> None:
+    if model.preset is None:
+        return
+    for name, value in MODEL_PRESETS[model.preset].items():
+        if getattr(model, name) is None:
+            setattr(model, name, value)
+
+
+def check(cfg: Config) -> None:
+    """Checks that involve more than one key."""
+    m, t = cfg.model, cfg.train
+    if m.arch in ("gpt", "lstm"):
+        missing = [k for k in ("n_layer", "n_embd", "context_length") + (("n_head",) if m.arch == "gpt" else ())
+                   if getattr(m, k) is None]
+        if missing:
+            raise ConfigError(f"model.{missing[0]} is not set and model.preset is null: set a preset "
+                              f"({', '.join(MODEL_PRESETS)}) or model.{missing[0]}")
+    if m.arch == "gpt":
+        if m.n_embd % m.n_head:
+            raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+                              f"e.g. n_head={_divisor_near(m.n_embd, m.n_head)}")
+        if (m.n_embd // m.n_head) % 2:
+            raise ConfigError(f"model.n_embd / model.n_head = {m.n_embd // m.n_head} must be even for rotary "
+                              "position embeddings; change n_embd or n_head")
+        if t.block_size > m.context_length:
+            raise ConfigError(f"train.block_size ({t.block_size}) is above model.context_length "
+                              f"({m.context_length}); lower train.block_size or raise model.context_length")
+    if t.warmup_steps is not None and t.warmup_steps > t.max_steps:
+        raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) is above train.max_steps ({t.max_steps})")
+    if isinstance(t.micro_batch, int) and t.micro_batch > t.micro_batch_max:
+        raise ConfigError(f"train.micro_batch ({t.micro_batch}) is above train.micro_batch_max "
+                          f"({t.micro_batch_max}); raise the bound or lower the batch")
+    if cfg.data.val_fraction == 0 and not cfg.data.val_source:
+        raise ConfigError("data.val_fraction is 0 and data.val_source is empty, so there is no validation "
+                          "data; set one of them")
+    if cfg.dist.backend == "nccl" and t.device == "cpu":
+        raise ConfigError("dist.backend nccl needs CUDA but train.device is cpu; use dist.backend=gloo")
+
+
+def _divisor_near(n: int, target: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+
+
+def derive(cfg: Config) -> Derived:
+    """Compute every derived value; the one place that knows how they follow from the keys."""
+    t, world = cfg.train, cfg.dist.world_size
+    micro = t.micro_batch if isinstance(t.micro_batch, int) else None
+    global_batch = micro * t.grad_accum * world if micro is not None else None
+    tokens_per_step = global_batch * t.block_size if global_batch is not None else None
+    max_steps = t.max_steps
+    if t.max_tokens is not None and tokens_per_step is not None:
+        max_steps = max(1, min(max_steps, math.ceil(t.max_tokens / tokens_per_step)))
+    lr_scale = {"none": 1.0, "linear": float(world), "sqrt": math.sqrt(world)}[t.lr_scaling]
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_frac * max_steps)
+    return Derived(world_size=world, micro_batch=micro, global_batch=global_batch,
+                   tokens_per_step=tokens_per_step, lr_scale=lr_scale, lr=t.lr * lr_scale,
+                   max_steps=max_steps, warmup_steps=min(warmup, max_steps))
+
+
+def with_micro_batch(cfg: Config, micro_batch: int) -> Config:
+    """The config with a measured micro-batch in place of `auto`, and derived values updated."""
+    new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=micro_batch))
+    new.derived = derive(new)
+    return new
+
+
+def keys_markdown() -> str:
+    """The table of every key, type, default and meaning, as the README shows it."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section, cls in SECTIONS.items():
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append(f"| `{section}.{f.name}` | {_describe(hints[f.name])} | `{_yaml_scalar(default)}` "
+                        f"| {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip().removesuffix("\n...")

@@ -1,0 +1,316 @@
+"""Tokenizers: one interface, three kinds (char, byte-level BPE, jieba words).
+
+Every kind reserves ids 0..3 for SPECIAL_TOKENS, saves to one JSON file and has a
+fingerprint (sha256 of its canonical JSON) that is recorded with the shards it encoded.
+Text that merely spells a special token ("<eos>") is encoded as ordinary text, so data
+can never inject control tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jieba
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from hanlm.atomic import atomic_write_text
+from hanlm.errors import ConfigError, DataError
+
+jieba.setLogLevel(logging.WARNING)  # it logs dictionary loading at INFO on first use
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+FORMAT = 1
+UNK_CHAR = "\ufffd"  # one character, so decoded text stays aligned char-for-char with the input
+_MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
+
+
+class Tokenizer(ABC):
+    """Maps text to token ids and back; ids 0..3 are <pad>, <unk>, <bos>, <eos> in every kind."""
+
+    kind: ClassVar[str]
+    pad_id: ClassVar[int] = 0
+    unk_id: ClassVar[int] = 1
+    bos_id: ClassVar[int] = 2
+    eos_id: ClassVar[int] = 3
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, specials included; every id is in range(vocab_size)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, with no <bos>/<eos> added."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, as `encode` would give them."""
+        return [self.encode(t) for t in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids of `text` as a 1-D int64 array (the path data preparation uses)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
+        """`docs` encoded one after another, each followed by <eos>: the packed form shards store."""
+        eos = np.array([self.eos_id], dtype=np.int64)
+        return np.concatenate([eos[:0], *(part for d in docs for part in (self.encode_array(d), eos))])
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`: <pad>/<bos>/<eos> are dropped, <unk> becomes U+FFFD."""
+
+    @abstractmethod
+    def _payload(self) -> dict[str, Any]:
+        """The kind-specific part of `to_dict`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description from which `from_dict` rebuilds this tokenizer."""
+        return {"kind": self.kind, "format": FORMAT, **self._payload()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `to_dict()` to one UTF-8 JSON file, atomically."""
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False))
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the canonical JSON: equal fingerprints mean equal encodings (word: same jieba too)."""
+        canonical = json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], source: str = "tokenizer dict") -> Tokenizer:
+        """Rebuild a tokenizer from `to_dict()` output; DataError (naming `source`) if it is malformed."""
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if not isinstance(kind, str) or kind not in _KINDS:
+            raise DataError(f"{source}: unknown tokenizer kind {kind!r}; expected one of {', '.join(sorted(_KINDS))}")
+        if data.get("format") != FORMAT:
+            raise DataError(
+                f"{source}: tokenizer format {data.get('format')!r} is not supported (expected {FORMAT}); retrain it"
+            )
+        try:
+            return _KINDS[kind]._from_payload(data)
+        except DataError as e:
+            raise DataError(f"{source}: {e}") from e
+        except Exception as e:  # `tokenizers` raises bare Exception on malformed JSON
+            raise DataError(f"{source}: malformed {kind} tokenizer ({type(e).__name__}: {e})") from e
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Tokenizer:
+        """Read a tokenizer written by `save`; DataError naming `path` if it is missing or malformed."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise DataError(f"{path}: cannot read tokenizer file ({e.strerror or e}); train one or fix the path") from e
+        except ValueError as e:  # bad UTF-8 or bad JSON
+            raise DataError(f"{path}: not a tokenizer JSON file ({e})") from e
+        return Tokenizer.from_dict(data, source=str(path))
+
+    @classmethod
+    @abstractmethod
+    def _from_payload(cls, data: dict[str, Any]) -> Tokenizer:
+        """Inverse of `to_dict` for this kind."""
+
+    @classmethod
+    @abstractmethod
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> Tokenizer:
+        """Learn a vocabulary from `texts`; see `train_tokenizer`."""
+
+
+class _ListTokenizer(Tokenizer):
+    """A tokenizer whose vocabulary is a list of strings; id = index, specials first."""
+
+    def __init__(self, vocab: Sequence[str]):
+        if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise DataError(f"vocabulary must start with {list(SPECIAL_TOKENS)}")
+        self.vocab = list(vocab)
+        self.stoi = {s: i for i, s in enumerate(self.vocab) if i >= len(SPECIAL_TOKENS)}
+        self._itos = ["", UNK_CHAR, "", ""] + self.vocab[len(SPECIAL_TOKENS) :]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(map(self._itos.__getitem__, ids))
+
+    def _payload(self) -> dict[str, Any]:
+        return {"vocab": self.vocab}
+
+    @classmethod
+    def _from_payload(cls, data: dict[str, Any]) -> Tokenizer:
+        return cls(data["vocab"])
+
+
+class CharTokenizer(_ListTokenizer):
+    """One id per Unicode character; characters not in the vocabulary become <unk>."""
+
+    kind = "char"
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        # A codepoint -> id table (4.5 MB) turns encoding into one numpy gather; built on first use.
+        table = np.full(0x110000, self.unk_id, dtype=np.int64)
+        for ch, i in self.stoi.items():
+            table[ord(ch)] = i
+        return table
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # surrogatepass: a lone surrogate (from surrogateescape decoding) becomes <unk>, not an exception.
+        return self._table[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    @classmethod
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> CharTokenizer:
+        counts: Counter[str] = Counter()
+        for t in texts:
+            counts.update(t)
+        return cls([*SPECIAL_TOKENS, *_frequent(counts, min_freq)])
+
+
+class WordTokenizer(_ListTokenizer):
+    """jieba words; a word outside the vocabulary falls back to its characters, then to <unk>."""
+
+    kind = "word"
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for w in _segment(text):
+            i = self.stoi.get(w)
+            if i is None:
+                ids.extend(self.stoi.get(c, self.unk_id) for c in w)
+            else:
+                ids.append(i)
+        return ids
+
+    @classmethod
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> WordTokenizer:
+        chars: Counter[str] = Counter()
+        words: Counter[str] = Counter()
+        for t in texts:
+            chars.update(t)
+            words.update(w for w in _segment(t) if len(w) > 1 and w not in SPECIAL_TOKENS)
+        vocab = [*SPECIAL_TOKENS, *_frequent(chars, min_freq)]
+        # Every character stays even past vocab_size, so any known text remains encodable.
+        return cls(vocab + _frequent(words, min_freq)[: max(0, vocab_size - len(vocab))])
+
+
+class BpeTokenizer(Tokenizer):
+    """Byte-level BPE (Hugging Face `tokenizers`): every text round-trips exactly, no <unk>."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        # Not serialised by `tokenizers`, so set on every construction: literal "<eos>" stays text.
+        self.hf.encode_special_tokens = True
+        for i, s in enumerate(SPECIAL_TOKENS):
+            if hf.token_to_id(s) != i:
+                raise DataError(f"special token {s} must have id {i}, has {hf.token_to_id(s)}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
+        # encode_batch runs in parallel in Rust; per-document calls would not.
+        packed: list[int] = []
+        for ids in self.encode_batch(docs):
+            packed += ids
+            packed.append(self.eos_id)
+        return np.asarray(packed, dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Decode the runs between <unk>s separately so each <unk> shows as exactly one U+FFFD.
+        runs: list[list[int]] = [[]]
+        for i in ids:
+            if i == self.unk_id:
+                runs.append([])
+            elif i not in (self.pad_id, self.bos_id, self.eos_id):
+                runs[-1].append(i)
+        return UNK_CHAR.join(self.hf.decode(r, skip_special_tokens=False) for r in runs)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"hf": json.loads(self.hf.to_str())}
+
+    @classmethod
+    def _from_payload(cls, data: dict[str, Any]) -> BpeTokenizer:
+        return cls(HFTokenizer.from_str(json.dumps(data["hf"])))
+
+    @classmethod
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> BpeTokenizer:
+        if vocab_size < _MIN_BPE_VOCAB:
+            raise ConfigError(f"tokenizer.vocab_size={vocab_size} is too small for bpe; use at least {_MIN_BPE_VOCAB}")
+        hf = HFTokenizer(models.BPE())
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # Single digits keep numbers compositional instead of memorising "1998" as one token.
+        digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+        hf.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_freq,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+
+_KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BpeTokenizer, "word": WordTokenizer}
+
+
+def train_tokenizer(
+    kind: str, texts: Iterable[str], *, vocab_size: int = 8000, min_freq: int = 1, split_digits: bool = True
+) -> Tokenizer:
+    """Train a tokenizer of `kind` ("char", "bpe" or "word") on `texts`, read once.
+
+    vocab_size counts the specials. It is the exact size for bpe, a cap on words for word
+    (all characters with count >= min_freq are kept even beyond it), and ignored for char,
+    whose vocabulary is every character with count >= min_freq. split_digits applies to bpe.
+    """
+    if kind not in _KINDS:
+        raise ConfigError(f"tokenizer.kind={kind!r} is unknown; valid kinds: {', '.join(sorted(_KINDS))}")
+    if min_freq < 1:
+        raise ConfigError(f"tokenizer.min_freq={min_freq} must be at least 1")
+    n_chars = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal n_chars
+        for t in texts:
+            n_chars += len(t)
+            yield t
+
+    tok = _KINDS[kind]._train(counted(), vocab_size, min_freq, split_digits)
+    if n_chars == 0:
+        raise DataError("tokenizer training texts are empty; check the corpus and its filters")
+    if tok.vocab_size == len(SPECIAL_TOKENS):
+        raise DataError(f"no character occurs at least tokenizer.min_freq={min_freq} times; lower min_freq")
+    return tok
+
+
+def _frequent(counts: Counter[str], min_freq: int) -> list[str]:
+    """Keys with count >= min_freq, most frequent first, ties by codepoint so training is deterministic."""
+    return [s for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_freq]
+
+
+def _segment(text: str) -> list[str]:
+    return jieba.lcut(text, HMM=True)
