@@ -56,7 +56,7 @@ class DataConfig:
     min_chars: int = key(1, "Drop documents shorter than this many characters after normalisation.", min=0)
     on_decode_error: Literal["error", "replace", "skip"] = key(
         "error", "Invalid UTF-8: stop with the file and byte offset, replace the bad bytes with U+FFFD, or "
-        "skip the document; replace and skip report how much was damaged.")
+        "skip the line that holds them; replace and skip report the damage.")
     prepared_dir: str | None = key(None, "Where `hanlm prepare` writes shards; default "
                                    "`$HANLM_HOME/prepared/<sources>-<tokenizer kind>`.")
     num_workers: int = key(0, "Processes that encode documents; 0 means one per CPU core.", min=0)

@@ -54,7 +54,8 @@ class ReadStats:
     documents: int = 0
     characters: int = 0
     bytes_read: int = 0
-    decode_errors: int = 0  # invalid byte sequences replaced (replace) or documents dropped (skip)
+    invalid_sequences: int = 0  # invalid UTF-8 byte sequences met (on_decode_error replace or skip)
+    skipped: int = 0  # lines dropped for holding them (skip)
     too_short: int = 0
     duplicates: int = 0
     damaged_files: dict[str, int] = field(default_factory=dict)
@@ -65,9 +66,10 @@ class ReadStats:
                                                     (self.duplicates, "duplicates")) if n]
         if dropped:
             parts.append("dropped " + ", ".join(dropped))
-        if self.decode_errors:
-            parts.append(f"{self.decode_errors:,} invalid UTF-8 sequence(s) in "
-                         + ", ".join(f"{f} ({n})" for f, n in self.damaged_files.items()))
+        if self.invalid_sequences:
+            parts.append(f"{self.invalid_sequences:,} invalid UTF-8 sequence(s) in "
+                         + ", ".join(f"{f} ({n})" for f, n in self.damaged_files.items())
+                         + (f", {self.skipped:,} line(s) skipped" if self.skipped else ", replaced by U+FFFD"))
         return "; ".join(parts)
 
 
@@ -145,7 +147,9 @@ def _expand_url(spec: str, cfg: DataConfig) -> list[SourceFile]:
         raise DataError(f"cannot open {spec!r}: {e}") from None
     protocol = spec.split("://", 1)[0] if "://" in spec else fs.protocol
     try:
-        if glob.has_magic(path):
+        if protocol in ("http", "https"):
+            paths = [path]  # HTTP has no directories: listing would download the page itself
+        elif glob.has_magic(path):
             paths = sorted(fs.glob(path))
         elif fs.isdir(path):
             paths = sorted(p for p in fs.find(path) if _readable(p))
@@ -267,9 +271,10 @@ class DocumentReader:
                         f"{src.url}: invalid UTF-8 at byte offset {offset + e.start} (line {number}); convert the "
                         "file to UTF-8, or set data.on_decode_error to replace or skip") from None
                 bad = _count_invalid(raw)
-                self.stats.decode_errors += bad if policy == "replace" else 1
+                self.stats.invalid_sequences += bad
                 self.stats.damaged_files[src.url] = self.stats.damaged_files.get(src.url, 0) + bad
                 if policy == "skip":
+                    self.stats.skipped += 1
                     offset += len(raw)
                     continue
                 text = raw.decode("utf-8", errors="replace")
