@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/hanlm prepare
+	$(BIN)/hanlm train
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -15,8 +15,8 @@ from hanlm.errors import HanlmError
 def _config_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", "-c", metavar="FILE",
-                   help="YAML config file, or a built-in one by name: tiny, default, base (default: built-in "
-                        "defaults, the same as `default`)")
+                   help="YAML config file over the key defaults, or a built-in one by name: tiny, default, base "
+                        "(default: `default`, the demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set train.lr=3e-4 (repeatable; `hanlm config keys` lists keys)")
     return p
@@ -36,6 +36,58 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                          ensure_ascii=False, indent=2))
     else:
         print(result.summary())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hanlm.train.loop import Trainer
+
+    trainer = Trainer(_load(args), resume=args.resume)
+    result = trainer.run()
+    if result.final_eval is None:
+        print(f"stopped at step {result.step} ({result.stopped_by}); resume with: hanlm train --resume auto "
+              f"(same --config/--set)")
+        return 0
+    unigram = trainer.prepared.meta["splits"]["val"]["unigram_bpc"]
+    print(f"\nfinal (whole val split): {result.final_eval.summary()}")
+    print(f"val unigram character entropy: {unigram:.4f} bits; the model uses "
+          f"{result.final_eval.bpc / unigram:.0%} of it")
+    print(f"checkpoint: {result.checkpoint}\nreport: {result.report}\n\nsamples:")
+    for prompt, continuation in result.samples:
+        print(f"  {prompt}|{continuation}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hanlm.eval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hanlm.checkpoint import load_for_inference
+    from hanlm.generate import Generation, SamplingParams, generate
+
+    model, cfg, tokenizer = load_for_inference(args.checkpoint, args.device or "cpu")
+    g = cfg.generate
+    params = SamplingParams(
+        max_tokens=args.max_tokens if args.max_tokens is not None else g.max_tokens,
+        temperature=args.temperature if args.temperature is not None else g.temperature,
+        top_k=args.top_k if args.top_k is not None else g.top_k,
+        top_p=args.top_p if args.top_p is not None else g.top_p,
+        stop=args.stop, seed=args.seed if args.seed is not None else g.seed)
+    result = Generation()
+    print(args.prompt, end="", flush=True)
+    try:
+        for piece in generate(model, tokenizer, args.prompt, params, result=result):
+            print(piece, end="", flush=True)
+    except ValueError as e:
+        raise HanlmError(str(e)) from None
+    print()
+    if args.verbose:
+        print(f"[{len(result.token_ids)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -68,6 +120,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print meta.json and the directory as JSON")
     p.set_defaults(func=cmd_prepare)
+
+    p = verbs.add_parser("train", parents=[common], help="train a model (the main job: no arguments trains the demo)",
+                         description="Prepare the data if needed, then train model.* on data.* with train.*: "
+                         "evaluate every eval.every_steps, checkpoint every checkpoint.every_steps, and at the end "
+                         "evaluate the whole val split, write report.md and print sample continuations. Ctrl-C "
+                         "(or SIGTERM) finishes the current step, saves a checkpoint and exits 0.")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the latest good checkpoint of this run "
+                   "(auto) or from a checkpoint path (default: checkpoint.resume)")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("eval", help="evaluate a checkpoint: loss, perplexity per token and character, BPC",
+                         description="Evaluate a checkpoint (a step directory, or a checkpoint directory: its "
+                         "latest) on the val split it was trained with, or on other text.")
+    p.add_argument("checkpoint", help="checkpoint path or checkpoint directory")
+    p.add_argument("--data", metavar="SPEC", action="append",
+                   help="evaluate on this text instead: a file, directory, glob, URL or built-in corpus, read with "
+                   "the checkpoint's data.* settings (repeatable)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("generate", help="continue a prompt with a trained model, streamed to stdout",
+                         description="Sample a continuation of --prompt; defaults come from the checkpoint's "
+                         "generate.* config.")
+    p.add_argument("checkpoint", help="checkpoint path or checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
+    p.add_argument("--max-tokens", type=int, help="tokens to generate")
+    p.add_argument("--temperature", type=float, help="0 for greedy")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold; 1 = off")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.add_argument("--verbose", "-v", action="store_true", help="report tokens and finish reason on stderr")
+    p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("config", help="show the resolved config or the documented keys",
                          description="Inspect configuration.")

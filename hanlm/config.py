@@ -77,7 +77,7 @@ class TokenizerConfig:
 # Shapes of the model presets; explicit model.* keys override them.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "context_length": 128},
-    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "context_length": 256},
+    "small": {"n_layer": 4, "n_head": 4, "n_embd": 256, "context_length": 256},
     "base": {"n_layer": 12, "n_head": 12, "n_embd": 768, "context_length": 1024},
     "1b": {"n_layer": 22, "n_head": 32, "n_embd": 2048, "context_length": 2048},
 }
@@ -117,10 +117,24 @@ class TrainConfig:
     max_steps: int = key(2000, "Stop after this many optimizer steps.", min=1)
     max_tokens: int | None = key(None, "Stop after this many training tokens (all workers), if sooner.", min=1)
     max_minutes: float | None = key(None, "Stop after this much wall time, if sooner.", above=0.0)
+    schedule: Literal["cosine", "wsd"] = key(
+        "cosine", "After warm-up: cosine decay to min_lr_ratio × lr, or warmup-stable-decay (constant, then a "
+        "linear decay over the last decay_frac of the run).")
+    min_lr_ratio: float = key(0.1, "Final learning rate as a share of the peak.", min=0.0, max=1.0)
+    decay_frac: float = key(0.2, "wsd: share of the run spent decaying.", above=0.0, max=1.0)
     weight_decay: float = key(0.1, "AdamW weight decay (not on norms, biases or embeddings).", min=0.0)
+    beta1: float = key(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    beta2: float = key(0.95, "AdamW beta2.", min=0.0, max=1.0)
     grad_clip: float = key(1.0, "Clip the gradient norm to this; 0 turns clipping off.", min=0.0)
     seed: int = key(1337, "Seed for initialisation, data order and sampling.", min=0)
     device: Literal["auto", "cpu", "cuda"] = key("auto", "`auto` uses CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16"] = key(
+        "auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU (where bf16 matmul is ~100× slower).")
+    compile: bool = key(False, "Compile the model with torch.compile.")
+    activation_checkpointing: bool = key(False, "Recompute activations in the backward pass to save memory.")
+    threads: int = key(0, "CPU threads for torch; 0 keeps torch's default (one per core).", min=0)
+    init_from: str | None = key(None, "Start from this checkpoint's weights (continued training) with a fresh "
+                                "optimizer and step count.")
     run_dir: str = key("runs/default", "Run directory: resolved config, logs, checkpoints.")
 
 
@@ -135,14 +149,28 @@ class DistConfig:
 class CheckpointConfig:
     dir: str | None = key(None, "Checkpoint directory or fsspec URL; default `<run_dir>/checkpoints`.")
     every_steps: int = key(500, "Save every this many steps (and at the end).", min=1)
-    keep_last: int = key(3, "Keep this many recent checkpoints (the best by val loss is kept too).", min=1)
+    keep_last: int = key(3, "Keep this many recent checkpoints.", min=1)
+    keep_best: bool = key(True, "Also keep the checkpoint with the lowest val loss.")
     resume: str = key("none", "`none`, `auto` (latest good checkpoint) or a checkpoint path.")
 
 
 @dataclass
 class EvalConfig:
     every_steps: int = key(250, "Evaluate on the val split every this many steps (and at the end).", min=1)
-    max_batches: int | None = key(None, "Cap on val batches per evaluation; default the whole split.", min=1)
+    max_batches: int | None = key(20, "Cap on val batches per periodic evaluation; null for the whole split. "
+                                  "The final evaluation always reads the whole split.", min=1)
+    batch_size: int = key(16, "Sequences per evaluation batch.", min=1)
+
+
+@dataclass
+class GenerateConfig:
+    prompts: list[str] = key(["今天", "中国经济", "人民日报记者"], "Prompts whose continuations end a training run.")
+    max_tokens: int = key(60, "Tokens to generate.", min=1)
+    temperature: float = key(0.8, "Sampling temperature; 0 is greedy.", min=0.0)
+    top_k: int = key(50, "Sample from the k most likely tokens; 0 turns it off.", min=0)
+    top_p: float = key(0.95, "Sample from the smallest set of tokens whose probability reaches p.", above=0.0,
+                       max=1.0)
+    seed: int | None = key(1, "Sampling seed; null for a different sample each time.", min=0)
 
 
 @dataclass
@@ -158,6 +186,8 @@ class LogConfig:
     every_steps: int = key(10, "Console and metrics.jsonl line every this many steps.", min=1)
     progress: bool = key(True, "Show progress bars.")
     tensorboard: bool = key(True, "Write TensorBoard event files.")
+    peak_tflops: float | None = key(None, "Peak TFLOP/s for MFU; default measured at start (dense matmul, fp32 on "
+                                    "CPU, bf16 on CUDA).", above=0.0)
 
 
 @dataclass
@@ -176,8 +206,8 @@ class Derived:
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig,
-    "dist": DistConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "serve": ServeConfig,
-    "log": LogConfig,
+    "dist": DistConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "generate": GenerateConfig,
+    "serve": ServeConfig, "log": LogConfig,
 }
 
 
@@ -190,6 +220,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     derived: Derived | None = None
@@ -359,24 +390,24 @@ def find_config_file(spec: str | Path) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
                 world_size: int | None = None) -> Config:
-    """Build the resolved config: defaults, then the YAML file, then `--set key=value` overrides.
+    """Build the resolved config: key defaults, then the YAML file (the built-in `default`, the
+    demo, when none is given), then `--set key=value` overrides.
 
     `world_size`, when given (by a launcher), overrides dist.world_size. Raises ConfigError
-    naming the file or override and the key for anything unknown, mistyped, out of range
-    or inconsistent.
+    naming the file or override and the key for anything unknown, mistyped, out of range or
+    inconsistent.
     """
     cfg = Config()
-    if path is not None:
-        file = find_config_file(path)
-        for section, values in _read_yaml(file).items():
-            if section == "derived":  # a saved resolved config: recomputed below
-                continue
-            if not isinstance(values, dict):
-                if section in SECTIONS:
-                    raise ConfigError(f"{file}: section {section!r} must be a mapping of keys, got {values!r}")
-                raise _unknown_key_error(str(section), str(file))
-            for leaf, value in values.items():
-                set_key(cfg, f"{section}.{leaf}", value, str(file))
+    file = find_config_file(path if path is not None else "default")
+    for section, values in _read_yaml(file).items():
+        if section == "derived":  # a saved resolved config: recomputed below
+            continue
+        if not isinstance(values, dict):
+            if section in SECTIONS:
+                raise ConfigError(f"{file}: section {section!r} must be a mapping of keys, got {values!r}")
+            raise _unknown_key_error(str(section), str(file))
+        for leaf, value in values.items():
+            set_key(cfg, f"{section}.{leaf}", value, str(file))
     for override in overrides:
         name, eq, text = override.partition("=")
         if not eq or not name.strip():

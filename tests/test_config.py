@@ -12,10 +12,11 @@ from hanlm.config import CONFIG_DIR, Config, all_keys, keys_markdown, load_confi
 from hanlm.errors import ConfigError
 
 
-def test_builtin_configs_load_and_default_yaml_matches_the_defaults():
+def test_builtin_configs_load_and_no_file_means_the_default_config():
     for name in ("tiny", "default", "base"):
         load_config(name)
-    assert load_config("default").to_dict() == load_config(None).to_dict()
+    assert load_config(None).to_dict() == load_config("default").to_dict()
+    assert load_config(None).train.max_steps != Config().train.max_steps  # the demo's, not the key default
 
 
 def test_overrides_are_coerced_to_the_declared_types():

@@ -175,7 +175,7 @@ def test_explicit_val_source_and_empty_val_split(tmp_path, people_daily):
 def test_large_vocabularies_get_uint32_shards(tmp_path):
     assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
     (tmp_path / "meta.json").write_text(json.dumps({
-        "format": 1, "dtype": "uint32", "vocab_size": 100_000,
+        "format": 2, "dtype": "uint32", "vocab_size": 100_000,
         "splits": {"train": {"file": "train.bin", "tokens": 3, "characters": 3, "documents": 1}}}))
     writer = ShardWriter(tmp_path / "train.bin", token_dtype(100_000))
     writer.write(np.array([70_000, 99_999, 3]), characters=3, documents=1)

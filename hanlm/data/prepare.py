@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,8 @@ class Prepared:
         for split, s in m["splits"].items():
             per = s["characters"] / s["tokens"] if s["tokens"] else 0.0
             lines.append(f"{split:>5}: {s['documents']:>9,} documents {s['characters']:>12,} characters "
-                         f"{s['tokens']:>12,} tokens ({per:.2f} characters/token)")
+                         f"{s['tokens']:>12,} tokens ({per:.2f} characters/token, unigram entropy "
+                         f"{s['unigram_bpc']:.3f} bits/character)")
         lines.append(f"distinct characters (train): {m['distinct_characters']:,}")
         if m.get("read_report"):
             lines.append(f"reader: {m['read_report']}")
@@ -93,13 +95,17 @@ def _file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _is_complete(directory: Path, meta: dict[str, Any]) -> bool:
+def _reusable(directory: Path, key: str) -> dict[str, Any] | None:
+    """meta.json of complete shards built from the same inputs, else None (anything else is rebuilt)."""
     try:
+        meta = read_meta(directory)
+        if meta.get("key") != key:
+            return None
         for split in meta["splits"]:
             open_split(directory, split)
     except DataError:
-        return False
-    return (directory / "tokenizer.json").exists()
+        return None
+    return meta if (directory / "tokenizer.json").exists() else None
 
 
 def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = False,
@@ -113,10 +119,9 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
     key = _key(cfg, train_reader.fingerprints(), val_reader.fingerprints() if val_reader else [],
                _file_sha256(tok_path) if tok_path and os.path.exists(tok_path) else tok_path)
 
-    if not force and (directory / "meta.json").exists():
-        meta = read_meta(directory)
-        if meta.get("key") == key and _is_complete(directory, meta):
-            return Prepared(directory, meta, reused=True)
+    meta = None if force else _reusable(directory, key)
+    if meta is not None:
+        return Prepared(directory, meta, reused=True)
 
     with atomic_dir(directory) as tmp:
         counts, distinct = _split_documents(train_reader, val_reader, cfg.data.val_fraction, tmp, progress)
@@ -143,7 +148,7 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
                         writer.write(ids, chars, docs)
                         bar.update(chars)
             finally:
-                splits[split] = writer.close()
+                splits[split] = writer.close() | {"unigram_bpc": c["unigram_bpc"]}
             docs_file.unlink()
         meta = {
             "format": FORMAT_VERSION, "key": key, "hanlm_version": __version__,
@@ -173,7 +178,7 @@ def _split_documents(train: DocumentReader, val: DocumentReader | None, val_frac
     counts = {s: {"documents": 0, "characters": 0, "bytes": 0, "chunks": []} for s in ("train", "val")}
     files = {s: open(tmp / f"{s}.docs", "wb") for s in counts}
     pending = {s: [0, 0, 0] for s in counts}  # chunk start offset, its bytes, its characters
-    distinct: set[str] = set()
+    frequencies = {s: Counter() for s in counts}
 
     def add(split: str, doc: str) -> None:
         c, p = counts[split], pending[split]
@@ -187,8 +192,7 @@ def _split_documents(train: DocumentReader, val: DocumentReader | None, val_frac
         if p[2] >= CHUNK_CHARS:
             c["chunks"].append((p[0], p[1]))
             pending[split] = [p[0] + p[1], 0, 0]
-        if split == "train":
-            distinct.update(doc)
+        frequencies[split].update(doc)
 
     try:
         with tqdm(desc="read", unit=" docs", disable=not progress, leave=False) as bar:
@@ -201,10 +205,22 @@ def _split_documents(train: DocumentReader, val: DocumentReader | None, val_frac
     finally:
         for f in files.values():
             f.close()
+    distinct = set(frequencies["train"])
     for split, p in pending.items():
         if p[1]:
             counts[split]["chunks"].append((p[0], p[1]))
+        freq = frequencies[split]
+        freq["\n"] += counts[split]["documents"]  # each document's <eos>, counted as the line break it replaces
+        counts[split]["unigram_bpc"] = unigram_entropy(freq)
     return counts, distinct
+
+
+def unigram_entropy(freq: Counter) -> float:
+    """Bits per character of a unigram model fitted to these very counts: the baseline a language
+    model's BPC on the same text should beat by far."""
+    n = np.array(list(freq.values()), dtype=np.float64)
+    p = n[n > 0] / n.sum()
+    return float(-(p * np.log2(p)).sum()) if len(p) else 0.0
 
 
 def _read_docs(path: Path, offset: int = 0, length: int | None = None) -> Iterator[str]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from hanlm.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
 
 

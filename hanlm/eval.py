@@ -1,0 +1,140 @@
+"""Evaluator: loss, perplexity per token and per character, and bits per character (BPC).
+
+BPC is the figure that compares models with different tokenizers (char, BPE, word, n-gram) on the
+same text: the total negative log-likelihood in bits divided by the number of characters of
+the original text, not by the number of tokens. Each document's `<eos>` counts as one character
+(the line break that ends it), the same for every tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hanlm.config import Config
+from hanlm.data.tokenizer import Tokenizer
+from hanlm.errors import DataError
+from hanlm.models import LanguageModel
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean negative log-likelihood per predicted token, in nats
+    ppl_token: float
+    ppl_char: float
+    bpc: float
+    tokens: int  # tokens predicted
+    characters: float  # characters of text those tokens cover
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """The figures a log records: loss, BPC and both perplexities."""
+        return {"loss": self.loss, "bpc": self.bpc, "ppl_char": self.ppl_char, "ppl_token": self.ppl_token}
+
+    def summary(self) -> str:
+        return (f"val loss {self.loss:.4f} | bpc {self.bpc:.4f} | ppl/char {self.ppl_char:.2f} | "
+                f"ppl/token {self.ppl_token:.2f} | {self.tokens:,} tokens, {self.characters:,.0f} characters")
+
+
+def split_characters(meta: dict[str, Any], split: str) -> int:
+    """Characters of a prepared split, counting each document's <eos> as one."""
+    s = meta["splits"][split]
+    return s["characters"] + s["documents"]
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, tokens: np.ndarray, *, block_size: int, batch_size: int, characters: int,
+             max_batches: int | None = None, autocast_dtype: torch.dtype | None = None) -> EvalResult:
+    """Score `tokens` (a whole split) in consecutive windows of `block_size`, each token predicted once.
+
+    `characters` is the text length of the whole split (see `split_characters`); when
+    `max_batches` stops early, the characters covered are prorated by the tokens scored.
+    """
+    device = next(model.parameters()).device
+    n = len(tokens)
+    starts = np.arange(0, max(n - 1, 0), block_size)
+    if max_batches is not None:
+        starts = starts[: max_batches * batch_size]
+    was_training = model.training
+    model.eval()
+    nll, predicted = 0.0, 0
+    amp = torch.autocast(device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    try:
+        for i in range(0, len(starts), batch_size):
+            x, y = _windows(tokens, starts[i:i + batch_size], block_size)  # (B, T), (B, T) with -1 padding
+            x, y = x.to(device), y.to(device)
+            with amp:
+                logp, _ = model.log_probs(x, model.initial_state(x.shape[0]))  # (B, T, V)
+            mask = y >= 0
+            picked = logp.float().gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+            nll -= picked[mask].double().sum().item()
+            predicted += int(mask.sum())
+    finally:
+        model.train(was_training)
+    if predicted == 0:
+        raise ValueError("nothing to evaluate: the split has fewer than 2 tokens")
+    covered = characters * predicted / (n - 1)
+    return EvalResult(loss=nll / predicted, ppl_token=math.exp(nll / predicted), ppl_char=math.exp(nll / covered),
+                      bpc=nll / covered / math.log(2), tokens=predicted, characters=covered)
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets for windows starting at `starts`; the split's last window is padded
+    (input 0, target -1: ignored)."""
+    x = np.zeros((len(starts), T), dtype=np.int64)
+    y = np.full((len(starts), T), -1, dtype=np.int64)
+    for row, s in enumerate(starts):
+        seg = np.asarray(tokens[s:s + T + 1], dtype=np.int64)
+        x[row, : len(seg) - 1] = seg[:-1]
+        y[row, : len(seg) - 1] = seg[1:]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | None = None) -> EvalResult:
+    """Evaluate a checkpoint on its run's val split, or on the documents of `data` sources."""
+    from hanlm.checkpoint import load_for_inference
+    from hanlm.data.reader import DocumentReader
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, tokenizer = load_for_inference(spec, device)
+    if data:
+        docs = list(DocumentReader(data, cfg.data))
+        tokens, characters = tokenizer.encode_documents(docs), sum(map(len, docs)) + len(docs)
+    else:
+        tokens, characters = _val_split(cfg, tokenizer)
+    return evaluate(model, tokens, block_size=cfg.train.block_size, batch_size=cfg.eval.batch_size,
+                    characters=characters, autocast_dtype=torch.bfloat16 if device == "cuda" else None)
+
+
+def _val_split(cfg: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The run's val split encoded with the checkpoint's tokenizer: the prepared shards when their
+    tokenizer is that one, else the split prepared anew with it."""
+    from hanlm.data.corpora import hanlm_home
+    from hanlm.data.prepare import default_dir, prepare
+    from hanlm.data.shards import open_split, read_meta
+
+    directory = Path(cfg.data.prepared_dir or default_dir(cfg))
+    fingerprint = tokenizer.fingerprint()
+    try:
+        meta = read_meta(directory)
+        if meta.get("tokenizer_hash") == fingerprint:
+            return open_split(directory, "val"), split_characters(meta, "val")
+    except DataError:
+        pass
+    saved = hanlm_home() / "tokenizers" / f"{fingerprint}.json"
+    if not saved.exists():
+        tokenizer.save(saved)
+    cfg = dataclasses.replace(
+        cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(saved)),
+        data=dataclasses.replace(cfg.data, prepared_dir=str(hanlm_home() / "prepared" / f"eval-{fingerprint[:16]}")))
+    prepared = prepare(cfg, progress=False)
+    return open_split(prepared.directory, "val"), split_characters(prepared.meta, "val")

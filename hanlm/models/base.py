@@ -1,0 +1,66 @@
+"""The interface every neural language model offers to training, eval, generation and serving."""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from hanlm.models.vectors import VectorReport
+
+
+class LanguageModel(nn.Module, metaclass=ABCMeta):
+    """What training, eval, generation and serving see.
+
+    Subclasses set `vocab_size`, `context_length`, `tok_emb` (the input embedding) and
+    `lm_head` (the output projection; it *is* `tok_emb.weight` when embeddings are tied).
+    """
+
+    vocab_size: int
+    context_length: int | None  # longest input the model accepts; None = unbounded
+    tok_emb: nn.Embedding
+    lm_head: nn.Linear
+    vector_report: VectorReport | None = None  # set by build_model when pretrained vectors were loaded
+
+    @abstractmethod
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """x, y: (B, T) int64. With y: the mean cross-entropy over positions where y != -1
+        (float32 scalar). Without y: logits (B, T, V)."""
+
+    @abstractmethod
+    def initial_state(self, batch_size: int = 1) -> Any:
+        """The state before any token (empty cache / zero hidden state), on the model's device."""
+
+    @abstractmethod
+    def log_probs(self, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Continue the sequences in `state` with `tokens` (B, T) int64.
+
+        Returns float32 log-probabilities of the next token after each position, (B, T, V), and
+        the advanced state; the state passed in stays valid. Call under torch.no_grad().
+        """
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output projection shares its weight with the input embedding."""
+        return self.lm_head.weight is self.tok_emb.weight
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count; a tied weight counts once. embeddings=False leaves out the input
+        embedding (and so, when tied, the head that shares it)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        return n if embeddings else n - self.tok_emb.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token: 6 per weight that multiplies an activation,
+        i.e. 6 × (non-embedding parameters + the V×d head, counted whether tied or not). The embedding
+        lookup is free. Subclasses add what is not a weight (attention scores)."""
+        head = self.lm_head.weight.numel() if self.tied else 0  # untied: already in num_params
+        return 6.0 * (self.num_params(embeddings=False) + head)
+
+
+def lm_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of logits (B, T, V) against targets y (B, T), ignoring y == -1; in float32."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)

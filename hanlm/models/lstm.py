@@ -1,0 +1,56 @@
+"""The classic recurrent language model: embedding → LSTM → linear head.
+
+Its state is the LSTM's (h, c), each (n_layer, B, n_embd). `log_probs` returns new tensors
+(nn.LSTM never writes into the state it is given), so a state can be continued several ways.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hanlm.config import ModelConfig
+from hanlm.models.base import LanguageModel, lm_loss
+
+
+class LSTMLM(LanguageModel):
+    """Multi-layer LSTM language model with dropout on its input and output (Zaremba et al. 2014)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.context_length = vocab_size, None
+        self.n_layer, self.n_embd = cfg.n_layer, cfg.n_embd
+        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(cfg.n_embd, cfg.n_embd, num_layers=cfg.n_layer, batch_first=True,
+                            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        # Small embedding and head (the LSTM keeps PyTorch's uniform init) start the model near uniform.
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _run(self, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h, state = self.lstm(self.dropout(self.tok_emb(x)), state)  # (B, T, C)
+        return self.lm_head(self.dropout(h)), state  # (B, T, V)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        logits, _ = self._run(x, None)
+        return logits if y is None else lm_loss(logits, y)
+
+    def initial_state(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
+        """Zero (h, c), each (n_layer, batch_size, n_embd)."""
+        h = self.tok_emb.weight.new_zeros(self.n_layer, batch_size, self.n_embd)
+        return h, h.clone()
+
+    def log_probs(self, tokens: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Next-token log-probabilities (B, T, V) after each of `tokens` (B, T), and the new (h, c)."""
+        logits, state = self._run(tokens, state)
+        return F.log_softmax(logits.float(), dim=-1), state
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """About 6 × (LSTM weights + V×d head): every weight is used once per token forward (2 FLOPs)
+        and twice backward; biases and the gate nonlinearities are counted loosely or not at all.
+        seq_len does not matter: the recurrence costs the same at every position."""
+        return super().flops_per_token(seq_len)

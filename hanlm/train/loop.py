@@ -1,0 +1,292 @@
+"""The training loop: forward → loss → backward → clip → optimizer with the scheduled lr.
+
+`Trainer` composes the components (prepared data, model, optimizer, loader, checkpoints,
+evaluator, logger); `run()` is the whole job `hanlm train` runs: train until max_steps,
+max_tokens or max_minutes, evaluating and saving on the way, then a final evaluation on the
+whole val split, a report and sample continuations. SIGINT/SIGTERM finish the current step,
+save a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from hanlm.checkpoint import load_checkpoint, load_latest, load_weights, resolve_checkpoint, save_checkpoint
+from hanlm.config import Config, with_micro_batch
+from hanlm.data.loader import BatchLoader
+from hanlm.data.prepare import prepare
+from hanlm.data.shards import open_split
+from hanlm.data.tokenizer import Tokenizer
+from hanlm.errors import CheckpointError, ConfigError, HanlmError
+from hanlm.eval import EvalResult, evaluate, split_characters
+from hanlm.generate import SamplingParams, generate
+from hanlm.log import RunLogger, measure_matmul_peak
+from hanlm.models import build_model
+from hanlm.train.autobatch import resolve_micro_batch
+from hanlm.train.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: str
+    step: int
+    tokens: int
+    stopped_by: str  # max_steps | max_tokens | max_minutes | signal | stop_after
+    final_eval: EvalResult | None = None
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    report: Path | None = None
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA, none (fp32) on CPU unless asked, where bf16 matmul is ~100× slower."""
+    wanted = cfg.train.precision
+    if wanted == "auto":
+        wanted = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if wanted == "bf16" else None
+
+
+class Trainer:
+    """One training run, set up from a resolved config and optionally resumed from a checkpoint."""
+
+    def __init__(self, cfg: Config, *, resume: str | None = None, echo: Callable[[str], None] = print):
+        self.echo = echo
+        self.device = pick_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.prepared = prepare(cfg, progress=cfg.log.progress)
+        self.tokenizer = Tokenizer.load(self.prepared.directory / "tokenizer.json")
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
+
+        ckpt = self._find_resume(resume if resume is not None else cfg.checkpoint.resume)
+        # Weights from a checkpoint replace the embedding anyway: don't read a vectors file for nothing.
+        fresh = ckpt is None and not cfg.train.init_from
+        model_cfg = cfg.model if fresh else dataclasses.replace(cfg.model, vectors=None)
+        self.model = build_model(model_cfg, self.tokenizer.vocab_size, self.tokenizer).to(self.device)
+        if self.model.vector_report is not None:
+            echo(self.model.vector_report.summary())
+        if ckpt is not None:
+            load_weights(self.model, ckpt.weights, ckpt.path)
+            if cfg.train.micro_batch == "auto":  # keep the size the run started with: resume stays exact
+                cfg = with_micro_batch(cfg, ckpt.config.train.micro_batch)
+        elif cfg.train.init_from:
+            source = load_checkpoint(resolve_checkpoint(cfg.train.init_from), self.device)
+            load_weights(self.model, source.weights, source.path)
+            echo(f"initialised from {source.path} (step {source.step})")
+        cfg = resolve_micro_batch(cfg, self.model, self.tokenizer.vocab_size)
+        self.cfg = cfg
+        cfg.save(self.run_dir / "config.yaml")
+
+        if cfg.train.activation_checkpointing:
+            if not hasattr(self.model, "set_activation_checkpointing"):
+                raise ConfigError(f"train.activation_checkpointing is not supported by model.arch {cfg.model.arch}")
+            self.model.set_activation_checkpointing(True)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.loader = BatchLoader(open_split(self.prepared.directory, "train"), cfg.train.block_size,
+                                  cfg.derived.micro_batch, seed=cfg.train.seed)
+        self.val_tokens = open_split(self.prepared.directory, "val")
+        self.val_characters = split_characters(self.prepared.meta, "val")
+        self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
+        if ckpt is not None:
+            self._restore(ckpt.train_state, ckpt.path)
+            echo(f"resumed from {ckpt.path} at step {self.step}")
+        self._stop_requested = False
+
+    # -- set-up helpers ------------------------------------------------------------------------
+
+    def _find_resume(self, resume: str):
+        if resume in (None, "", "none"):
+            return None
+        ckpt = (load_latest(self.ckpt_root, self.device, warn=self.echo) if resume == "auto"
+                else load_checkpoint(resolve_checkpoint(resume), self.device))
+        if ckpt is not None and ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
+            raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than the prepared data in "
+                                  f"{self.prepared.directory}; resume with the config the run started with")
+        return ckpt
+
+    def _restore(self, state: dict, source: str) -> None:
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{source}/train_state.pt does not fit this run ({type(e).__name__}: {e})") from None
+        except HanlmError as e:
+            raise CheckpointError(f"{source}/train_state.pt: {e}") from None
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.best_val = float(state.get("best_val", math.inf))
+
+    def train_state(self) -> dict:
+        """Everything besides the weights that an exact resume needs."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(), "rng": rng}
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.amp_dtype)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns its loss, lr and grad norm."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        set_lr(self.optimizer, lr)
+        accum, total = cfg.train.grad_accum, 0.0
+        for _ in range(accum):
+            x, y = self.loader.next_batch()  # (B, T), (B, T)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._amp():
+                loss = self.step_model(x, y)
+            (loss / accum).backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            raise HanlmError(f"the loss became {total / accum} at step {self.step + 1}; lower train.lr (now "
+                             f"{cfg.train.lr}) or raise train.warmup_steps")
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += cfg.derived.tokens_per_step
+        return {"loss": total / accum, "lr": lr, "grad_norm": grad_norm}
+
+    def evaluate(self, full: bool = False) -> EvalResult:
+        return evaluate(self.model, self.val_tokens, block_size=self.cfg.train.block_size,
+                        batch_size=self.cfg.eval.batch_size, characters=self.val_characters,
+                        max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype)
+
+    def save(self, val_loss: float | None = None) -> str:
+        return save_checkpoint(self.ckpt_root, self.model, self.cfg, self.tokenizer, self.train_state(),
+                               val_loss=val_loss)
+
+    def request_stop(self) -> None:
+        """Finish the current step, save and return from `run` (what SIGINT and SIGTERM do)."""
+        self._stop_requested = True
+
+    # -- the job -------------------------------------------------------------------------------
+
+    def _stop_reason(self, started: float, steps_this_call: int, stop_after: int | None) -> str | None:
+        cfg = self.cfg
+        if self._stop_requested:
+            return "signal"
+        if self.step >= cfg.derived.max_steps:
+            return "max_tokens" if cfg.derived.max_steps < cfg.train.max_steps else "max_steps"
+        if cfg.train.max_minutes is not None and time.monotonic() - started >= 60 * cfg.train.max_minutes:
+            return "max_minutes"
+        if stop_after is not None and steps_this_call >= stop_after:
+            return "stop_after"
+        return None
+
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        """Train to the end of the run (or `stop_after` more steps), then evaluate, save and report."""
+        cfg = self.cfg
+        peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_matmul_peak(self.device)
+        flops_per_token = self.model.flops_per_token(cfg.train.block_size)
+        self.echo(f"model: {cfg.model.arch}, {self.model.num_params():,} parameters "
+                  f"({self.model.num_params(embeddings=False):,} without embeddings), "
+                  f"{flops_per_token / 1e6:.1f} MFLOP per token; {self.device}, "
+                  f"{'bf16 autocast' if self.amp_dtype else 'fp32'}; matmul peak {peak / 1e9:.0f} GFLOP/s")
+        self.echo(f"batch: {cfg.derived.micro_batch} × {cfg.train.grad_accum} × {cfg.derived.world_size} "
+                  f"sequences of {cfg.train.block_size} = {cfg.derived.tokens_per_step:,} tokens per step, "
+                  f"{cfg.derived.max_steps:,} steps")
+        logger = RunLogger(self.run_dir, cfg.log, total_steps=cfg.derived.max_steps, start_step=self.step,
+                           peak_flops=peak)
+        started, steps = time.monotonic(), 0
+        with logger, _stop_on_signals(self.request_stop):
+            while (reason := self._stop_reason(started, steps, stop_after)) is None:
+                t0 = time.perf_counter()
+                out = self.train_step()
+                steps += 1
+                tps = cfg.derived.tokens_per_step / (time.perf_counter() - t0)
+                logger.train_step(self.step, loss=out["loss"], lr=out["lr"], grad_norm=out["grad_norm"],
+                                  tokens_seen=self.tokens_seen, tokens_per_s=tps, flops_per_s=tps * flops_per_token,
+                                  memory_bytes=self._memory())
+                val_loss = None
+                if self.step % cfg.eval.every_steps == 0 and self.step < cfg.derived.max_steps:
+                    result = self.evaluate()
+                    logger.eval(self.step, self.tokens_seen, result.metrics())
+                    val_loss = result.loss
+                if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.derived.max_steps:
+                    self._save_best(val_loss)
+            if reason in ("signal", "stop_after"):
+                path = self.save()
+                logger.message(f"stopped at step {self.step} ({reason}); saved {path}")
+                return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason)
+            final = self.evaluate(full=True)
+            logger.eval(self.step, self.tokens_seen, final.metrics())
+            path = self._save_best(final.loss)
+            samples = self.samples()
+            report = logger.write_report(f"hanlm run: {self.run_dir}", self._report_sections(final, samples))
+        return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason, final, samples, report)
+
+    def _save_best(self, val_loss: float | None) -> str:
+        if val_loss is not None:
+            self.best_val = min(self.best_val, val_loss)
+        return self.save(val_loss)
+
+    def _memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return psutil.Process().memory_info().rss
+
+    def samples(self) -> list[tuple[str, str]]:
+        """Continuations of the configured prompts with the configured sampling settings."""
+        g = self.cfg.generate
+        params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                seed=g.seed)
+        return [(p, "".join(generate(self.model, self.tokenizer, p, params))) for p in g.prompts]
+
+    def _report_sections(self, final: EvalResult, samples: list[tuple[str, str]]) -> dict[str, str]:
+        unigram = self.prepared.meta["splits"]["val"].get("unigram_bpc")
+        lines = ["| metric | value |", "|---|---|", f"| val loss (nats/token) | {final.loss:.4f} |",
+                 f"| val BPC | {final.bpc:.4f} |", f"| val perplexity per character | {final.ppl_char:.2f} |",
+                 f"| val perplexity per token | {final.ppl_token:.2f} |"]
+        if unigram:
+            lines.append(f"| val unigram character entropy (bits) | {unigram:.4f} |")
+        sample_md = "\n\n".join(f"**{p}**{c}" for p, c in samples)
+        return {"Evaluation (whole val split)": "\n".join(lines), "Samples": sample_md,
+                "Config": f"```yaml\n{self.cfg.to_yaml()}```"}
+
+
+@contextlib.contextmanager
+def _stop_on_signals(request_stop: Callable[[], None]):
+    """Route SIGINT and SIGTERM to `request_stop` while training (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda *_: request_stop())
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
