@@ -40,10 +40,42 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 or args.nnodes > 1 or args.max_restarts > 0:
+        from hanlm.train.distributed import launch
+
+        _load(args)  # report config mistakes here, once, not from every worker
+        worker_args = [*(["--config", args.config] if args.config else []),
+                       *(a for kv in args.overrides for a in ("--set", kv)),
+                       *(["--resume", args.resume] if args.resume else [])]
+        return launch(worker_args, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                      rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+    return _train(_load(args), args.resume)
+
+
+def run_training_worker(argv: Sequence[str]) -> int:
+    """One worker of a distributed run, as torchrun starts it (`python -m hanlm.train`)."""
+    from hanlm.train.distributed import env_info, shutdown
+
+    parser = argparse.ArgumentParser(prog="python -m hanlm.train", parents=[_config_options()],
+                                     description="A training worker: run it through torchrun or hanlm train --nproc.")
+    parser.add_argument("--resume", metavar="auto|PATH")
+    args = parser.parse_args(argv)
+    try:
+        return _train(load_config(args.config, args.overrides, world_size=env_info().world_size), args.resume)
+    except HanlmError as e:
+        print(f"hanlm: error (rank {env_info().rank}): {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def _train(cfg: Config, resume: str | None) -> int:
     from hanlm.train.loop import Trainer
 
-    trainer = Trainer(_load(args), resume=args.resume)
+    trainer = Trainer(cfg, resume=resume)
     result = trainer.run()
+    if not trainer.info.main:
+        return 0
     if result.final_eval is None:
         print(f"stopped at step {result.step} ({result.stopped_by}); resume with: hanlm train --resume auto "
               f"(same --config/--set)")
@@ -128,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(or SIGTERM) finishes the current step, saves a checkpoint and exits 0.")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the latest good checkpoint of this run "
                    "(auto) or from a checkpoint path (default: checkpoint.resume)")
+    launcher = p.add_argument_group("distributed launch (torchrun)")
+    launcher.add_argument("--nproc", type=int, default=1, metavar="N", help="workers on this machine (default 1)")
+    launcher.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines in the job (default 1)")
+    launcher.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's index, 0..M-1")
+    launcher.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address, the same on every "
+                          "machine (needed with --nnodes > 1)")
+    launcher.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                          help="restart the workers up to K times when one fails; each resumes from the latest "
+                          "checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint: loss, perplexity per token and character, BPC",

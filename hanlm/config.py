@@ -142,7 +142,20 @@ class TrainConfig:
 class DistConfig:
     world_size: int = key(1, "Number of workers; the launcher sets it.", min=1)
     backend: Literal["auto", "gloo", "nccl"] = key("auto", "`auto`: NCCL on CUDA, gloo on CPU.")
-    sync: Literal["full", "diloco", "powersgd", "fp16"] = key("full", "How workers synchronise.")
+    sync: Literal["full", "diloco", "powersgd", "fp16", "bf16"] = key(
+        "full", "How workers synchronise: all-reduce gradients every step (DDP), DiLoCo / local SGD every "
+        "sync_every steps, or DDP with PowerSGD, fp16 or bf16 (NCCL only) gradient compression.")
+    bucket_mb: float = key(25.0, "DDP gradient bucket size in MB; buckets overlap communication with backward.",
+                           above=0.0)
+    sync_every: int = key(32, "diloco: inner steps between synchronisations (H).", min=1)
+    sync_warmup_steps: int = key(0, "diloco: all-reduce gradients every step for this many steps first.", min=0)
+    outer_lr: float = key(0.7, "diloco: outer SGD learning rate (1.0 with outer_momentum 0 is plain parameter "
+                          "averaging).", above=0.0)
+    outer_momentum: float = key(0.9, "diloco: outer Nesterov momentum.", min=0.0, max=1.0)
+    pseudo_grad_fp16: bool = key(False, "diloco: all-reduce pseudo-gradients in fp16 (half the bytes).")
+    powersgd_rank: int = key(1, "powersgd: rank of the low-rank approximation.", min=1)
+    powersgd_start_step: int = key(10, "powersgd: plain all-reduce before this step.", min=1)
+    powersgd_error_feedback: bool = key(True, "powersgd: carry the compression error into the next step.")
 
 
 @dataclass
@@ -462,6 +475,9 @@ def check(cfg: Config) -> None:
                           "data; set one of them")
     if cfg.dist.backend == "nccl" and t.device == "cpu":
         raise ConfigError("dist.backend nccl needs CUDA but train.device is cpu; use dist.backend=gloo")
+    if cfg.dist.sync == "bf16" and (cfg.dist.backend == "gloo" or t.device == "cpu"):
+        raise ConfigError("dist.sync bf16 compresses through NCCL, which needs CUDA; gloo cannot all-reduce "
+                          "bf16. Use dist.sync=fp16 on CPU")
 
 
 def _divisor_near(n: int, target: int) -> int:

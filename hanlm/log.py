@@ -106,7 +106,8 @@ class RunLogger:
             self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
 
     def train_step(self, step: int, *, loss: float, lr: float, grad_norm: float, tokens_seen: int,
-                   tokens_per_s: float, flops_per_s: float | None = None, memory_bytes: int | None = None) -> None:
+                   tokens_per_s: float, flops_per_s: float | None = None, memory_bytes: int | None = None,
+                   comm_bytes: int | None = None, comm_bytes_total: int | None = None) -> None:
         """Record optimizer step `step` (1-based): the bar moves every call; the console line,
         the metrics.jsonl record and TensorBoard scalars come at step 1, every `log.every_steps`
         steps and the last step."""
@@ -124,13 +125,15 @@ class RunLogger:
             parts.append(f"MFU {mfu:.1%}")
         if memory_bytes is not None:
             parts.append(f"mem {memory_bytes / 1e9:.2f} GB")
+        if comm_bytes_total is not None:
+            parts.append(f"sent {comm_bytes_total / 1e6:,.1f} MB")
         self.message(" | ".join(parts))
         self._write({"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss, "lr": lr,
                      "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                     "memory_bytes": memory_bytes})
+                     "memory_bytes": memory_bytes, "comm_bytes": comm_bytes, "comm_bytes_total": comm_bytes_total})
         if self._tb is not None:
             scalars = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                       "tokens_seen": tokens_seen, "mfu": mfu}
+                       "tokens_seen": tokens_seen, "mfu": mfu, "comm_bytes_total": comm_bytes_total}
             for name, value in scalars.items():
                 if value is not None:
                     self._tb.add_scalar(f"train/{name}", value, step)

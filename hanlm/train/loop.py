@@ -34,7 +34,10 @@ from hanlm.generate import SamplingParams, generate
 from hanlm.log import RunLogger, measure_matmul_peak
 from hanlm.models import build_model
 from hanlm.train.autobatch import resolve_micro_batch
+from hanlm.train.distributed import (all_reduce_mean, barrier, broadcast_from_main, env_info, gather_to_main,
+                                     init_process_group)
 from hanlm.train.optim import build_optimizer, lr_at, set_lr
+from hanlm.train.sync import build_sync
 
 
 @dataclass
@@ -67,23 +70,33 @@ class Trainer:
     """One training run, set up from a resolved config and optionally resumed from a checkpoint."""
 
     def __init__(self, cfg: Config, *, resume: str | None = None, echo: Callable[[str], None] = print):
-        self.echo = echo
+        self.info = env_info()
+        if cfg.dist.world_size != self.info.world_size:
+            raise ConfigError(f"dist.world_size is {cfg.dist.world_size} but {self.info.world_size} worker(s) "
+                              "run; launch with hanlm train --nproc N, which sets it")
+        self.echo = echo if self.info.main else (lambda _: None)
         self.device = pick_device(cfg.train.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.info.local_rank)
+            torch.cuda.set_device(self.device)
+        init_process_group(cfg, self.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
-        self.prepared = prepare(cfg, progress=cfg.log.progress)
+        torch.manual_seed(cfg.train.seed)  # the same on every rank: identical initial weights
+        self.prepared = self._prepare(cfg)
         self.tokenizer = Tokenizer.load(self.prepared.directory / "tokenizer.json")
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
 
+        if self.info.restart > 0:  # an elastic restart: every worker continues from the latest checkpoint
+            resume = "auto"
         ckpt = self._find_resume(resume if resume is not None else cfg.checkpoint.resume)
         # Weights from a checkpoint replace the embedding anyway: don't read a vectors file for nothing.
         fresh = ckpt is None and not cfg.train.init_from
         model_cfg = cfg.model if fresh else dataclasses.replace(cfg.model, vectors=None)
         self.model = build_model(model_cfg, self.tokenizer.vocab_size, self.tokenizer).to(self.device)
         if self.model.vector_report is not None:
-            echo(self.model.vector_report.summary())
+            self.echo(self.model.vector_report.summary())
         if ckpt is not None:
             load_weights(self.model, ckpt.weights, ckpt.path)
             if cfg.train.micro_batch == "auto":  # keep the size the run started with: resume stays exact
@@ -91,27 +104,43 @@ class Trainer:
         elif cfg.train.init_from:
             source = load_checkpoint(resolve_checkpoint(cfg.train.init_from), self.device)
             load_weights(self.model, source.weights, source.path)
-            echo(f"initialised from {source.path} (step {source.step})")
-        cfg = resolve_micro_batch(cfg, self.model, self.tokenizer.vocab_size)
+            self.echo(f"initialised from {source.path} (step {source.step})")
+        # Measured on rank 0 and shared: every rank must run the same batch size.
+        cfg = broadcast_from_main(resolve_micro_batch(cfg, self.model, self.tokenizer.vocab_size)
+                                  if self.info.main else None) or cfg
         self.cfg = cfg
-        cfg.save(self.run_dir / "config.yaml")
+        if self.info.main:
+            cfg.save(self.run_dir / "config.yaml")
 
         if cfg.train.activation_checkpointing:
             if not hasattr(self.model, "set_activation_checkpointing"):
                 raise ConfigError(f"train.activation_checkpointing is not supported by model.arch {cfg.model.arch}")
             self.model.set_activation_checkpointing(True)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.sync = build_sync(cfg, self.device, self.info.world_size)
+        self.step_model = self.sync.wrap(self.model)
+        if cfg.train.compile:
+            self.step_model = torch.compile(self.step_model)
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.loader = BatchLoader(open_split(self.prepared.directory, "train"), cfg.train.block_size,
-                                  cfg.derived.micro_batch, seed=cfg.train.seed)
+                                  cfg.derived.micro_batch, rank=self.info.rank, world_size=self.info.world_size,
+                                  seed=cfg.train.seed)
         self.val_tokens = open_split(self.prepared.directory, "val")
         self.val_characters = split_characters(self.prepared.meta, "val")
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
         if ckpt is not None:
             self._restore(ckpt.train_state, ckpt.path)
-            echo(f"resumed from {ckpt.path} at step {self.step}")
+            self.echo(f"resumed from {ckpt.path} at step {self.step}")
         self._stop_requested = False
+
+    def _prepare(self, cfg: Config):
+        """Prepared shards: one process per machine builds them while the others wait, then all read."""
+        if self.info.local_rank == 0:
+            prepared = prepare(cfg, progress=cfg.log.progress and self.info.main)
+        barrier()
+        if self.info.local_rank != 0:
+            prepared = prepare(cfg, progress=False)
+        return prepared
 
     # -- set-up helpers ------------------------------------------------------------------------
 
@@ -126,12 +155,19 @@ class Trainer:
         return ckpt
 
     def _restore(self, state: dict, source: str) -> None:
+        saved_world = len(state.get("ranks", ()))
+        if saved_world != self.info.world_size:
+            raise CheckpointError(f"{source} was saved by {saved_world} worker(s) and this run has "
+                                  f"{self.info.world_size}; resume with {saved_world}, or start a new run from its "
+                                  "weights with train.init_from")
+        mine = state["ranks"][self.info.rank]
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if self.device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            self.optimizer.load_state_dict(mine["optimizer"])
+            self.loader.load_state_dict(mine["loader"])
+            self.sync.load_state_dict(mine["sync"])
+            torch.set_rng_state(mine["rng"]["torch"])
+            if self.device.type == "cuda" and "cuda" in mine["rng"]:
+                torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{source}/train_state.pt does not fit this run ({type(e).__name__}: {e})") from None
         except HanlmError as e:
@@ -139,13 +175,13 @@ class Trainer:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.best_val = float(state.get("best_val", math.inf))
 
-    def train_state(self) -> dict:
-        """Everything besides the weights that an exact resume needs."""
+    def rank_state(self) -> dict:
+        """This rank's part of an exact resume: optimizer, data position, sync state, RNG."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
-                "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(), "rng": rng}
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                "sync": self.sync.state_dict(), "rng": rng}
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -160,13 +196,15 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizer, lr)
         accum, total = cfg.train.grad_accum, 0.0
-        for _ in range(accum):
+        for micro in range(accum):
             x, y = self.loader.next_batch()  # (B, T), (B, T)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._amp():
+            # Gradients are synchronised once per step, on the last micro-batch's backward.
+            with self.sync.no_sync() if micro < accum - 1 else contextlib.nullcontext(), self._amp():
                 loss = self.step_model(x, y)
-            (loss / accum).backward()
+                (loss / accum).backward()
             total += loss.item()
+        self.sync.after_backward(self.step)
         if not math.isfinite(total):
             raise HanlmError(f"the loss became {total / accum} at step {self.step + 1}; lower train.lr (now "
                              f"{cfg.train.lr}) or raise train.warmup_steps")
@@ -176,7 +214,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += cfg.derived.tokens_per_step
-        return {"loss": total / accum, "lr": lr, "grad_norm": grad_norm}
+        self.sync.after_step(self.step)
+        return {"loss": all_reduce_mean(total / accum), "lr": lr, "grad_norm": grad_norm}
 
     def evaluate(self, full: bool = False) -> EvalResult:
         return evaluate(self.model, self.val_tokens, block_size=self.cfg.train.block_size,
@@ -184,8 +223,14 @@ class Trainer:
                         max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype)
 
     def save(self, val_loss: float | None = None) -> str:
-        return save_checkpoint(self.ckpt_root, self.model, self.cfg, self.tokenizer, self.train_state(),
-                               val_loss=val_loss)
+        """Checkpoint on every rank's behalf: rank 0 gathers the ranks' states and writes; all wait."""
+        ranks = gather_to_main(self.rank_state())
+        path = ""
+        if self.info.main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val, "ranks": ranks}
+            path = save_checkpoint(self.ckpt_root, self.model, self.cfg, self.tokenizer, state, val_loss=val_loss)
+        barrier()
+        return path
 
     def request_stop(self) -> None:
         """Finish the current step, save and return from `run` (what SIGINT and SIGTERM do)."""
@@ -193,32 +238,45 @@ class Trainer:
 
     # -- the job -------------------------------------------------------------------------------
 
+    _REASONS = ("max_steps", "max_tokens", "stop_after", "max_minutes", "signal")  # the last wins a tie
+
     def _stop_reason(self, started: float, steps_this_call: int, stop_after: int | None) -> str | None:
-        cfg = self.cfg
+        """Why to stop now, if so; agreed by all ranks, so none is left waiting in a collective."""
+        cfg, reason = self.cfg, None
         if self._stop_requested:
-            return "signal"
-        if self.step >= cfg.derived.max_steps:
-            return "max_tokens" if cfg.derived.max_steps < cfg.train.max_steps else "max_steps"
-        if cfg.train.max_minutes is not None and time.monotonic() - started >= 60 * cfg.train.max_minutes:
-            return "max_minutes"
-        if stop_after is not None and steps_this_call >= stop_after:
-            return "stop_after"
-        return None
+            reason = "signal"
+        elif self.step >= cfg.derived.max_steps:
+            reason = "max_tokens" if cfg.derived.max_steps < cfg.train.max_steps else "max_steps"
+        elif cfg.train.max_minutes is not None and time.monotonic() - started >= 60 * cfg.train.max_minutes:
+            reason = "max_minutes"
+        elif stop_after is not None and steps_this_call >= stop_after:
+            reason = "stop_after"
+        if self.info.distributed:
+            code = torch.tensor([self._REASONS.index(reason) + 1 if reason else 0])
+            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+            reason = self._REASONS[int(code) - 1] if int(code) else None
+        return reason
 
     def run(self, stop_after: int | None = None) -> TrainResult:
-        """Train to the end of the run (or `stop_after` more steps), then evaluate, save and report."""
-        cfg = self.cfg
-        peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_matmul_peak(self.device)
+        """Train to the end of the run (or `stop_after` more steps), then evaluate, save and report.
+
+        Only rank 0 evaluates, logs and writes the report; every rank trains and checkpoints.
+        """
+        cfg, main = self.cfg, self.info.main
+        peak = None
+        if main:
+            peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_matmul_peak(self.device)
         flops_per_token = self.model.flops_per_token(cfg.train.block_size)
         self.echo(f"model: {cfg.model.arch}, {self.model.num_params():,} parameters "
                   f"({self.model.num_params(embeddings=False):,} without embeddings), "
                   f"{flops_per_token / 1e6:.1f} MFLOP per token; {self.device}, "
-                  f"{'bf16 autocast' if self.amp_dtype else 'fp32'}; matmul peak {peak / 1e9:.0f} GFLOP/s")
+                  f"{'bf16 autocast' if self.amp_dtype else 'fp32'}; matmul peak {peak / 1e9:.0f} GFLOP/s"
+                  if main else "")
         self.echo(f"batch: {cfg.derived.micro_batch} × {cfg.train.grad_accum} × {cfg.derived.world_size} "
                   f"sequences of {cfg.train.block_size} = {cfg.derived.tokens_per_step:,} tokens per step, "
-                  f"{cfg.derived.max_steps:,} steps")
+                  f"{cfg.derived.max_steps:,} steps" + (f"; sync {cfg.dist.sync}" if self.info.distributed else ""))
         logger = RunLogger(self.run_dir, cfg.log, total_steps=cfg.derived.max_steps, start_step=self.step,
-                           peak_flops=peak)
+                           peak_flops=peak, enabled=main)
         started, steps = time.monotonic(), 0
         with logger, _stop_on_signals(self.request_stop):
             while (reason := self._stop_reason(started, steps, stop_after)) is None:
@@ -228,9 +286,10 @@ class Trainer:
                 tps = cfg.derived.tokens_per_step / (time.perf_counter() - t0)
                 logger.train_step(self.step, loss=out["loss"], lr=out["lr"], grad_norm=out["grad_norm"],
                                   tokens_seen=self.tokens_seen, tokens_per_s=tps, flops_per_s=tps * flops_per_token,
-                                  memory_bytes=self._memory())
+                                  memory_bytes=self._memory(),
+                                  **self._comm() if self.info.distributed else {})
                 val_loss = None
-                if self.step % cfg.eval.every_steps == 0 and self.step < cfg.derived.max_steps:
+                if self.step % cfg.eval.every_steps == 0 and self.step < cfg.derived.max_steps and main:
                     result = self.evaluate()
                     logger.eval(self.step, self.tokens_seen, result.metrics())
                     val_loss = result.loss
@@ -240,12 +299,18 @@ class Trainer:
                 path = self.save()
                 logger.message(f"stopped at step {self.step} ({reason}); saved {path}")
                 return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason)
-            final = self.evaluate(full=True)
-            logger.eval(self.step, self.tokens_seen, final.metrics())
-            path = self._save_best(final.loss)
-            samples = self.samples()
-            report = logger.write_report(f"hanlm run: {self.run_dir}", self._report_sections(final, samples))
+            self.sync.finish()  # diloco: the final model is the synchronised one
+            final = self.evaluate(full=True) if main else None
+            if main:
+                logger.eval(self.step, self.tokens_seen, final.metrics())
+            path = self._save_best(final.loss if main else None)
+            samples = self.samples() if main else []
+            report = (logger.write_report(f"hanlm run: {self.run_dir}", self._report_sections(final, samples))
+                      if main else None)
         return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason, final, samples, report)
+
+    def _comm(self) -> dict[str, int]:
+        return {"comm_bytes": self.sync.step_bytes, "comm_bytes_total": self.sync.bytes_total}
 
     def _save_best(self, val_loss: float | None) -> str:
         if val_loss is not None:
@@ -271,6 +336,8 @@ class Trainer:
                  f"| val perplexity per token | {final.ppl_token:.2f} |"]
         if unigram:
             lines.append(f"| val unigram character entropy (bits) | {unigram:.4f} |")
+        if self.info.distributed:
+            lines.append(f"| bytes all-reduced per rank ({self.cfg.dist.sync}) | {self.sync.bytes_total:,} |")
         sample_md = "\n\n".join(f"**{p}**{c}" for p, c in samples)
         return {"Evaluation (whole val split)": "\n".join(lines), "Samples": sample_md,
                 "Config": f"```yaml\n{self.cfg.to_yaml()}```"}

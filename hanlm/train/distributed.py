@@ -1,0 +1,131 @@
+"""Process group, rank helpers and the torchrun launcher.
+
+Workers are started by torchrun (`torch.distributed.run`), either through `hanlm train --nproc N`
+or directly as `torchrun -m hanlm.train ...`; each reads its rank from the environment torchrun
+sets. With one process nothing is initialised and every helper is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hanlm.config import Config
+from hanlm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    restart: int  # how many times torchrun has restarted the workers (elastic restarts)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes logs, reports and the shared parts of checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> DistInfo:
+    """This process's place in the job, from the variables torchrun sets (defaults: alone)."""
+    return DistInfo(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                    local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+
+
+def init_process_group(cfg: Config, device: torch.device) -> DistInfo:
+    """Join the job's process group (gloo on CPU, NCCL on CUDA unless dist.backend says otherwise)."""
+    info = env_info()
+    if info.distributed and not dist.is_initialized():
+        backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        if backend == "nccl" and device.type != "cuda":
+            raise ConfigError("dist.backend nccl needs CUDA devices; use dist.backend=gloo on CPU")
+        dist.init_process_group(backend, store=_round_store(info), rank=info.rank, world_size=info.world_size,
+                                device_id=device if backend == "nccl" else None)
+    return info
+
+
+def _round_store(info: DistInfo) -> dist.Store:
+    """The rendezvous store torchrun points at, under a prefix of its own for each restart round.
+
+    Without the prefix, workers of a restarted round can read the addresses the previous
+    round's (dead) workers published and fail to connect.
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=info.rank == 0 and not agent_hosts_it, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"hanlm/round-{info.restart}/", store)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of a scalar over all ranks."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (a list in rank order), None elsewhere."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_args(worker_args: list[str], *, nproc: int, nnodes: int, node_rank: int,
+                  rdzv_endpoint: str | None, max_restarts: int) -> list[str]:
+    """torchrun's command line that runs `python -m hanlm.train <worker_args>` on every worker."""
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    args = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+    if nnodes == 1 and not rdzv_endpoint:
+        args.append("--standalone")
+    else:
+        args += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={rdzv_endpoint}"]
+    return [*args, "-m", "hanlm.train", *worker_args]
+
+
+def launch(worker_args: list[str], **launch_options: Any) -> int:
+    """Run the workers through torchrun in this process; returns 0 when they all succeeded."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(torchrun_args(worker_args, **launch_options))
+    except ChildFailedError as e:
+        print(f"hanlm: error: a worker failed: {e}")
+        return 1
+    return 0

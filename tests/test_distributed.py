@@ -1,0 +1,181 @@
+"""Distributed training on CPU with gloo: real torchrun launches of 2 workers on the tiny model."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from hanlm.checkpoint import load_checkpoint, load_latest
+from hanlm.config import load_config
+from hanlm.log import read_metrics
+from hanlm.models import build_model
+from hanlm.train.sync import DiLoCo
+
+COMMON = ["--config", "tiny", "--set", "log.peak_tflops=0.1", "--set", "log.every_steps=1",
+          "--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "generate.max_tokens=5"]
+
+
+def hanlm_train(run_dir, *args, timeout=300, check=True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "hanlm.cli", "train", *COMMON, "--set", f"train.run_dir={run_dir}", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def train_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def comm_total(run_dir, step: int = 10) -> int:
+    """Bytes rank 0 all-reduced over the whole run, as its final checkpoint records them."""
+    ckpt = load_checkpoint(str(run_dir / "checkpoints" / f"step-{step:08d}"))
+    return ckpt.train_state["ranks"][0]["sync"]["bytes_total"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    hanlm_train(run_dir, "--nproc", "2", "--set", "train.max_steps=10", "--set", "train.micro_batch=4")
+    return run_dir
+
+
+def test_ddp_on_two_ranks_matches_one_process_with_twice_the_batch(ddp_run, tmp_path):
+    single = tmp_path / "single"
+    hanlm_train(single, "--set", "train.max_steps=10", "--set", "train.micro_batch=8")
+    two, one = train_losses(ddp_run), train_losses(single)
+    assert len(two) == len(one) == 10
+    assert max(abs(a - b) for a, b in zip(two, one)) < 1e-5
+    w2 = load_file(str(ddp_run / "checkpoints" / "step-00000010" / "model.safetensors"))
+    w1 = load_file(str(single / "checkpoints" / "step-00000010" / "model.safetensors"))
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+
+
+def test_ddp_counts_the_gradient_bytes_it_all_reduces(ddp_run):
+    ckpt = load_checkpoint(str(ddp_run / "checkpoints" / "step-00000010"))
+    params = sum(t.numel() for t in ckpt.weights.values())
+    assert comm_total(ddp_run) == 10 * params * 4  # fp32 gradients, every step
+    logged = [r for r in read_metrics(ddp_run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["comm_bytes"] for r in logged] == [params * 4] * 10
+    assert len(ckpt.train_state["ranks"]) == 2
+    assert "bytes all-reduced per rank (full)" in (ddp_run / "report.md").read_text(encoding="utf-8")
+
+
+def _diloco_worker(rank: int, port: int, result_queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = load_config("tiny", ["dist.sync=diloco", "dist.outer_lr=1", "dist.outer_momentum=0", "dist.sync_every=3",
+                               "dist.world_size=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 100)
+    sync = DiLoCo(cfg)
+    sync.wrap(model)
+    for step in range(1, 7):
+        with torch.no_grad():  # stands in for an inner optimizer step: each rank moves its own way
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * rank + step)) * 0.01)
+        before = [p.detach().clone() for p in model.parameters()]
+        sync.after_step(step)
+        if step % 3 == 0:
+            mine = torch.cat([b.flatten() for b in before])
+            gathered = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(gathered, mine)
+            after = torch.cat([p.detach().flatten() for p in model.parameters()])
+            everyone = [torch.empty_like(after) for _ in range(2)]
+            dist.all_gather(everyone, after)
+            if rank == 0:
+                result_queue.put((step, (after - (gathered[0] + gathered[1]) / 2).abs().max().item(),
+                                  (everyone[0] - everyone[1]).abs().max().item(), sync.bytes_total))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_diloco_with_outer_lr_1_and_no_momentum_averages_the_weights():
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_diloco_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
+    results = [queue.get() for _ in range(2)]
+    params = sum(p.numel() for p in build_model(load_config("tiny").model, 100).parameters())
+    for step, error_from_mean, ranks_apart, sent in results:
+        assert error_from_mean < 1e-6, f"step {step}: not the average of the ranks' weights"
+        assert ranks_apart == 0.0, f"step {step}: ranks hold different weights after the outer step"
+    assert results[-1][3] == 2 * params * 4  # two synchronisations of fp32 pseudo-gradients
+
+
+def test_diloco_end_to_end_ends_with_identical_weights_and_less_traffic(ddp_run, tmp_path):
+    run_dir = tmp_path / "diloco"
+    hanlm_train(run_dir, "--nproc", "2", "--set", "train.max_steps=10", "--set", "train.micro_batch=4",
+                "--set", "dist.sync=diloco", "--set", "dist.sync_every=4", "--set", "dist.pseudo_grad_fp16=true")
+    ckpt = load_checkpoint(str(run_dir / "checkpoints" / "step-00000010"))
+    local = [r["sync"]["local"] for r in ckpt.train_state["ranks"]]
+    assert all(torch.equal(a, b) for a, b in zip(*local)), "the final outer step leaves every rank the same model"
+    # 3 synchronisations (steps 4, 8 and the final one) of fp16 pseudo-gradients vs 10 fp32 all-reduces
+    assert comm_total(run_dir) * 40 == comm_total(ddp_run) * 3 * 2
+
+
+@pytest.mark.parametrize("sync", ["fp16", "powersgd"])
+def test_compressed_sync_trains_to_a_lower_loss_with_fewer_bytes(ddp_run, tmp_path, sync):
+    run_dir = tmp_path / sync
+    hanlm_train(run_dir, "--nproc", "2", "--set", "train.max_steps=10", "--set", "train.micro_batch=4",
+                "--set", f"dist.sync={sync}", "--set", "dist.powersgd_start_step=2")
+    losses = train_losses(run_dir)
+    assert losses[-1] < losses[0] - 0.5
+    assert comm_total(run_dir) < comm_total(ddp_run) * (0.5001 if sync == "fp16" else 0.5)
+    if sync == "powersgd":
+        state = load_checkpoint(str(run_dir / "checkpoints" / "step-00000010")).train_state["ranks"][1]["sync"]
+        assert state["powersgd"]["iter"] >= 10 and state["powersgd"]["error"]
+
+
+def test_bf16_compression_is_refused_on_gloo(tmp_path):
+    done = hanlm_train(tmp_path, "--nproc", "2", "--set", "dist.sync=bf16", check=False)
+    assert done.returncode == 2
+    assert "dist.sync bf16 compresses through NCCL" in done.stderr
+
+
+def test_a_killed_worker_is_restarted_and_the_run_resumes_from_the_latest_checkpoint(tmp_path):
+    run_dir = tmp_path / "elastic"
+    cmd = [sys.executable, "-m", "hanlm.cli", "train", *COMMON, "--set", f"train.run_dir={run_dir}",
+           "--nproc", "2", "--max-restarts", "1", "--set", "train.max_steps=120", "--set", "checkpoint.every_steps=10",
+           "--set", "eval.every_steps=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while load_latest(str(run_dir / "checkpoints"), warn=lambda _: None) is None:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.5)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "hanlm.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].kill()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    starts = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "start"]
+    assert len(starts) == 2 and starts[1]["step"] >= 10
+    assert load_latest(str(run_dir / "checkpoints")).step == 120
+
+
+def test_two_nodes_rendezvous_on_localhost(tmp_path):
+    port = free_port()
+    common = [sys.executable, "-m", "hanlm.cli", "train", *COMMON, "--set", "train.max_steps=5",
+              "--set", "train.micro_batch=4", "--nnodes", "2", "--nproc", "1", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    nodes = [subprocess.Popen([*common, "--node-rank", str(r), "--set", f"train.run_dir={tmp_path / f'node{r}'}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+             for r in (0, 1)]
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    written = [d for d in (tmp_path / "node0", tmp_path / "node1") if (d / "metrics.jsonl").exists()]
+    assert len(written) == 1, "only the global rank 0 writes logs"
+    assert "batch: 4 × 1 × 2 sequences of 64" in "".join(outs)
