@@ -46,15 +46,17 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, staging: Path | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces `final` as a whole.
 
     An existing `final` is moved aside first and deleted only after the new one is in
     place, so at every moment either the old or the new complete directory exists.
+    `staging`, an existing directory beside `final`, is used instead of a new temporary
+    when other processes have already written into it.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = staging or Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp

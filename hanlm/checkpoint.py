@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from hanlm.atomic import atomic_dir
 from hanlm.config import Config, ModelConfig, load_config
@@ -66,22 +66,34 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save_checkpoint(root: str, model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer,
-                    train_state: dict[str, Any], *, val_loss: float | None = None) -> str:
+def staging_dir(root: str, step: int) -> Path:
+    """Where the checkpoint of `step` is assembled before its rename: a fixed name, so that every
+    worker of a sharded run can write its part there. Local roots only."""
+    return Path(_fs(root)[1]) / f".{step_name(step)}.tmp"
+
+
+def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor], cfg: Config, tokenizer: Tokenizer,
+                    train_state: dict[str, Any], *, val_loss: float | None = None, staged: bool = False) -> str:
     """Write a checkpoint for `train_state["step"]`, move `latest` to it, update `best`, prune.
 
-    Returns the checkpoint's path. Retention: the newest `checkpoint.keep_last`, plus the one
-    with the lowest val loss when `checkpoint.keep_best`.
+    `model` is the module, or its full state dict when it is sharded. `staged`: other workers
+    have already written their parts into `staging_dir(root, step)`, which becomes the
+    checkpoint. Returns the checkpoint's path. Retention: the newest `checkpoint.keep_last`,
+    plus the one with the lowest val loss when `checkpoint.keep_best`.
     """
     fs, base = _fs(root)
-    name = step_name(int(train_state["step"]))
+    step = int(train_state["step"])
+    name = step_name(step)
     local = not _is_remote(root)
     # Remote roots get the checkpoint assembled locally first, then uploaded whole.
     staging_parent = Path(base) if local else Path(tempfile.mkdtemp(prefix="hanlm-ckpt-"))
     final = staging_parent / name
     try:
-        with atomic_dir(final) as tmp:
-            save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        with atomic_dir(final, staging_dir(root, step) if staged else None) as tmp:
+            if isinstance(model, dict):
+                save_file(_dedupe(model), str(tmp / "model.safetensors"))
+            else:
+                save_model(_unwrap(model), str(tmp / "model.safetensors"))
             cfg.save(tmp / "config.yaml")
             tokenizer.save(tmp / "tokenizer.json")
             torch.save(train_state, tmp / "train_state.pt")
@@ -96,6 +108,17 @@ def save_checkpoint(root: str, model: torch.nn.Module, cfg: Config, tokenizer: T
         _write_pointer(fs, base, "best", f"{name} {val_loss!r}")
     _prune(fs, base, cfg.checkpoint.keep_last, keep_best=cfg.checkpoint.keep_best)
     return _join(root, name)
+
+
+def _dedupe(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One name per storage: safetensors refuses tensors that share memory (tied weights)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in weights.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t.contiguous()
+    return out
 
 
 def _is_remote(root: str) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from hanlm import __version__
 from hanlm.config import Config, keys_markdown, load_config
-from hanlm.errors import HanlmError
+from hanlm.errors import ConfigError, HanlmError
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -40,16 +40,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc > 1 or args.nnodes > 1 or args.max_restarts > 0:
-        from hanlm.train.distributed import launch
+    distributed = args.nproc > 1 or args.nnodes > 1 or args.max_restarts > 0
+    if not distributed and args.launcher == "torchrun":
+        return _train(_load(args), args.resume)
+    _load(args)  # report config mistakes here, once, not from every worker
+    worker_args = [*(["--config", args.config] if args.config else []),
+                   *(a for kv in args.overrides for a in ("--set", kv)),
+                   *(["--resume", args.resume] if args.resume else [])]
+    if args.launcher == "spark":
+        from hanlm.train.spark import launch_on_spark
 
-        _load(args)  # report config mistakes here, once, not from every worker
-        worker_args = [*(["--config", args.config] if args.config else []),
-                       *(a for kv in args.overrides for a in ("--set", kv)),
-                       *(["--resume", args.resume] if args.resume else [])]
-        return launch(worker_args, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                      rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
-    return _train(_load(args), args.resume)
+        if args.nnodes > 1 or args.max_restarts > 0:
+            raise ConfigError("--launcher spark places workers itself and does no elastic restart: drop --nnodes "
+                              "and --max-restarts (rerun with --resume auto after a failure)")
+        return launch_on_spark(worker_args, nproc=args.nproc, local=args.spark_local)
+    from hanlm.train.distributed import launch
+
+    return launch(worker_args, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                  rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
 
 
 def run_training_worker(argv: Sequence[str]) -> int:
@@ -82,8 +90,8 @@ def _train(cfg: Config, resume: str | None) -> int:
         return 0
     unigram = trainer.prepared.meta["splits"]["val"]["unigram_bpc"]
     print(f"\nfinal (whole val split): {result.final_eval.summary()}")
-    print(f"val unigram character entropy: {unigram:.4f} bits; the model uses "
-          f"{result.final_eval.bpc / unigram:.0%} of it")
+    print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is "
+          f"{result.final_eval.bpc / unigram:.0%} of it)")
     print(f"checkpoint: {result.checkpoint}\nreport: {result.report}\n\nsamples:")
     for prompt, continuation in result.samples:
         print(f"  {prompt}|{continuation}")
@@ -169,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_argument("--max-restarts", type=int, default=0, metavar="K",
                           help="restart the workers up to K times when one fails; each resumes from the latest "
                           "checkpoint")
+    launcher.add_argument("--launcher", choices=("torchrun", "spark"), default="torchrun",
+                          help="start the workers with torchrun (default) or with Spark's TorchDistributor, "
+                          "e.g. under spark-submit on YARN or Kubernetes (no elastic restart)")
+    launcher.add_argument("--spark-local", action="store_true",
+                          help="with --launcher spark: run the workers on the driver, not on executors")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("eval", help="evaluate a checkpoint: loss, perplexity per token and character, BPC",

@@ -145,6 +145,9 @@ class DistConfig:
     sync: Literal["full", "diloco", "powersgd", "fp16", "bf16"] = key(
         "full", "How workers synchronise: all-reduce gradients every step (DDP), DiLoCo / local SGD every "
         "sync_every steps, or DDP with PowerSGD, fp16 or bf16 (NCCL only) gradient compression.")
+    shard: Literal["none", "fsdp"] = key("none", "fsdp: shard parameters, gradients and optimizer state across "
+                                         "workers with FSDP2 (fully_shard), for models that do not fit one device; "
+                                         "checkpoints go through torch.distributed.checkpoint.")
     bucket_mb: float = key(25.0, "DDP gradient bucket size in MB; buckets overlap communication with backward.",
                            above=0.0)
     sync_every: int = key(32, "diloco: inner steps between synchronisations (H).", min=1)
@@ -475,6 +478,12 @@ def check(cfg: Config) -> None:
                           "data; set one of them")
     if cfg.dist.backend == "nccl" and t.device == "cpu":
         raise ConfigError("dist.backend nccl needs CUDA but train.device is cpu; use dist.backend=gloo")
+    if cfg.dist.shard == "fsdp" and cfg.dist.sync != "full":
+        raise ConfigError(f"dist.shard fsdp synchronises gradients itself (reduce-scatter every step); it cannot "
+                          f"combine with dist.sync={cfg.dist.sync}: use dist.sync=full")
+    if cfg.dist.shard == "fsdp" and cfg.checkpoint.dir and "://" in cfg.checkpoint.dir:
+        raise ConfigError("dist.shard fsdp writes checkpoint shards from every worker to a shared filesystem; "
+                          "checkpoint.dir must be a path (local or a shared mount), not a URL")
     if cfg.dist.sync == "bf16" and (cfg.dist.backend == "gloo" or t.device == "cpu"):
         raise ConfigError("dist.sync bf16 compresses through NCCL, which needs CUDA; gloo cannot all-reduce "
                           "bf16. Use dist.sync=fp16 on CPU")

@@ -179,3 +179,44 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
     written = [d for d in (tmp_path / "node0", tmp_path / "node1") if (d / "metrics.jsonl").exists()]
     assert len(written) == 1, "only the global rank 0 writes logs"
     assert "batch: 4 × 1 × 2 sequences of 64" in "".join(outs)
+
+
+def test_spark_torch_distributor_runs_two_local_workers(tmp_path):
+    run_dir = tmp_path / "spark"
+    done = hanlm_train(run_dir, "--launcher", "spark", "--spark-local", "--nproc", "2", "--set", "train.max_steps=5",
+                       "--set", "train.micro_batch=4", timeout=600)
+    assert "batch: 4 × 1 × 2 sequences of 64" in done.stdout + done.stderr
+    assert load_latest(str(run_dir / "checkpoints")).step == 5
+    assert len(load_latest(str(run_dir / "checkpoints")).train_state["ranks"]) == 2
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    hanlm_train(run_dir, "--nproc", "2", "--set", "dist.shard=fsdp", "--set", "train.max_steps=10",
+                "--set", "train.micro_batch=4", "--set", "checkpoint.every_steps=5")
+    return run_dir
+
+
+def test_fsdp_trains_like_ddp(fsdp_run, ddp_run):
+    assert max(abs(a - b) for a, b in zip(train_losses(fsdp_run), train_losses(ddp_run))) < 1e-5
+    sharded = load_file(str(fsdp_run / "checkpoints" / "step-00000010" / "model.safetensors"))
+    replicated = load_file(str(ddp_run / "checkpoints" / "step-00000010" / "model.safetensors"))
+    for name, t in replicated.items():  # the sharded run stores tied weights under both names
+        assert torch.allclose(t, sharded[name], atol=1e-5), name
+    assert (fsdp_run / "checkpoints" / "step-00000010" / "optim" / ".metadata").exists()
+
+
+def test_fsdp_resumes_from_its_distributed_checkpoint(fsdp_run, tmp_path):
+    hanlm_train(tmp_path, "--nproc", "2", "--set", "dist.shard=fsdp", "--set", "train.max_steps=10",
+                "--set", "train.micro_batch=4", "--resume", str(fsdp_run / "checkpoints" / "step-00000005"))
+    assert train_losses(tmp_path)[0] == pytest.approx(train_losses(fsdp_run)[5], abs=1e-6)
+    straight = load_file(str(fsdp_run / "checkpoints" / "step-00000010" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "checkpoints" / "step-00000010" / "model.safetensors"))
+    for name, t in straight.items():
+        assert torch.allclose(t, resumed[name], atol=1e-6), name
+
+
+def test_fsdp_refuses_other_sync_strategies(tmp_path):
+    done = hanlm_train(tmp_path, "--nproc", "2", "--set", "dist.shard=fsdp", "--set", "dist.sync=diloco", check=False)
+    assert done.returncode == 2 and "cannot combine with dist.sync=diloco" in done.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import signal
 import threading
 import time
@@ -21,8 +22,12 @@ from pathlib import Path
 
 import psutil
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
-from hanlm.checkpoint import load_checkpoint, load_latest, load_weights, resolve_checkpoint, save_checkpoint
+from hanlm.checkpoint import (load_checkpoint, load_latest, load_weights, resolve_checkpoint, save_checkpoint,
+                              staging_dir)
 from hanlm.config import Config, with_micro_batch
 from hanlm.data.loader import BatchLoader
 from hanlm.data.prepare import prepare
@@ -116,9 +121,10 @@ class Trainer:
             if not hasattr(self.model, "set_activation_checkpointing"):
                 raise ConfigError(f"train.activation_checkpointing is not supported by model.arch {cfg.model.arch}")
             self.model.set_activation_checkpointing(True)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.sharded = cfg.dist.shard == "fsdp" and self.info.distributed
         self.sync = build_sync(cfg, self.device, self.info.world_size)
         self.step_model = self.sync.wrap(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)  # after wrapping: FSDP replaces the parameters
         if cfg.train.compile:
             self.step_model = torch.compile(self.step_model)
         self.amp_dtype = autocast_dtype(cfg, self.device)
@@ -162,7 +168,10 @@ class Trainer:
                                   "weights with train.init_from")
         mine = state["ranks"][self.info.rank]
         try:
-            self.optimizer.load_state_dict(mine["optimizer"])
+            if self.sharded:
+                self._load_sharded_optimizer(source)
+            else:
+                self.optimizer.load_state_dict(mine["optimizer"])
             self.loader.load_state_dict(mine["loader"])
             self.sync.load_state_dict(mine["sync"])
             torch.set_rng_state(mine["rng"]["torch"])
@@ -176,12 +185,18 @@ class Trainer:
         self.best_val = float(state.get("best_val", math.inf))
 
     def rank_state(self) -> dict:
-        """This rank's part of an exact resume: optimizer, data position, sync state, RNG."""
+        """This rank's part of an exact resume: optimizer (unless sharded: that goes through
+        torch.distributed.checkpoint), data position, sync state, RNG."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+        return {"optimizer": None if self.sharded else self.optimizer.state_dict(), "loader": self.loader.state_dict(),
                 "sync": self.sync.state_dict(), "rng": rng}
+
+    def _load_sharded_optimizer(self, checkpoint: str) -> None:
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.load({"optim": state}, checkpoint_id=str(Path(checkpoint) / "optim"))
+        set_optimizer_state_dict(self.model, self.optimizer, state)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -209,7 +224,8 @@ class Trainer:
             raise HanlmError(f"the loss became {total / accum} at step {self.step + 1}; lower train.lr (now "
                              f"{cfg.train.lr}) or raise train.warmup_steps")
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -218,17 +234,41 @@ class Trainer:
         return {"loss": all_reduce_mean(total / accum), "lr": lr, "grad_norm": grad_norm}
 
     def evaluate(self, full: bool = False) -> EvalResult:
-        return evaluate(self.model, self.val_tokens, block_size=self.cfg.train.block_size,
-                        batch_size=self.cfg.eval.batch_size, characters=self.val_characters,
-                        max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype)
+        result = evaluate(self.model, self.val_tokens, block_size=self.cfg.train.block_size,
+                          batch_size=self.cfg.eval.batch_size, characters=self.val_characters,
+                          max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype)
+        self._reshard()
+        return result
+
+    def _reshard(self) -> None:
+        """FSDP leaves the root's weights gathered after a forward without backward; shard them
+        again so the optimizer and checkpoints see the sharded parameters."""
+        if self.sharded:
+            self.model.reshard()
 
     def save(self, val_loss: float | None = None) -> str:
-        """Checkpoint on every rank's behalf: rank 0 gathers the ranks' states and writes; all wait."""
+        """Checkpoint on every rank's behalf: rank 0 gathers the ranks' states and writes; all wait.
+
+        Sharded (FSDP): every rank first writes its optimizer shard with torch.distributed.checkpoint
+        into the checkpoint's staging directory, and the full weights are gathered for rank 0.
+        """
+        weights: torch.nn.Module | dict = self.model
+        if self.sharded:
+            staging = staging_dir(self.ckpt_root, self.step)
+            if self.info.main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            barrier()
+            dcp.save({"optim": get_optimizer_state_dict(self.model, self.optimizer)},
+                     checkpoint_id=str(staging / "optim"))
+            weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
         ranks = gather_to_main(self.rank_state())
         path = ""
         if self.info.main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val, "ranks": ranks}
-            path = save_checkpoint(self.ckpt_root, self.model, self.cfg, self.tokenizer, state, val_loss=val_loss)
+            path = save_checkpoint(self.ckpt_root, weights, self.cfg, self.tokenizer, state, val_loss=val_loss,
+                                   staged=self.sharded)
         barrier()
         return path
 
@@ -263,6 +303,8 @@ class Trainer:
         Only rank 0 evaluates, logs and writes the report; every rank trains and checkpoints.
         """
         cfg, main = self.cfg, self.info.main
+        # A sharded model's forward is a collective: every rank takes part in evaluation.
+        evaluates = main or self.sharded
         peak = None
         if main:
             peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_matmul_peak(self.device)
@@ -289,7 +331,7 @@ class Trainer:
                                   memory_bytes=self._memory(),
                                   **self._comm() if self.info.distributed else {})
                 val_loss = None
-                if self.step % cfg.eval.every_steps == 0 and self.step < cfg.derived.max_steps and main:
+                if self.step % cfg.eval.every_steps == 0 and self.step < cfg.derived.max_steps and evaluates:
                     result = self.evaluate()
                     logger.eval(self.step, self.tokens_seen, result.metrics())
                     val_loss = result.loss
@@ -300,11 +342,11 @@ class Trainer:
                 logger.message(f"stopped at step {self.step} ({reason}); saved {path}")
                 return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason)
             self.sync.finish()  # diloco: the final model is the synchronised one
-            final = self.evaluate(full=True) if main else None
+            final = self.evaluate(full=True) if evaluates else None
             if main:
                 logger.eval(self.step, self.tokens_seen, final.metrics())
             path = self._save_best(final.loss if main else None)
-            samples = self.samples() if main else []
+            samples = self.samples() if evaluates else []
             report = (logger.write_report(f"hanlm run: {self.run_dir}", self._report_sections(final, samples))
                       if main else None)
         return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason, final, samples, report)
@@ -327,7 +369,9 @@ class Trainer:
         g = self.cfg.generate
         params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                                 seed=g.seed)
-        return [(p, "".join(generate(self.model, self.tokenizer, p, params))) for p in g.prompts]
+        samples = [(p, "".join(generate(self.model, self.tokenizer, p, params))) for p in g.prompts]
+        self._reshard()
+        return samples
 
     def _report_sections(self, final: EvalResult, samples: list[tuple[str, str]]) -> dict[str, str]:
         unigram = self.prepared.meta["splits"]["val"].get("unigram_bpc")

@@ -4,6 +4,7 @@
   communication with the backward pass.
 - `fp16` / `bf16`: DDP with its fp16 / bf16 gradient-compression comm hook (bf16 needs NCCL).
 - `powersgd`: DDP with its PowerSGD comm hook (low-rank gradients, error feedback).
+- `dist.shard: fsdp`: FSDP2, parameters, gradients and optimizer state sharded across workers.
 - `diloco`: each worker takes `dist.sync_every` (H) inner optimizer steps alone; then the
   pseudo-gradients (anchor minus current weights) are averaged and an outer SGD with Nesterov
   momentum moves the anchor, which every worker copies. Outer lr 1 without momentum is
@@ -216,6 +217,43 @@ class DiLoCo(Sync):
         self.in_sync = bool(state["in_sync"])
 
 
+class FSDPSync(Sync):
+    """FSDP2 (`fully_shard`): each worker keeps a shard of the parameters, gradients and optimizer
+    state; parameters are all-gathered for forward and backward, gradients reduce-scattered.
+
+    Bytes counted per step: this rank's parameter shard handed to all-gather twice per
+    micro-batch (forward, backward) and its full gradient handed to reduce-scatter once.
+    """
+
+    def __init__(self, cfg: Config, world_size: int):
+        super().__init__()
+        self.accum, self.world_size = cfg.train.grad_accum, world_size
+        self.model: nn.Module | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        for block in getattr(model, "blocks", ()):  # per block: gather one block's weights at a time
+            fully_shard(block)
+        fully_shard(model)
+        register_fsdp_forward_method(model, "log_probs")  # evaluation and generation gather weights too
+        self.model = model
+        numel = sum(p.numel() for p in model.parameters())
+        self.bytes_per_step = 4 * (2 * self.accum * numel // self.world_size + numel)
+        return model
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def after_backward(self, step: int) -> None:
+        self._pending += self.bytes_per_step
+
+
 def _all_reduce_mean_(t: torch.Tensor, fp16: bool) -> int:
     """Average `t` over all ranks in place; returns the bytes this rank sent."""
     payload = t.to(torch.float16) if fp16 else t
@@ -230,6 +268,8 @@ def build_sync(cfg: Config, device: torch.device, world_size: int) -> Sync:
     """The strategy `dist.sync` names; plain `Sync` for a single worker."""
     if world_size == 1:
         return Sync()
+    if cfg.dist.shard == "fsdp":
+        return FSDPSync(cfg, world_size)
     if cfg.dist.sync == "diloco":
         return DiLoCo(cfg)
     return DDPSync(cfg, device)

@@ -1,0 +1,1 @@
+"""Benchmark suites: each measures hanlm beside its peers in the same run."""
