@@ -145,7 +145,7 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hanlm", description="Language models for Chinese text: prepare data, "
-                                     "train, evaluate and serve, driven by one config.")
+                                     "train, evaluate and generate, driven by one config.")
     parser.add_argument("--version", action="version", version=f"hanlm {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     common = _config_options()

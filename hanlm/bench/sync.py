@@ -27,11 +27,13 @@ BASE = ["--config", "tiny", "--set", "model.n_embd=128", "--set", "model.n_head=
 
 
 def strategies(steps: int) -> dict[str, list[str]]:
-    """Name -> `--set` overrides. Warm-up runs synchronise every step for the first 10%."""
+    """Name -> `--set` overrides. DiLoCo warm-up runs synchronise every step for the first 10%;
+    PowerSGD's warm-up runs plain all-reduce for the first 5%."""
     warm = str(steps // 10)
     out: dict[str, list[str]] = {"full": ["dist.sync=full"], "fp16": ["dist.sync=fp16"]}
-    for rank in (1, 4):
+    for rank in (1, 4, 8):
         out[f"powersgd-r{rank}"] = ["dist.sync=powersgd", f"dist.powersgd_rank={rank}", "dist.powersgd_start_step=10"]
+    out["powersgd-r4-warmup"] = [*out["powersgd-r4"][:2], f"dist.powersgd_start_step={steps // 20}"]
     for h in (8, 32, 128):
         out[f"diloco-h{h}"] = ["dist.sync=diloco", f"dist.sync_every={h}"]
         out[f"diloco-h{h}-warmup"] = [*out[f"diloco-h{h}"], f"dist.sync_warmup_steps={warm}"]
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    # Results already in --out stay (a rerun of a strategy replaces its row), so suites can be added to.
+    saved = args.out / "results.json"
+    results = [r for r in (json.loads(saved.read_text()) if saved.exists() else []) if r["strategy"] not in chosen]
     for name, overrides in chosen.items():
         results.append(run(name, overrides, args.steps, args.out))
         print(f"{name:>22}: {results[-1]['bytes'] / 1e6:10,.1f} MB  BPC {results[-1]['bpc']:.3f}  "
