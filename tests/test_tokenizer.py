@@ -1,7 +1,6 @@
 """Tokenizer claims, checked on real text: the People's Daily January 1998 corpus (~1.86 M chars)."""
 
 import json
-import os
 from collections import Counter
 
 import numpy as np

@@ -309,11 +309,11 @@ class Trainer:
         if main:
             peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_matmul_peak(self.device)
         flops_per_token = self.model.flops_per_token(cfg.train.block_size)
+        peak_text = f"; matmul peak {peak / 1e9:.0f} GFLOP/s" if peak else ""
         self.echo(f"model: {cfg.model.arch}, {self.model.num_params():,} parameters "
                   f"({self.model.num_params(embeddings=False):,} without embeddings), "
                   f"{flops_per_token / 1e6:.1f} MFLOP per token; {self.device}, "
-                  f"{'bf16 autocast' if self.amp_dtype else 'fp32'}; matmul peak {peak / 1e9:.0f} GFLOP/s"
-                  if main else "")
+                  f"{'bf16 autocast' if self.amp_dtype else 'fp32'}{peak_text}")
         self.echo(f"batch: {cfg.derived.micro_batch} × {cfg.train.grad_accum} × {cfg.derived.world_size} "
                   f"sequences of {cfg.train.block_size} = {cfg.derived.tokens_per_step:,} tokens per step, "
                   f"{cfg.derived.max_steps:,} steps" + (f"; sync {cfg.dist.sync}" if self.info.distributed else ""))
