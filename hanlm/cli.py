@@ -69,12 +69,16 @@ def run_training_worker(argv: Sequence[str]) -> int:
     parser.add_argument("--resume", metavar="auto|PATH")
     args = parser.parse_args(argv)
     try:
-        return _train(load_config(args.config, args.overrides, world_size=env_info().world_size), args.resume)
+        code = _train(load_config(args.config, args.overrides, world_size=env_info().world_size), args.resume)
     except HanlmError as e:
         print(f"hanlm: error (rank {env_info().rank}): {e}", file=sys.stderr)
+        shutdown(together=False)
         return 2
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(together=False)
+        raise
+    shutdown(together=True)
+    return code
 
 
 def _train(cfg: Config, resume: str | None) -> int:

@@ -99,8 +99,13 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
-def shutdown() -> None:
+def shutdown(together: bool) -> None:
+    """Leave the process group. After a successful run the ranks leave together: one that tears
+    down gloo while a peer still holds a connection can abort ("terminate called without an
+    active exception"). After a failure they don't wait for each other."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
