@@ -8,6 +8,7 @@ sets. With one process nothing is initialised and every helper is a no-op.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -131,6 +132,6 @@ def launch(worker_args: list[str], **launch_options: Any) -> int:
     try:
         torchrun(torchrun_args(worker_args, **launch_options))
     except ChildFailedError as e:
-        print(f"hanlm: error: a worker failed: {e}")
+        print(f"hanlm: error: a worker failed: {e}", file=sys.stderr)
         return 1
     return 0

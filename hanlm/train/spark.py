@@ -9,6 +9,7 @@ elastic restart. A failed worker fails the job; start it again with `--resume au
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +31,6 @@ def launch_on_spark(worker_args: list[str], *, nproc: int, local: bool) -> int:
     try:
         distributor.run(str(worker), *worker_args)
     except RuntimeError as e:
-        print(f"hanlm: error: a Spark training worker failed: {e}")
+        print(f"hanlm: error: a Spark training worker failed: {e}", file=sys.stderr)
         return 1
     return 0

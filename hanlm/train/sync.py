@@ -157,7 +157,7 @@ class DiLoCo(Sync):
         return model
 
     def _params(self) -> Iterator[torch.Tensor]:
-        return (p for p in self.model.parameters())
+        return self.model.parameters()
 
     def after_backward(self, step: int) -> None:
         if step >= self.warmup:
