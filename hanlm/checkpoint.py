@@ -3,7 +3,8 @@
 A checkpoint is a directory `step-00000040/` under the checkpoint root (a local path or an
 fsspec URL) holding:
 
-    model.safetensors   the weights (tied tensors stored once)
+    model.safetensors   the weights (tied tensors stored once), or
+    model.arpa          the n-gram model, as a standard ARPA file
     config.yaml         the resolved config of the run
     tokenizer.json      the tokenizer
     train_state.pt      optimizer state, step, tokens seen, RNG states, data-loader state
@@ -34,9 +35,13 @@ from hanlm.atomic import atomic_dir
 from hanlm.config import Config, ModelConfig, load_config
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, HanlmError
+from hanlm.models.arpa import arpa_words, read_arpa, tokenizer_for, write_arpa
+from hanlm.models.ngram import NGramLM
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-FILES = ("model.safetensors", "config.yaml", "tokenizer.json", "train_state.pt")
+MODEL_FILES = ("model.safetensors", "model.arpa")
+FILES = ("config.yaml", "tokenizer.json", "train_state.pt")
+ARPA_SUFFIXES = (".arpa", ".arpa.gz", ".arpa.bz2", ".arpa.xz", ".arpa.zst")
 
 
 @dataclass
@@ -46,8 +51,9 @@ class Checkpoint:
     path: str
     config: Config
     tokenizer: Tokenizer
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # empty for an n-gram checkpoint
     train_state: dict[str, Any]
+    ngram: NGramLM | None = None  # the model itself, for an n-gram checkpoint
 
     @property
     def step(self) -> int:
@@ -90,7 +96,9 @@ def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor],
     final = staging_parent / name
     try:
         with atomic_dir(final, staging_dir(root, step) if staged else None) as tmp:
-            if isinstance(model, dict):
+            if isinstance(model, NGramLM):
+                write_arpa(model, arpa_words(tokenizer.token_strings()), tmp / "model.arpa")
+            elif isinstance(model, dict):
                 save_file(_dedupe(model), str(tmp / "model.safetensors"))
             else:
                 save_model(_unwrap(model), str(tmp / "model.safetensors"))
@@ -187,9 +195,12 @@ def _prune(fs: fsspec.AbstractFileSystem, base: str, keep_last: int, keep_best: 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read one checkpoint directory; CheckpointError naming the damaged file if anything is off."""
     fs, base = _fs(path)
-    for f in FILES:
+    model_file = stored_model_file(path)
+    for f in (model_file or MODEL_FILES[0], *FILES):
         if not fs.exists(_join(base, f)):
             raise CheckpointError(f"{_join(path, f)} is missing: {path} is not a complete checkpoint")
+    weights: dict[str, torch.Tensor] = {}
+    ngram = None
     with tempfile.TemporaryDirectory(prefix="hanlm-load-") as tmp:
         local = base if not _is_remote(path) else _download(fs, base, tmp)
         current = ""
@@ -198,8 +209,11 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
             config = load_config(os.path.join(local, current))
             current = "tokenizer.json"
             tokenizer = Tokenizer.load(os.path.join(local, current))
-            current = "model.safetensors"
-            weights = load_file(os.path.join(local, current), device=str(map_location))
+            current = model_file
+            if model_file == "model.arpa":
+                ngram, _ = read_arpa(os.path.join(local, current), arpa_words(tokenizer.token_strings()))
+            else:
+                weights = load_file(os.path.join(local, current), device=str(map_location))
             current = "train_state.pt"
             train_state = torch.load(os.path.join(local, current), map_location=map_location, weights_only=True)
         except (HanlmError, SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError,
@@ -207,7 +221,13 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
             raise CheckpointError(f"{_join(path, current)} is damaged ({type(e).__name__}: {e})") from None
     if not isinstance(train_state, dict) or "step" not in train_state:
         raise CheckpointError(f"{_join(path, 'train_state.pt')} holds no training state")
-    return Checkpoint(path, config, tokenizer, weights, train_state)
+    return Checkpoint(path, config, tokenizer, weights, train_state, ngram)
+
+
+def stored_model_file(path: str) -> str | None:
+    """Which of MODEL_FILES the checkpoint at `path` holds (None: neither)."""
+    fs, base = _fs(path)
+    return next((f for f in MODEL_FILES if fs.exists(_join(base, f))), None)
 
 
 def _download(fs: fsspec.AbstractFileSystem, base: str, tmp: str) -> str:
@@ -219,12 +239,12 @@ def resolve_checkpoint(spec: str) -> str:
     """A checkpoint directory from a path that is either a checkpoint or a checkpoint root
     (then its `latest`)."""
     fs, base = _fs(spec)
-    if fs.exists(_join(base, "model.safetensors")):
+    if stored_model_file(spec):
         return spec
     name = _read_pointer(fs, base, "latest")
     if name is None:
-        raise CheckpointError(f"{spec} is neither a checkpoint (no model.safetensors) nor a checkpoint directory "
-                              "with a `latest` pointer")
+        raise CheckpointError(f"{spec} is neither a checkpoint (no model.safetensors or model.arpa) nor a "
+                              "checkpoint directory with a `latest` pointer")
     return _join(spec, name)
 
 
@@ -249,10 +269,17 @@ def load_latest(root: str, map_location: str | torch.device = "cpu",
 
 
 def load_for_inference(spec: str, device: str | torch.device = "cpu"):
-    """(model in eval mode, config, tokenizer) from a checkpoint or checkpoint root."""
+    """(model in eval mode, config, tokenizer) from a checkpoint, a checkpoint root, or an ARPA
+    file written by any tool (its words become the vocabulary; see `tokenizer_for`)."""
     from hanlm.models import build_model
 
+    if spec.endswith(ARPA_SUFFIXES):
+        model, words = read_arpa(spec)
+        cfg = load_config(overrides=["model.arch=ngram", f"model.order={model.order}"])
+        return model.eval(), cfg, tokenizer_for(words)
     ckpt = load_checkpoint(resolve_checkpoint(spec), device)
+    if ckpt.ngram is not None:
+        return ckpt.ngram.eval(), ckpt.config, ckpt.tokenizer
     model = build_model(_without_vectors(ckpt.config), ckpt.tokenizer.vocab_size)
     load_weights(model, ckpt.weights, ckpt.path)
     return model.to(device).eval(), ckpt.config, ckpt.tokenizer

@@ -82,17 +82,24 @@ def run_training_worker(argv: Sequence[str]) -> int:
 
 
 def _train(cfg: Config, resume: str | None) -> int:
-    from hanlm.train.loop import Trainer
+    if cfg.model.arch == "ngram":
+        from hanlm.train.ngram import train_ngram
 
-    trainer = Trainer(cfg, resume=resume)
-    result = trainer.run()
-    if not trainer.info.main:
-        return 0
+        if resume not in (None, "none"):
+            raise ConfigError("an n-gram model is counted in one pass, so there is nothing to resume: drop --resume")
+        result, prepared = train_ngram(cfg)
+    else:
+        from hanlm.train.loop import Trainer
+
+        trainer = Trainer(cfg, resume=resume)
+        result, prepared = trainer.run(), trainer.prepared
+        if not trainer.info.main:
+            return 0
     if result.final_eval is None:
         print(f"stopped at step {result.step} ({result.stopped_by}); resume with: hanlm train --resume auto "
               f"(same --config/--set)")
         return 0
-    unigram = trainer.prepared.meta["splits"]["val"]["unigram_bpc"]
+    unigram = prepared.meta["splits"]["val"]["unigram_bpc"]
     print(f"\nfinal (whole val split): {result.final_eval.summary()}")
     print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is "
           f"{result.final_eval.bpc / unigram:.0%} of it)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +97,12 @@ class ModelConfig:
     dropout: float = key(0.0, "Dropout probability.", min=0.0, max=0.9)
     tie_embeddings: bool = key(True, "Share the input embedding and output projection.")
     order: int = key(5, "n-gram order (arch ngram).", min=1, max=6)
+    discount_fallback: list[float] = key(
+        [], "ngram: discounts D1 D2 D3+ for an order whose counts-of-counts give no valid modified Kneser-Ney "
+        "discounts (tiny or artificial data), e.g. [0.5, 1, 1.5] as lmplz --discount_fallback; empty: an error.")
+    prune: list[int] = key(
+        [], "ngram: drop n-grams seen at most this many times, one threshold per order from unigrams (0: keep "
+        "all; non-decreasing; the last repeats for higher orders), as lmplz --prune; empty keeps every n-gram.")
     vectors: str | None = key(None, "Pretrained word or character vectors (word2vec text or binary) for the "
                               "embedding.")
 
@@ -267,7 +274,8 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
-        return "a list of strings (or one string)"
+        item = _describe(args[0]).removeprefix("an ").removeprefix("a ")
+        return f"a list of {item}s (or one {item})"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
 
 
@@ -291,11 +299,13 @@ def _coerce(value: Any, tp: Any) -> Any:
                 return a
         raise ValueError
     if origin is list:
+        (item,) = args
         if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ValueError
+            # --set model.prune=0,0,1 (or "[0, 0, 1]", or "0 0 1"); a string list takes the string whole.
+            value = [value] if item is str else [v for v in re.split(r"[\s,]+", value.strip(" []")) if v]
+        if not isinstance(value, list) or (item is str and not all(isinstance(v, str) for v in value)):
+            raise ValueError
+        return [_coerce(v, item) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -468,6 +478,8 @@ def check(cfg: Config) -> None:
         if t.block_size > m.context_length:
             raise ConfigError(f"train.block_size ({t.block_size}) is above model.context_length "
                               f"({m.context_length}); lower train.block_size or raise model.context_length")
+    if m.arch == "ngram":
+        _check_ngram(cfg)
     if t.warmup_steps is not None and t.warmup_steps > t.max_steps:
         raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) is above train.max_steps ({t.max_steps})")
     if isinstance(t.micro_batch, int) and t.micro_batch > t.micro_batch_max:
@@ -487,6 +499,30 @@ def check(cfg: Config) -> None:
     if cfg.dist.sync == "bf16" and (cfg.dist.backend == "gloo" or t.device == "cpu"):
         raise ConfigError("dist.sync bf16 compresses through NCCL, which needs CUDA; gloo cannot all-reduce "
                           "bf16. Use dist.sync=fp16 on CPU")
+
+
+def _check_ngram(cfg: Config) -> None:
+    m = cfg.model
+    if cfg.dist.world_size > 1:
+        raise ConfigError(f"model.arch ngram is estimated by counting in one process; run it without --nproc "
+                          f"(dist.world_size is {cfg.dist.world_size})")
+    if m.discount_fallback:
+        if len(m.discount_fallback) != 3:
+            raise ConfigError(f"model.discount_fallback needs three discounts D1 D2 D3+, got "
+                              f"{m.discount_fallback}")
+        for j, d in enumerate(m.discount_fallback, 1):
+            if not 0 <= d <= j:
+                raise ConfigError(f"model.discount_fallback: D{j}{'+' if j == 3 else ''} must be between 0 and "
+                                  f"{j}, got {d}")
+    if m.prune:
+        if m.prune[0] != 0:
+            raise ConfigError(f"model.prune starts with the unigram threshold, which must be 0 (unigrams are never "
+                              f"pruned), got {m.prune}")
+        if any(b < a for a, b in zip(m.prune, m.prune[1:])):
+            raise ConfigError(f"model.prune thresholds must not decrease with the order (a pruned n-gram takes its "
+                              f"extensions with it), got {m.prune}")
+        if len(m.prune) > m.order:
+            raise ConfigError(f"model.prune has {len(m.prune)} thresholds but model.order is {m.order}")
 
 
 def _divisor_near(n: int, target: int) -> int:

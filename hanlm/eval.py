@@ -40,6 +40,15 @@ class EvalResult:
         """The figures a log records: loss, BPC and both perplexities."""
         return {"loss": self.loss, "bpc": self.bpc, "ppl_char": self.ppl_char, "ppl_token": self.ppl_token}
 
+    def table(self, unigram_bpc: float | None = None) -> str:
+        """The figures as a Markdown table, for reports; with the split's unigram entropy if known."""
+        rows = ["| metric | value |", "|---|---|", f"| val loss (nats/token) | {self.loss:.4f} |",
+                f"| val BPC | {self.bpc:.4f} |", f"| val perplexity per character | {self.ppl_char:.2f} |",
+                f"| val perplexity per token | {self.ppl_token:.2f} |"]
+        if unigram_bpc:
+            rows.append(f"| val unigram character entropy (bits) | {unigram_bpc:.4f} |")
+        return "\n".join(rows)
+
     def summary(self) -> str:
         return (f"val loss {self.loss:.4f} | bpc {self.bpc:.4f} | ppl/char {self.ppl_char:.2f} | "
                 f"ppl/token {self.ppl_token:.2f} | {self.tokens:,} tokens, {self.characters:,.0f} characters")
@@ -58,8 +67,10 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, block_size: int, batch
 
     `characters` is the text length of the whole split (see `split_characters`); when
     `max_batches` stops early, the characters covered are prorated by the tokens scored.
+    A model's own `eval_block_size` (the n-gram's) takes the place of `block_size`.
     """
-    device = next(model.parameters()).device
+    block_size = model.eval_block_size or block_size
+    device = model.device
     n = len(tokens)
     starts = np.arange(0, max(n - 1, 0), block_size)
     if max_batches is not None:
@@ -73,11 +84,9 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, block_size: int, batch
             x, y = _windows(tokens, starts[i:i + batch_size], block_size)  # (B, T), (B, T) with -1 padding
             x, y = x.to(device), y.to(device)
             with amp:
-                logp, _ = model.log_probs(x, model.initial_state(x.shape[0]))  # (B, T, V)
-            mask = y >= 0
-            picked = logp.float().gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-            nll -= picked[mask].double().sum().item()
-            predicted += int(mask.sum())
+                picked = model.token_log_probs(x, y, model.initial_state(x.shape[0]))  # (B, T)
+            nll -= picked.double().sum().item()
+            predicted += int((y >= 0).sum())
     finally:
         model.train(was_training)
     if predicted == 0:

@@ -65,7 +65,7 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
     and the reference that the cached path must match.
     """
     result = result if result is not None else Generation()
-    device = next(model.parameters()).device
+    device = model.device
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)

@@ -71,6 +71,10 @@ class Tokenizer(ABC):
         """Text of `ids`: <pad>/<bos>/<eos> are dropped, <unk> becomes U+FFFD."""
 
     @abstractmethod
+    def token_strings(self) -> list[str]:
+        """The vocabulary entry of every id, specials included (bpe: its byte-level spelling)."""
+
+    @abstractmethod
     def _payload(self) -> dict[str, Any]:
         """The kind-specific part of `to_dict`."""
 
@@ -142,6 +146,9 @@ class _ListTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(map(self._itos.__getitem__, ids))
+
+    def token_strings(self) -> list[str]:
+        return list(self.vocab)
 
     def _payload(self) -> dict[str, Any]:
         return {"vocab": self.vocab}
@@ -246,6 +253,9 @@ class BpeTokenizer(Tokenizer):
             elif i not in (self.pad_id, self.bos_id, self.eos_id):
                 runs[-1].append(i)
         return UNK_CHAR.join(self.hf.decode(r, skip_special_tokens=False) for r in runs)
+
+    def token_strings(self) -> list[str]:
+        return [self.hf.id_to_token(i) for i in range(self.vocab_size)]
 
     def _payload(self) -> dict[str, Any]:
         return {"hf": json.loads(self.hf.to_str())}

@@ -8,11 +8,13 @@ from hanlm.errors import ConfigError
 from hanlm.models.base import LanguageModel
 from hanlm.models.gpt import GPT, KVCache
 from hanlm.models.lstm import LSTMLM
+from hanlm.models.ngram import NGramLM
 from hanlm.models.vectors import VectorReport, load_vectors
 
 ARCHS: dict[str, type[LanguageModel]] = {"gpt": GPT, "lstm": LSTMLM}
 
-__all__ = ["ARCHS", "GPT", "KVCache", "LSTMLM", "LanguageModel", "VectorReport", "build_model", "load_vectors"]
+__all__ = ["ARCHS", "GPT", "KVCache", "LSTMLM", "LanguageModel", "NGramLM", "VectorReport", "build_model",
+           "load_vectors"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, tokenizer: Tokenizer | None = None) -> LanguageModel:
@@ -22,8 +24,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, tokenizer: Tokenizer | None =
     and the result is on `model.vector_report` (None when no vectors were asked for).
     """
     if cfg.arch == "ngram":
-        raise ConfigError("model.arch=ngram: the n-gram model has its own counting trainer, which is not "
-                          "built yet; use model.arch=gpt or model.arch=lstm")
+        raise ConfigError("model.arch=ngram is estimated from counts, not initialised with weights: "
+                          "`hanlm train --set model.arch=ngram` builds it (hanlm.train.ngram)")
     if cfg.arch not in ARCHS:
         raise ConfigError(f"model.arch={cfg.arch!r} is unknown; valid: {', '.join(ARCHS)}")
     model = ARCHS[cfg.arch](cfg, vocab_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +25,7 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
     tok_emb: nn.Embedding
     lm_head: nn.Linear
     vector_report: VectorReport | None = None  # set by build_model when pretrained vectors were loaded
+    eval_block_size: int | None = None  # evaluation windows of this length instead of train.block_size
 
     @abstractmethod
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -41,6 +43,22 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         Returns float32 log-probabilities of the next token after each position, (B, T, V), and
         the advanced state; the state passed in stays valid. Call under torch.no_grad().
         """
+
+    def token_log_probs(self, x: Tensor, y: Tensor, state: Any) -> Tensor:
+        """log p(y[b, t] | state, x[b, :t+1]) for every position, (B, T); 0 where y == -1.
+
+        What evaluation needs; models that can score targets without the whole distribution
+        (the n-gram) override it."""
+        logp, _ = self.log_probs(x, state)
+        picked = logp.float().gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return picked.masked_fill(y < 0, 0.0)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live (CPU for a model without any, such as the n-gram)."""
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
 
     @property
     def tied(self) -> bool:

@@ -374,16 +374,11 @@ class Trainer:
         return samples
 
     def _report_sections(self, final: EvalResult, samples: list[tuple[str, str]]) -> dict[str, str]:
-        unigram = self.prepared.meta["splits"]["val"].get("unigram_bpc")
-        lines = ["| metric | value |", "|---|---|", f"| val loss (nats/token) | {final.loss:.4f} |",
-                 f"| val BPC | {final.bpc:.4f} |", f"| val perplexity per character | {final.ppl_char:.2f} |",
-                 f"| val perplexity per token | {final.ppl_token:.2f} |"]
-        if unigram:
-            lines.append(f"| val unigram character entropy (bits) | {unigram:.4f} |")
+        table = final.table(self.prepared.meta["splits"]["val"].get("unigram_bpc"))
         if self.info.distributed:
-            lines.append(f"| bytes all-reduced per rank ({self.cfg.dist.sync}) | {self.sync.bytes_total:,} |")
+            table += f"\n| bytes all-reduced per rank ({self.cfg.dist.sync}) | {self.sync.bytes_total:,} |"
         sample_md = "\n\n".join(f"**{p}**{c}" for p, c in samples)
-        return {"Evaluation (whole val split)": "\n".join(lines), "Samples": sample_md,
+        return {"Evaluation (whole val split)": table, "Samples": sample_md,
                 "Config": f"```yaml\n{self.cfg.to_yaml()}```"}
 
 
