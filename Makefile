@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip from resolving the pyproject range to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/hanlm train
 
-test: install
+# The playground test drives Debian's Chromium through selenium; install it when it is missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -142,6 +142,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from hanlm.serve.app import serve
+
+    s = _load(args).serve
+    api_key = args.api_key or os.environ.get("HANLM_API_KEY") or None
+    host = args.host or s.host
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"hanlm: warning: serving on {host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    serve(args.checkpoint, host=host, port=args.port or s.port, api_key=api_key, model_name=args.model_name,
+          max_batch=args.max_batch or s.max_batch, max_queue=args.max_queue or s.max_queue,
+          max_body_bytes=s.max_body_bytes, device=args.device or "cpu")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _load(args)
     text = json.dumps(cfg.to_dict(), ensure_ascii=False, indent=2) + "\n" if args.json else cfg.to_yaml()
@@ -198,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="evaluate a checkpoint: loss, perplexity per token and character, BPC",
                          description="Evaluate a checkpoint (a step directory, or a checkpoint directory: its "
                          "latest) on the val split it was trained with, or on other text.")
-    p.add_argument("checkpoint", help="checkpoint path or checkpoint directory")
+    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
     p.add_argument("--data", metavar="SPEC", action="append",
                    help="evaluate on this text instead: a file, directory, glob, URL or built-in corpus, read with "
                    "the checkpoint's data.* settings (repeatable)")
@@ -209,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="continue a prompt with a trained model, streamed to stdout",
                          description="Sample a continuation of --prompt; defaults come from the checkpoint's "
                          "generate.* config.")
-    p.add_argument("checkpoint", help="checkpoint path or checkpoint directory")
+    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
     p.add_argument("--max-tokens", type=int, help="tokens to generate")
     p.add_argument("--temperature", type=float, help="0 for greedy")
@@ -220,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--verbose", "-v", action="store_true", help="report tokens and finish reason on stderr")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("serve", parents=[common], help="serve a checkpoint over an OpenAI-compatible HTTP API",
+                         description="Serve a checkpoint (or an ARPA file) with FastAPI and uvicorn: /v1/completions, "
+                         "/v1/chat/completions, /v1/models, /v1/score, /tokenize, /detokenize, /health, /metrics "
+                         "and a playground page at /. Concurrent requests are decoded together (continuous "
+                         "batching). Defaults come from the serve.* keys.")
+    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
+    p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: $HANLM_API_KEY; "
+                   "none: no key)")
+    p.add_argument("--max-batch", type=int, metavar="N", help="sequences decoded together (default: serve.max_batch)")
+    p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests before 429 (default: serve.max_queue)")
+    p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("config", help="show the resolved config or the documented keys",
                          description="Inspect configuration.")

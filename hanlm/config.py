@@ -202,6 +202,7 @@ class ServeConfig:
     port: int = key(8000, "TCP port.", min=1, max=65535)
     max_batch: int = key(16, "Sequences decoded together.", min=1)
     max_queue: int = key(256, "Waiting requests before new ones get 429.", min=1)
+    max_body_bytes: int = key(1 << 20, "Largest request body; bigger ones get 413.", min=1)
 
 
 @dataclass

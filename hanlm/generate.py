@@ -57,6 +57,51 @@ class Generation:
     finish_reason: str = ""  # "stop" (eos or a stop string) or "length"
 
 
+class TextStream:
+    """Token ids in, text pieces out, for streaming: a byte-level token that ends inside a
+    character is held back until the character completes, and the text ends before the
+    first stop string (`stopped` turns true)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one generated token; the text now ready to show (often empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        stop_at = _first_stop(text, self.stop)
+        if stop_at is not None:
+            self.stopped = True
+            return self._emit(text[:stop_at])
+        return self._emit(text.rstrip(UNK_CHAR))
+
+    def finish(self) -> str:
+        """The rest of the text once generation ends (what was held back)."""
+        return self._emit(self.text)
+
+    @property
+    def text(self) -> str:
+        """The whole generated text, cut at a stop string."""
+        text = self.tokenizer.decode(self.ids)
+        stop_at = _first_stop(text, self.stop)
+        return text if stop_at is None else text[:stop_at]
+
+    def _emit(self, ready: str) -> str:
+        if len(ready) <= len(self.emitted):
+            return ""
+        piece, self.emitted = ready[len(self.emitted):], ready
+        return piece
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The ids a continuation of `prompt` starts from: `<eos>`, the separator before every
+    training document, then the prompt."""
+    return [tokenizer.eos_id, *tokenizer.encode(prompt)]
+
+
 def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,
              use_cache: bool = True, result: Generation | None = None) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces; `result` collects ids and the finish reason.
@@ -69,7 +114,7 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    ids = prompt_ids(tokenizer, prompt)
     limit = params.max_tokens
     if model.context_length is not None:
         limit = min(limit, model.context_length - len(ids))
@@ -78,7 +123,7 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
                              f"{model.context_length}; shorten the prompt")
     was_training = model.training
     model.eval()
-    emitted = ""
+    stream = TextStream(tokenizer, params.stop)
     try:
         with torch.no_grad():
             state = model.initial_state(1)
@@ -90,27 +135,21 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
                     result.finish_reason = "stop"
                     break
                 result.token_ids.append(token)
-                text = tokenizer.decode(result.token_ids)
-                stop_at = _first_stop(text, params.stop)
-                if stop_at is not None:
-                    text, result.finish_reason = text[:stop_at], "stop"
-                # A byte-level token can end inside a character: hold back until it completes.
-                ready = text if stop_at is not None else text.rstrip(UNK_CHAR)
-                if len(ready) > len(emitted):
-                    yield ready[len(emitted):]
-                    emitted = ready
-                if stop_at is not None:
+                piece = stream.push(token)
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    result.finish_reason = "stop"
                     break
                 if use_cache:
                     logp, state = model.log_probs(torch.tensor([[token]], device=device), state)
                 else:
                     full = torch.tensor([ids + result.token_ids], device=device)
                     logp, _ = model.log_probs(full, model.initial_state(1))
-        final = tokenizer.decode(result.token_ids)
-        stop_at = _first_stop(final, params.stop)
-        result.text = final if stop_at is None else final[:stop_at]
-        if len(result.text) > len(emitted):
-            yield result.text[len(emitted):]
+        result.text = stream.text
+        piece = stream.finish()
+        if piece:
+            yield piece
     finally:
         model.train(was_training)
 

@@ -13,8 +13,17 @@ from hanlm.models.vectors import VectorReport, load_vectors
 
 ARCHS: dict[str, type[LanguageModel]] = {"gpt": GPT, "lstm": LSTMLM}
 
-__all__ = ["ARCHS", "GPT", "KVCache", "LSTMLM", "LanguageModel", "NGramLM", "VectorReport", "build_model",
-           "load_vectors"]
+__all__ = [
+    "ARCHS",
+    "GPT",
+    "LSTMLM",
+    "KVCache",
+    "LanguageModel",
+    "NGramLM",
+    "VectorReport",
+    "build_model",
+    "load_vectors",
+]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, tokenizer: Tokenizer | None = None) -> LanguageModel:

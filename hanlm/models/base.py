@@ -44,6 +44,18 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         the advanced state; the state passed in stays valid. Call under torch.no_grad().
         """
 
+    def decode_step(self, tokens: Tensor, states: list[Any]) -> tuple[Tensor, list[Any]]:
+        """One new token for each of B independent sequences, `tokens` (B,), each continuing its
+        own state (states may be at different positions). Returns the next-token log-probabilities
+        (B, V) and the advanced states; the states passed in stay valid. This default runs the
+        sequences one by one; models that can batch them override it."""
+        rows, advanced = [], []
+        for token, state in zip(tokens, states):
+            logp, state = self.log_probs(token.view(1, 1), state)
+            rows.append(logp[0, -1])
+            advanced.append(state)
+        return torch.stack(rows), advanced
+
     def token_log_probs(self, x: Tensor, y: Tensor, state: Any) -> Tensor:
         """log p(y[b, t] | state, x[b, :t+1]) for every position, (B, T); 0 where y == -1.
 

@@ -60,19 +60,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x: Tensor, rot: Tensor,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, rot: Tensor, past: tuple[Tensor, Tensor] | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, T, C) at the positions `rot` was sliced for, after the `past` keys and values;
-        returns the output and the keys and values including the new ones."""
+        returns the output and the keys and values including the new ones. `mask` (boolean,
+        broadcast to (B, H, T, P + T)) replaces the causal mask: rows padded to a common length."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
         q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         P = 0 if past is None else past[0].size(2)
         if P:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, H, P + T, hd)
-        # is_causal aligns the mask top-left, right only without a past; a single new token sees everything.
-        mask = None if P == 0 or T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0 and T > 1)
+        causal = mask is None and P == 0 and T > 1
+        if mask is None and P and T > 1:
+            # is_causal aligns the mask top-left, right only without a past; a single new token sees everything.
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
@@ -97,9 +100,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rot: Tensor,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        a, kv = self.attn(self.attn_norm(x), rot, past)
+    def forward(self, x: Tensor, rot: Tensor, past: tuple[Tensor, Tensor] | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        a, kv = self.attn(self.attn_norm(x), rot, past, mask)
         x = x + self.dropout(a)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x, kv
@@ -184,6 +187,33 @@ class GPT(LanguageModel):
             vs.append(v)
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         return F.log_softmax(logits.float(), dim=-1), KVCache(k=tuple(ks), v=tuple(vs))
+
+    def decode_step(self, tokens: Tensor, states: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
+        """One token for each of B sequences with caches of different lengths, in one forward.
+
+        The caches are padded to the longest (L), the new token's key and value go at position L
+        of every row, and a mask hides each row's padding; rotary positions are per row. Each
+        sequence keeps its own cache: the new key and value are appended to it alone."""
+        B = len(states)
+        lengths = torch.tensor([s.pos for s in states], device=tokens.device)
+        L = int(lengths.max())
+        self._check_length(L + 1, f"the cached {L} plus 1 new token")
+        rot = torch.complex(self.rope_cos[lengths], self.rope_sin[lengths]).view(B, 1, 1, -1)
+        slots = torch.arange(L + 1, device=tokens.device)
+        mask = ((slots < lengths[:, None]) | (slots == L)).view(B, 1, 1, L + 1)
+        h = self.tok_emb(tokens.view(B, 1))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            past_k = torch.cat([F.pad(s.k[i], (0, 0, 0, L - s.pos)) for s in states])  # (B, H, L, hd)
+            past_v = torch.cat([F.pad(s.v[i], (0, 0, 0, L - s.pos)) for s in states])
+            h, (k, v) = block(h, rot, (past_k, past_v), mask)
+            new_k.append(k[:, :, L:])
+            new_v.append(v[:, :, L:])
+        logp = F.log_softmax(self.lm_head(self.norm(h))[:, -1].float(), dim=-1)  # (B, V)
+        advanced = [KVCache(k=tuple(torch.cat((s.k[i], new_k[i][b:b + 1]), dim=2) for i in range(self.n_layer)),
+                            v=tuple(torch.cat((s.v[i], new_v[i][b:b + 1]), dim=2) for i in range(self.n_layer)))
+                    for b, s in enumerate(states)]
+        return logp, advanced
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 × (non-embedding parameters + head) + 12 · n_layer · n_embd · seq_len.

@@ -6,6 +6,7 @@ Its state is the LSTM's (h, c), each (n_layer, B, n_embd). `log_probs` returns n
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,6 +49,14 @@ class LSTMLM(LanguageModel):
         """Next-token log-probabilities (B, T, V) after each of `tokens` (B, T), and the new (h, c)."""
         logits, state = self._run(tokens, state)
         return F.log_softmax(logits.float(), dim=-1), state
+
+    def decode_step(self, tokens: Tensor, states: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list]:
+        """One token for each of B sequences in one LSTM call: their (h, c) stacked on the batch axis."""
+        h = torch.cat([s[0] for s in states], dim=1)
+        c = torch.cat([s[1] for s in states], dim=1)
+        logits, (h, c) = self._run(tokens.view(-1, 1), (h, c))
+        return (F.log_softmax(logits[:, -1].float(), dim=-1),
+                [(h[:, b:b + 1], c[:, b:b + 1]) for b in range(len(states))])
 
     def flops_per_token(self, seq_len: int) -> float:
         """About 6 × (LSTM weights + V×d head): every weight is used once per token forward (2 FLOPs)

@@ -1,0 +1,230 @@
+"""The model worker: one thread that decodes every active sequence together (continuous batching).
+
+Requests wait in a bounded queue. Between decoding steps the worker admits waiting requests
+(prefilling each prompt once; its `n` choices share that state) while fewer than `max_batch`
+sequences run, samples one token for every running sequence, and advances all that continue in
+one `model.decode_step`. Finished and cancelled sequences leave at once. Each sequence keeps its
+own state (the GPT's KV cache, the LSTM's hidden state, the n-gram's context).
+
+Results go back to the asyncio side as events on each request's queue, put there thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hanlm.data.tokenizer import Tokenizer
+from hanlm.generate import SamplingParams, TextStream, sample
+from hanlm.models.base import LanguageModel
+from hanlm.serve.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the queue holds."""
+
+
+@dataclass
+class TokenEvent:
+    index: int  # the choice
+    text: str  # text that became ready (may be empty: a character still incomplete)
+    token: int
+    logprob: float
+    top: dict[int, float] | None  # the most likely tokens and their log-probabilities, when asked
+
+
+@dataclass
+class FinishEvent:
+    index: int
+    reason: str  # "stop" | "length" | "cancelled"
+    completion_tokens: int
+    text: str  # the rest of the text held back until now
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+
+
+@dataclass
+class Request:
+    """A prompt to continue `n` times; events arrive on `events` in the submitting event loop."""
+
+    prompt_ids: list[int]  # <eos> first, then the prompt
+    params: SamplingParams
+    n: int = 1
+    first_index: int = 0  # choice numbers are first_index … first_index + n − 1
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
+    prompt_scores: list[float] | None = None  # log p of each prompt token after the first, when asked
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    index: int
+    state: Any
+    logp: torch.Tensor  # (V,) next-token log-probabilities
+    generator: torch.Generator | None
+    stream: TextStream
+    limit: int
+    generated: int = 0
+    last_emit: float = 0.0
+
+
+class Engine:
+    """Continuous batching over one model; `start()` launches the worker thread."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 256,
+                 metrics: Metrics | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = metrics or Metrics()
+        self.lock = threading.Lock()  # held while the model computes: the worker's steps, /v1/score
+        self._waiting: deque[Request] = deque()
+        self._running: list[_Sequence] = []
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="hanlm-engine", daemon=True)
+
+    # -- the asyncio side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; QueueFull when `max_queue` requests already wait."""
+        request.loop = asyncio.get_running_loop()
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull
+            self._waiting.append(request)
+            self.metrics.waiting.set(len(self._waiting))
+            self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                with self.lock, torch.no_grad():
+                    self._admit()
+                    self._step()
+            except Exception as e:  # a model failure ends the affected requests, not the server
+                for seq in self._running:
+                    self._send(seq.request, ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
+                self._running.clear()
+            self.metrics.running.set(len(self._running))
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                while self._waiting and self._waiting[0].cancelled.is_set():
+                    self._waiting.popleft()
+                    self.metrics.cancelled.inc()
+                if not self._waiting or (self._running and len(self._running) + self._waiting[0].n > self.max_batch):
+                    self.metrics.waiting.set(len(self._waiting))
+                    return
+                request = self._waiting.popleft()
+                self.metrics.waiting.set(len(self._waiting))
+            try:
+                self._prefill(request)
+            except Exception as e:  # this request fails; the others go on
+                self._send(request, ErrorEvent(f"prefill failed: {type(e).__name__}: {e}"))
+
+    def _prefill(self, request: Request) -> None:
+        ids = torch.tensor([request.prompt_ids], device=self.model.device)
+        logp, state = self.model.log_probs(ids, self.model.initial_state(1))
+        if request.prompt_logprobs:
+            picked = logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+            request.prompt_scores = picked.tolist()
+        limit = request.params.max_tokens
+        if self.model.context_length is not None:
+            limit = min(limit, self.model.context_length - len(request.prompt_ids))
+        self.metrics.prompt_tokens.inc(len(request.prompt_ids) - 1)
+        seed = request.params.seed
+        for i in range(request.n):
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=self.model.device).manual_seed(seed + i)
+            self._running.append(_Sequence(request, request.first_index + i, state, logp[0, -1], generator,
+                                           TextStream(self.tokenizer, request.params.stop), limit))
+
+    def _step(self) -> None:
+        """Sample a token for every running sequence, then advance those that continue."""
+        continuing: list[_Sequence] = []
+        for seq in self._running:
+            if seq.request.cancelled.is_set():
+                self.metrics.cancelled.inc()
+                continue
+            if seq.limit <= 0:
+                self._finish(seq, "length")
+                continue
+            logp = seq.logp.float()
+            token = int(sample(logp[None], seq.request.params, seq.generator)[0])
+            if token == self.tokenizer.eos_id:
+                self._finish(seq, "stop")
+                continue
+            seq.generated += 1
+            top = None
+            if seq.request.top_logprobs:
+                values, ids = logp.topk(seq.request.top_logprobs)
+                top = dict(zip(ids.tolist(), values.tolist()))
+            self._send(seq.request, TokenEvent(seq.index, seq.stream.push(token), token, float(logp[token]), top))
+            self._observe(seq)
+            if seq.stream.stopped:
+                self._finish(seq, "stop")
+            elif seq.generated >= seq.limit:
+                self._finish(seq, "length")
+            else:
+                continuing.append(seq)
+        self._running = continuing
+        if continuing:
+            tokens = torch.tensor([s.stream.ids[-1] for s in continuing], device=self.model.device)
+            logp, states = self.model.decode_step(tokens, [s.state for s in continuing])
+            for seq, row, state in zip(continuing, logp, states):
+                seq.logp, seq.state = row, state
+
+    def _observe(self, seq: _Sequence) -> None:
+        now = time.monotonic()
+        if seq.generated == 1:
+            self.metrics.ttft.observe(now - seq.request.arrived)
+        else:
+            self.metrics.itl.observe(now - seq.last_emit)
+        seq.last_emit = now
+        self.metrics.generation_tokens.inc()
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        self._send(seq.request, FinishEvent(seq.index, reason, seq.generated, seq.stream.finish()))
+
+    def _send(self, request: Request, event: object) -> None:
+        if request.loop is not None and not request.loop.is_closed():
+            request.loop.call_soon_threadsafe(request.events.put_nowait, event)

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the server, in a registry of their own (one per app, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds: TTFT spans prefill and queueing; inter-token latency is one decoding step.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    """Requests running and waiting, TTFT, inter-token latency, token totals, requests by outcome."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("hanlm_requests_running", "Sequences being decoded", registry=r)
+        self.waiting = Gauge("hanlm_requests_waiting", "Requests waiting for a decoding slot", registry=r)
+        self.ttft = Histogram("hanlm_time_to_first_token_seconds", "From arrival to the first generated token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("hanlm_inter_token_latency_seconds", "Between consecutive tokens of one sequence",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("hanlm_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("hanlm_generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("hanlm_requests", "HTTP requests to the API by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.cancelled = Counter("hanlm_sequences_cancelled", "Sequences dropped because the client went away",
+                                 registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
