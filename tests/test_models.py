@@ -113,10 +113,29 @@ def test_log_probs_leaves_the_state_it_was_given_reusable(arch, tok, batch):
     prompt, a, b = batch[0][:2, :8], batch[0][:2, 8:12], batch[0][2:4, 8:12]
     with torch.no_grad():
         _, after_prompt = model.log_probs(prompt, model.initial_state(2))
-        model.log_probs(a, after_prompt)  # one continuation...
+        _, after_a = model.log_probs(a, after_prompt)  # one continuation...
         from_b, _ = model.log_probs(b, after_prompt)  # ...must not disturb another from the same state
+        then_a, _ = model.log_probs(b, after_a)  # ...nor be disturbed by it
         full = F.log_softmax(model(torch.cat([prompt, b], dim=1)).float(), dim=-1)
+        full_a = F.log_softmax(model(torch.cat([prompt, a, b], dim=1)).float(), dim=-1)
     torch.testing.assert_close(from_b, full[:, 8:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(then_a, full_a[:, 12:], atol=1e-5, rtol=0)
+
+
+def test_the_gpt_cache_grows_in_place_and_copies_only_when_it_must(tok, ids):
+    torch.manual_seed(0)
+    model = build_model(tiny("gpt"), tok.vocab_size).eval()  # context 128
+    tokens = ids[:128].view(1, 128)
+    with torch.no_grad():
+        full = F.log_softmax(model(tokens).float(), dim=-1)
+        logp, state = model.log_probs(tokens[:, :3], model.initial_state(1))
+        stores, steps = {id(state.store)}, [logp]
+        for t in range(3, 128):
+            logp, state = model.log_probs(tokens[:, t:t + 1], state)
+            stores.add(id(state.store))
+            steps.append(logp)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert len(stores) == 2 and state.store.capacity == 128  # 64 positions, then doubled once to the context
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -178,6 +197,71 @@ def test_lstm_flops_are_six_per_weight_including_the_head(tok):
     model = build_model(tiny("lstm"), V)
     assert model.context_length is None
     assert model.flops_per_token(64) == model.flops_per_token(1) == 6 * (lstm_params + V * d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused head + loss against the plain path (logits, then F.cross_entropy)
+
+def _loss_and_grads(model, loss):
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("chunk_rows", [100, 4096])  # several chunks with a ragged last one; one chunk
+def test_fused_loss_equals_logits_then_cross_entropy_with_the_same_gradients(arch, tie, chunk_rows, tok, batch,
+                                                                               monkeypatch):
+    from hanlm.models import loss as fused
+
+    monkeypatch.setattr(fused, "CHUNK_ROWS", chunk_rows)
+    torch.manual_seed(0)
+    model = build_model(tiny(arch, f"model.tie_embeddings={str(tie).lower()}"), tok.vocab_size)
+    x, y = batch
+    y = y.clone()
+    y[0, :10] = -1
+    y[3, 40:] = -1
+    plain = _loss_and_grads(model, F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1))
+    ours = _loss_and_grads(model, model(x, y))
+    torch.testing.assert_close(ours[0], plain[0], atol=1e-6, rtol=1e-6)
+    assert plain[1].keys() == ours[1].keys()
+    for name, g in plain[1].items():
+        torch.testing.assert_close(ours[1][name], g, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_plain_path_to_bf16_precision(tok, batch):
+    torch.manual_seed(0)
+    model = build_model(tiny("gpt"), tok.vocab_size)
+    x, y = batch
+    with torch.autocast("cpu", torch.bfloat16):
+        plain = _loss_and_grads(model, F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()))
+        ours = _loss_and_grads(model, model(x, y))
+    torch.testing.assert_close(ours[0], plain[0], atol=2e-3, rtol=0)
+    for name, g in plain[1].items():
+        assert ours[1][name].dtype == g.dtype == torch.float32
+        torch.testing.assert_close(ours[1][name], g, atol=2e-3, rtol=2e-2, msg=name)
+
+
+def test_fused_loss_without_grad_computes_no_gradients(tok, batch):
+    model = build_model(tiny("gpt"), tok.vocab_size)
+    x, y = batch
+    with torch.no_grad():
+        loss = model(x, y)
+    assert not loss.requires_grad and torch.isfinite(loss)
+
+
+def test_torch_compile_gives_the_plain_loss_and_gradients(tok, batch):
+    """train.compile: inductor's C++ kernels (the fused loss included) against eager PyTorch."""
+    torch.manual_seed(0)
+    model = build_model(tiny("gpt"), tok.vocab_size)
+    x, y = batch
+    compiled = _loss_and_grads(model, torch.compile(model)(x, y))
+    plain = _loss_and_grads(model, model(x, y))
+    torch.testing.assert_close(compiled[0], plain[0], atol=1e-5, rtol=1e-5)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(compiled[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

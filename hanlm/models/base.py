@@ -6,7 +6,6 @@ from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -90,7 +89,3 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         head = self.lm_head.weight.numel() if self.tied else 0  # untied: already in num_params
         return 6.0 * (self.num_params(embeddings=False) + head)
 
-
-def lm_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy of logits (B, T, V) against targets y (B, T), ignoring y == -1; in float32."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)

@@ -1,9 +1,11 @@
 """A decoder-only transformer: pre-norm RMSNorm, rotary positions, SwiGLU MLP, KV cache.
 
-The state for incremental decoding is a `KVCache`: every layer's keys and values so far.
-`log_probs` returns a new cache (the new keys are concatenated, not written in place), so a
-cache can be reused, e.g. a shared prompt prefilled once and continued several ways; the
-cost is copying the cache each call, small next to the matmuls at these context lengths.
+The state for incremental decoding is a `KVCache`: the first `pos` positions of a `KVStore`,
+every layer's key and value buffers. Extending a cache writes the new keys into the store's
+free room in place — no copy per token, which at batch 1 cost more than the attention — and
+returns a longer cache on the same store. The shorter cache stays valid and reusable (a shared
+prompt prefilled once and continued several ways): only the store's tip is extended in place;
+extending any other cache first copies its prefix to a new store.
 """
 
 from __future__ import annotations
@@ -17,22 +19,64 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hanlm.config import ModelConfig
-from hanlm.models.base import LanguageModel, lm_loss
+from hanlm.models.base import LanguageModel
+from hanlm.models.loss import linear_cross_entropy
 
 ROPE_THETA = 10000.0
 
 
-@dataclass(frozen=True)
-class KVCache:
-    """Keys and values of the tokens seen so far, one (B, n_head, pos, head_dim) tensor per layer."""
+class KVStore:
+    """Key and value buffers (B, n_head, capacity, head_dim), one pair per layer, written up to `filled`."""
 
-    k: tuple[Tensor, ...]
-    v: tuple[Tensor, ...]
+    def __init__(self, k: tuple[Tensor, ...], v: tuple[Tensor, ...], filled: int):
+        self.k, self.v, self.filled = k, v, filled
 
     @property
-    def pos(self) -> int:
-        """Tokens cached so far: the position of the next token."""
+    def capacity(self) -> int:
         return self.k[0].size(2)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """The keys and values of the first `pos` tokens of `store`."""
+
+    store: KVStore
+    pos: int
+
+    @property
+    def k(self) -> tuple[Tensor, ...]:
+        """Each layer's keys (B, n_head, pos, head_dim): views of the store."""
+        return tuple(b[:, :, :self.pos] for b in self.store.k)
+
+    @property
+    def v(self) -> tuple[Tensor, ...]:
+        """Each layer's values (B, n_head, pos, head_dim): views of the store."""
+        return tuple(b[:, :, :self.pos] for b in self.store.v)
+
+    @property
+    def batch_size(self) -> int:
+        return self.store.k[0].size(0)
+
+    def room(self, n: int, limit: int) -> KVStore:
+        """A store holding this cache's keys and values whose positions pos .. pos + n - 1 are free
+        to write: this one when this cache is its tip and it has the room, else a new one with the
+        prefix copied and the capacity doubled (at most `limit`). Marks those positions filled."""
+        store, end = self.store, self.pos + n
+        if store.filled != self.pos or end > store.capacity:
+            capacity = max(end, min(limit, max(64, 2 * store.capacity)))
+            k = tuple(_grown(b, self.pos, capacity) for b in store.k)
+            v = tuple(_grown(b, self.pos, capacity) for b in store.v)
+            store = KVStore(k, v, self.pos)
+        store.filled = end
+        return store
+
+
+def _grown(buffer: Tensor, keep: int, capacity: int) -> Tensor:
+    """A (B, H, capacity, hd) buffer that starts with buffer's first `keep` positions."""
+    B, H, _, hd = buffer.shape
+    out = buffer.new_empty(B, H, capacity, hd)
+    out[:, :, :keep] = buffer[:, :, :keep]
+    return out
 
 
 def rotary_tables(head_dim: int, length: int) -> tuple[Tensor, Tensor]:
@@ -43,12 +87,13 @@ def rotary_tables(head_dim: int, length: int) -> tuple[Tensor, Tensor]:
 
 
 def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
-    """Rotate each pair (x[..., 2i], x[..., 2i+1]) of x (B, H, T, head_dim) by the unit complex rot (T, head_dim/2).
+    """Rotate each pair (x[..., 2i], x[..., 2i+1]) of x by the unit complex numbers rot, which
+    broadcast against x's pairs (..., head_dim / 2).
 
     One complex multiply: on CPU about 3x faster, forward and backward, than the same rotation as
     real multiplies and a concatenation.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, head_dim / 2) complex
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
@@ -60,23 +105,29 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x: Tensor, rot: Tensor, past: tuple[Tensor, Tensor] | None = None,
-                mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, C) at the positions `rot` was sliced for, after the `past` keys and values;
-        returns the output and the keys and values including the new ones. `mask` (boolean,
-        broadcast to (B, H, T, P + T)) replaces the causal mask: rows padded to a common length."""
+    def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int] | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """x (B, T, C) at the positions `rot` (broadcasting against (B, T, 2, H, head_dim / 2)) was
+        made for. With a `cache` (key buffer, value buffer, P), the new keys and values are written
+        at P .. P + T - 1 of the buffers (B, H, capacity, hd) and attention sees positions up to
+        P + T - 1. `mask` (boolean, broadcast to (B, H, T, P + T)) replaces the causal mask: rows
+        padded to a common length."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
-        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
-        P = 0 if past is None else past[0].size(2)
-        if P:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, H, P + T, hd)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k = apply_rotary(qkv[:, :, :2], rot).transpose(1, 3).unbind(2)  # (B, H, T, hd) each
+        v = qkv[:, :, 2].transpose(1, 2)
+        P = 0
+        if cache is not None:
+            k_buf, v_buf, P = cache
+            k_buf[:, :, P:P + T] = k
+            v_buf[:, :, P:P + T] = v
+            k, v = k_buf[:, :, :P + T], v_buf[:, :, :P + T]
         causal = mask is None and P == 0 and T > 1
         if mask is None and P and T > 1:
             # is_causal aligns the mask top-left, right only without a past; a single new token sees everything.
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class SwiGLU(nn.Module):
@@ -100,12 +151,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rot: Tensor, past: tuple[Tensor, Tensor] | None = None,
-                mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        a, kv = self.attn(self.attn_norm(x), rot, past, mask)
-        x = x + self.dropout(a)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
-        return x, kv
+    def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int] | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rot, cache, mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class GPT(LanguageModel):
@@ -147,73 +196,72 @@ class GPT(LanguageModel):
             raise ValueError(f"{what} is {n} tokens, longer than the model's context_length "
                              f"{self.context_length}; shorten it or use a model with a longer context")
 
-    def _rotations(self, start: int, T: int) -> Tensor:
-        """Unit complex numbers (T, head_dim / 2) that rotate positions start .. start + T - 1."""
-        return torch.complex(self.rope_cos[start:start + T].float(), self.rope_sin[start:start + T].float())
+    def _rotations(self, positions: Tensor | slice) -> Tensor:
+        """Unit complex numbers (*positions, 1, 1, head_dim / 2) that rotate those positions; they
+        broadcast against the (B, T, 2, H, head_dim / 2) query and key pairs."""
+        return torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[..., None, None, :]
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         T = x.size(1)
         self._check_length(T, "the input")
-        rot = self._rotations(0, T)
+        rot = self._rotations(slice(0, T))
         h = self.tok_emb(x)  # (B, T, C)
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                h, _ = checkpoint(block, h, rot, use_reentrant=False)
+                h = checkpoint(block, h, rot, use_reentrant=False)
             else:
-                h, _ = block(h, rot)
-        logits = self.lm_head(self.norm(h))  # (B, T, V)
-        return logits if y is None else lm_loss(logits, y)
+                h = block(h, rot)
+        h = self.norm(h)
+        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
 
     def initial_state(self, batch_size: int = 1) -> KVCache:
-        """An empty cache: (batch_size, n_head, 0, head_dim) keys and values per layer."""
-        w = self.tok_emb.weight
-        empty = w.new_empty(batch_size, self.n_head, 0, self.n_embd // self.n_head)
-        return KVCache(k=(empty,) * self.n_layer, v=(empty,) * self.n_layer)
+        """An empty cache for `batch_size` rows; the store grows on first use."""
+        w = self.tok_emb.weight  # under FSDP a sharded DTensor: take only its dtype and device
+        empty = torch.empty(batch_size, self.n_head, 0, self.n_embd // self.n_head, dtype=w.dtype, device=w.device)
+        return KVCache(KVStore((empty,) * self.n_layer, (empty,) * self.n_layer, 0), 0)
 
     def log_probs(self, tokens: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
         """Next-token log-probabilities (B, T, V) after each of `tokens` (B, T), which follow the
-        state.pos cached ones (same position for every row), and a new cache that includes them."""
+        state.pos cached ones (same position for every row), and a cache that includes them;
+        `state` stays valid (see the module docstring)."""
         B, T = tokens.shape
         P = state.pos
-        if B != state.k[0].size(0):
-            raise ValueError(f"tokens have batch size {B} but the cache was made for {state.k[0].size(0)}")
+        if B != state.batch_size:
+            raise ValueError(f"tokens have batch size {B} but the cache was made for {state.batch_size}")
         self._check_length(P + T, f"the cached {P} plus {T} new tokens")
-        rot = self._rotations(P, T)
+        store = state.room(T, self.context_length)
+        rot = self._rotations(slice(P, P + T))
         h = self.tok_emb(tokens)  # (B, T, C)
-        ks, vs = [], []
-        for block, k, v in zip(self.blocks, state.k, state.v):
-            h, (k, v) = block(h, rot, (k, v))
-            ks.append(k)
-            vs.append(v)
+        for block, k, v in zip(self.blocks, store.k, store.v):
+            h = block(h, rot, (k, v, P))
         logits = self.lm_head(self.norm(h))  # (B, T, V)
-        return F.log_softmax(logits.float(), dim=-1), KVCache(k=tuple(ks), v=tuple(vs))
+        return F.log_softmax(logits.float(), dim=-1), KVCache(store, P + T)
 
     def decode_step(self, tokens: Tensor, states: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
         """One token for each of B sequences with caches of different lengths, in one forward.
 
-        The caches are padded to the longest (L), the new token's key and value go at position L
-        of every row, and a mask hides each row's padding; rotary positions are per row. Each
-        sequence keeps its own cache: the new key and value are appended to it alone."""
+        The caches are padded to the longest (L) in one batch buffer, the new token's key and
+        value go at position L of every row, and a mask hides each row's padding; rotary positions
+        are per row. Each sequence keeps its own cache: the new key and value are then written
+        into its own store."""
         B = len(states)
         lengths = torch.tensor([s.pos for s in states], device=tokens.device)
         L = int(lengths.max())
         self._check_length(L + 1, f"the cached {L} plus 1 new token")
-        rot = torch.complex(self.rope_cos[lengths], self.rope_sin[lengths]).view(B, 1, 1, -1)
+        rot = self._rotations(lengths.view(B, 1))  # (B, 1, 1, 1, head_dim / 2)
         slots = torch.arange(L + 1, device=tokens.device)
         mask = ((slots < lengths[:, None]) | (slots == L)).view(B, 1, 1, L + 1)
+        stores = [s.room(1, self.context_length) for s in states]
         h = self.tok_emb(tokens.view(B, 1))
-        new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
-            past_k = torch.cat([F.pad(s.k[i], (0, 0, 0, L - s.pos)) for s in states])  # (B, H, L, hd)
-            past_v = torch.cat([F.pad(s.v[i], (0, 0, 0, L - s.pos)) for s in states])
-            h, (k, v) = block(h, rot, (past_k, past_v), mask)
-            new_k.append(k[:, :, L:])
-            new_v.append(v[:, :, L:])
+            k = torch.cat([F.pad(s.store.k[i][:, :, :s.pos], (0, 0, 0, L + 1 - s.pos)) for s in states])
+            v = torch.cat([F.pad(s.store.v[i][:, :, :s.pos], (0, 0, 0, L + 1 - s.pos)) for s in states])
+            h = block(h, rot, (k, v, L), mask)  # k, v: (B, H, L + 1, hd), the new token's at L
+            for b, (s, store) in enumerate(zip(states, stores)):
+                store.k[i][0, :, s.pos] = k[b, :, L]
+                store.v[i][0, :, s.pos] = v[b, :, L]
         logp = F.log_softmax(self.lm_head(self.norm(h))[:, -1].float(), dim=-1)  # (B, V)
-        advanced = [KVCache(k=tuple(torch.cat((s.k[i], new_k[i][b:b + 1]), dim=2) for i in range(self.n_layer)),
-                            v=tuple(torch.cat((s.v[i], new_v[i][b:b + 1]), dim=2) for i in range(self.n_layer)))
-                    for b, s in enumerate(states)]
-        return logp, advanced
+        return logp, [KVCache(store, s.pos + 1) for s, store in zip(states, stores)]
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 × (non-embedding parameters + head) + 12 · n_layer · n_embd · seq_len.

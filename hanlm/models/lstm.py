@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hanlm.config import ModelConfig
-from hanlm.models.base import LanguageModel, lm_loss
+from hanlm.models.base import LanguageModel
+from hanlm.models.loss import linear_cross_entropy
 
 
 class LSTMLM(LanguageModel):
@@ -32,13 +33,14 @@ class LSTMLM(LanguageModel):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def _run(self, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        h, state = self.lstm(self.dropout(self.tok_emb(x)), state)  # (B, T, C)
-        return self.lm_head(self.dropout(h)), state  # (B, T, V)
+    def _features(self, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The head's input (B, T, C) and the new state."""
+        h, state = self.lstm(self.dropout(self.tok_emb(x)), state)
+        return self.dropout(h), state
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        logits, _ = self._run(x, None)
-        return logits if y is None else lm_loss(logits, y)
+        h, _ = self._features(x, None)
+        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
 
     def initial_state(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
         """Zero (h, c), each (n_layer, batch_size, n_embd)."""
@@ -47,15 +49,15 @@ class LSTMLM(LanguageModel):
 
     def log_probs(self, tokens: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Next-token log-probabilities (B, T, V) after each of `tokens` (B, T), and the new (h, c)."""
-        logits, state = self._run(tokens, state)
-        return F.log_softmax(logits.float(), dim=-1), state
+        h, state = self._features(tokens, state)
+        return F.log_softmax(self.lm_head(h).float(), dim=-1), state
 
     def decode_step(self, tokens: Tensor, states: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list]:
         """One token for each of B sequences in one LSTM call: their (h, c) stacked on the batch axis."""
         h = torch.cat([s[0] for s in states], dim=1)
         c = torch.cat([s[1] for s in states], dim=1)
-        logits, (h, c) = self._run(tokens.view(-1, 1), (h, c))
-        return (F.log_softmax(logits[:, -1].float(), dim=-1),
+        out, (h, c) = self._features(tokens.view(-1, 1), (h, c))
+        return (F.log_softmax(self.lm_head(out[:, -1]).float(), dim=-1),
                 [(h[:, b:b + 1], c[:, b:b + 1]) for b in range(len(states))])
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -1,0 +1,72 @@
+"""The language-model loss: the output projection and cross-entropy in one pass over row chunks.
+
+The plain way — logits = h @ Wᵀ for every position, then `F.cross_entropy` — writes and reads
+the (positions × vocabulary) logits several times: log-softmax, the loss's zero-filled gradient,
+log-softmax's backward. On a CPU those passes are memory-bound and cost about a quarter of a
+small model's training step (4,096 positions × 4,700 characters is 77 MB a pass). Here each
+chunk of rows gets its logits, its log-sum-exp, its loss and — when a backward will follow —
+its gradient (softmax − one-hot) while the chunk is still in cache; the gradients of h and W are
+kept for backward, which only scales them. The matmul FLOPs are the same as the plain way's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK_ROWS = 1024  # fast on a 2-core CPU and an H200 alike; the (rows × V) fp32 chunk is 19 MB at V = 4,700
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, chunk_rows: int, needs_grad: bool) -> Tensor:
+        valid = y.ne(-1)
+        count = valid.sum()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        # fp32 accumulation, also for bf16 weights: the sum runs over every position.
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs_grad else None
+        for start in range(0, h.size(0), chunk_rows):
+            hc, yc, vc = h[start:start + chunk_rows], y[start:start + chunk_rows], valid[start:start + chunk_rows]
+            target = yc.clamp(min=0).unsqueeze(1)  # ignored rows point at token 0 and are masked below
+            logits = (hc @ w.T).float()  # (rows, V)
+            top = logits.amax(dim=1, keepdim=True)
+            picked = logits.gather(1, target)
+            probs = logits.sub_(top).exp_()  # in place: this chunk's logits are ours alone
+            norm = probs.sum(dim=1, keepdim=True)
+            total += ((norm.log() + top - picked).squeeze(1) * vc).sum()
+            if needs_grad:
+                # d(mean loss)/d(logits) = (softmax − one-hot) / count, zero on ignored rows.
+                probs.div_(norm).scatter_add_(1, target, torch.full_like(picked, -1.0))
+                probs.mul_((vc / count).unsqueeze(1))
+                g = probs.to(h.dtype)
+                grad_h[start:start + chunk_rows] = g @ w
+                if g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.T, hc)
+                else:
+                    grad_w += (g.T @ hc).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, y: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """Mean cross-entropy of the logits h @ weightᵀ against targets y, ignoring y == -1, in float32.
+
+    Equal (to rounding) to `F.cross_entropy((h @ weight.T).float().flatten(0, -2), y.flatten(),
+    ignore_index=-1)` with its gradients, without ever holding all the logits; see the module
+    docstring. h is (..., d), weight (V, d), y has h's leading shape; rows are taken `chunk_rows`
+    (default CHUNK_ROWS) at a time. Under autocast the matmuls run in the autocast dtype, as an
+    `nn.Linear` head would.
+    """
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    h2, w = h.reshape(-1, h.size(-1)).to(dtype), weight.to(dtype)
+    needs_grad = torch.is_grad_enabled() and (h2.requires_grad or w.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(h2, w, y.reshape(-1), chunk_rows or CHUNK_ROWS, needs_grad)
