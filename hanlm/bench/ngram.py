@@ -30,8 +30,9 @@ from hanlm.data.reader import DocumentReader
 from hanlm.data.shards import open_split
 from hanlm.data.tokenizer import Tokenizer, train_tokenizer
 from hanlm.eval import evaluate, split_characters
+from hanlm.memory import peak_rss
 from hanlm.models.arpa import arpa_words, read_arpa, write_arpa
-from hanlm.models.ngram import EOS, NGramLM, estimate, peak_rss
+from hanlm.models.ngram import EOS, NGramLM, estimate
 
 # KenLM lmplz on this machine, whole corpus, 5-gram chars (issue 5): not rerun here, there is no lmplz binary.
 LMPLZ = {"seconds": 4.5, "peak_rss_gib": 0.8, "counts": [4690, 281235, 883225, 1327040, 1536210]}
@@ -55,8 +56,8 @@ def build_one(order: int, arpa: Path) -> dict:
     result = evaluate(model, open_split(prepared.directory, "val"), block_size=cfg.train.block_size,
                       batch_size=cfg.eval.batch_size, characters=split_characters(prepared.meta, "val"))
     return {"order": order, "estimate_s": report.seconds, "write_s": written, "peak_rss": peak_rss(),
-            "peak_rss_estimate": report.peak_rss, "rss_before": before, "counts": report.counts, "bpc": result.bpc, "ppl_char": result.ppl_char,
-            "arpa_bytes": arpa.stat().st_size}
+            "peak_rss_estimate": report.peak_rss, "rss_before": before, "counts": report.counts, "bpc": result.bpc,
+            "ppl_char": result.ppl_char, "arpa_bytes": arpa.stat().st_size}
 
 
 def _sentences(stream: np.ndarray) -> list[np.ndarray]:
@@ -114,6 +115,20 @@ def nltk_speed(docs_tok: list[np.ndarray], sents: list[np.ndarray], order: int, 
     return {"fit_s": fitted, "queries": len(queries), "nltk_per_s": _rate(len(queries), time.perf_counter() - t1)}
 
 
+def compare_queries(out: Path, *, nltk_docs: int = 2000, nltk_queries: int = 300) -> dict:
+    """hanlm, kenlm and NLTK scoring the val split with a 5-gram of the first `nltk_docs` training
+    documents (NLTK is too slow for more)."""
+    _, prepared, tok = _data()
+    words = arpa_words(tok.token_strings())
+    docs = _sentences(np.asarray(open_split(prepared.directory, "train")))[:nltk_docs]
+    val_sents = _sentences(np.asarray(open_split(prepared.directory, "val")))
+    small, _ = estimate(np.concatenate([np.concatenate([d, [EOS]]) for d in docs]), tok.vocab_size, 5)
+    arpa = out / f"first-{nltk_docs}-docs-5gram.arpa"
+    write_arpa(small, words, arpa)
+    return {"nltk_docs": nltk_docs, "query": query_speeds(small, arpa, words, val_sents[:200]),
+            "nltk": nltk_speed(docs, val_sents[:20], 5, words, limit=nltk_queries)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hanlm.bench.ngram", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/ngram"), help="output directory")
@@ -142,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     docs_all = list(DocumentReader(cfg.data.source, cfg.data))
     tok_all = train_tokenizer("char", docs_all)
     whole, _ = estimate(tok_all.encode_documents(docs_all), tok_all.vocab_size, 5)
-    train = np.asarray(open_split(prepared.directory, "train"))
     val = np.asarray(open_split(prepared.directory, "val"))
     words = arpa_words(tok.token_strings())
     val_sents = _sentences(val)
@@ -153,12 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     full_query = query_speeds(full_model, arpa, words, val_sents)
     print(f"query, full {top}-gram: {json.dumps(full_query)}", flush=True)
 
-    docs = _sentences(train)[: args.nltk_docs]
-    small, _ = estimate(np.concatenate([np.concatenate([d, [EOS]]) for d in docs]), tok.vocab_size, 5)
-    small_arpa = args.out / f"first-{args.nltk_docs}-docs-5gram.arpa"
-    write_arpa(small, words, small_arpa)
-    small_query = query_speeds(small, small_arpa, words, val_sents[:200])
-    nltk = nltk_speed(docs, val_sents[:20], 5, words)
+    small = compare_queries(args.out, nltk_docs=args.nltk_docs)
+    small_query, nltk = small["query"], small["nltk"]
     print(f"query, {args.nltk_docs}-document 5-gram: {json.dumps(small_query)}; nltk {json.dumps(nltk)}", flush=True)
 
     results = {"command": "python -m hanlm.bench.ngram " + " ".join(argv or sys.argv[1:]), "builds": builds,

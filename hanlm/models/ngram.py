@@ -23,7 +23,6 @@ and `np.searchsorted` over whole arrays: no Python loop runs per n-gram.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import DataError
+from hanlm.memory import peak_rss
 from hanlm.models.base import LanguageModel
 
 LN10 = math.log(10.0)
@@ -345,8 +345,3 @@ def estimate(tokens: np.ndarray, vocab_size: int, order: int, *, discount_fallba
 def _log10(p: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.log10(p)
-
-
-def peak_rss() -> int:
-    """The process's peak resident memory so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

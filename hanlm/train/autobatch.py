@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from pathlib import Path
 
 import psutil
 import torch
 
 from hanlm.config import Config, with_micro_batch
 from hanlm.errors import ConfigError
+from hanlm.memory import can_reset_peak_rss, peak_rss, reset_peak_rss
 
 
 def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
@@ -72,7 +72,7 @@ class MemoryProbe:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _reset_peak_rss()
+            reset_peak_rss()
         try:
             self.model(x, y).backward()
         except torch.OutOfMemoryError:
@@ -84,7 +84,7 @@ class MemoryProbe:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else _peak_rss()
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else peak_rss()
         self.peaks[b] = peak + self.optimizer_bytes
         return self.peaks[b] <= self.budget
 
@@ -98,22 +98,7 @@ def resolve_micro_batch(cfg: Config, model: torch.nn.Module, vocab_size: int,
     return with_micro_batch(cfg, largest_fitting(probe, cfg.train.micro_batch_max))
 
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
 def _require_peak_rss() -> None:
-    if not (_STATUS.exists() and _CLEAR_REFS.exists()):
+    if not can_reset_peak_rss():
         raise ConfigError("train.micro_batch: auto on CPU measures peak memory through Linux /proc, which this "
                           "system lacks; set train.micro_batch to a number")
-
-
-def _reset_peak_rss() -> None:
-    _CLEAR_REFS.write_text("5")  # Linux: resets VmHWM (the peak RSS) to the current RSS
-
-
-def _peak_rss() -> int:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise ConfigError("cannot read VmHWM from /proc/self/status; set train.micro_batch to a number")
