@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hanlm import __version__
 from hanlm.config import Config, keys_markdown, load_config
@@ -159,6 +160,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hanlm.bench.harness import SUITES, missing_peers, run
+
+    suites = list(SUITES) if "all" in args.suites else list(dict.fromkeys(args.suites))
+    missing = missing_peers(suites)
+    if missing:
+        raise HanlmError(f"the benchmark peers {', '.join(missing)} are not installed: pip install -e '.[bench]'")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HanlmError("--device cuda: no CUDA device is available here; use --device cpu")
+    command = " ".join(["hanlm bench", *suites, "--device", args.device, *(["--quick"] if args.quick else [])])
+    try:
+        run(suites, args.device, args.quick, args.out, command=command)
+    except RuntimeError as e:
+        raise HanlmError(str(e)) from None
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _load(args)
     text = json.dumps(cfg.to_dict(), ensure_ascii=False, indent=2) + "\n" if args.json else cfg.to_yaml()
@@ -253,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("bench", help="measure speed and memory against the machine's limit and peer tools",
+                         description="Run benchmark suites side by side with their peers (transformers, kenlm, "
+                         "NLTK: pip install -e '.[bench]') and the measured matmul peak; write "
+                         "<out>/<date>-<host>.json, a Markdown report and PNG plots.")
+    p.add_argument("suites", nargs="*", default=["all"], choices=["all", "train", "generate", "data", "dist", "ngram",
+                                                                   "serve"],
+                   metavar="SUITE", help="train, generate, data, dist, ngram, serve or all (default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: minutes, not tens of minutes")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory (default bench/results)")
+    p.set_defaults(func=cmd_bench)
 
     p = verbs.add_parser("config", help="show the resolved config or the documented keys",
                          description="Inspect configuration.")
