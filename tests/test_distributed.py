@@ -102,6 +102,7 @@ def _diloco_worker(rank: int, port: int, result_queue) -> None:
                                   (everyone[0] - everyone[1]).abs().max().item(), sync.bytes_total))
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # as hanlm.train's workers do: gloo's threads can abort the interpreter's teardown
 
 
 def test_diloco_with_outer_lr_1_and_no_momentum_averages_the_weights():

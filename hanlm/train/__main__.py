@@ -6,9 +6,16 @@ the launcher's.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from hanlm.cli import run_training_worker
 
 if __name__ == "__main__":
-    sys.exit(run_training_worker(sys.argv[1:]))
+    code = run_training_worker(sys.argv[1:])
+    # The run is over: saved, logged and out of the process group. Skip the interpreter's teardown,
+    # where gloo's threads can still abort the process ("terminate called without an active
+    # exception"; pytorch/pytorch#179291) and torchrun would report a finished worker as failed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
