@@ -4,6 +4,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 from hanlm.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,14 +28,28 @@ def test_gpu_bench_script_runs_the_harness_on_cpu_quick(tmp_path):
     assert sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("*.png")) == ["generate.png", "train.png"]
 
 
-def test_bench_data_suite_and_a_missing_device(tmp_path, capsys):
-    assert main(["bench", "data", "--quick", "--out", str(tmp_path)]) == 0
+def test_the_other_suites_run_quick_and_report_their_tables(tmp_path, capsys):
+    assert main(["bench", "data", "dist", "ngram", "serve", "--quick", "--out", str(tmp_path)]) == 0
     (results,) = tmp_path.glob("*.json")
-    (row,) = json.loads(results.read_text())["suites"]["data"]
+    suites = json.loads(results.read_text())["suites"]
+    (row,) = suites["data"]
     assert row["tokenizer"] == "char" and row["mb_per_s"] > 0
-    capsys.readouterr()
-    import torch
+    dist = suites["dist"]
+    assert dist["tokens_per_s"]["1"] > 0 and dist["tokens_per_s"]["2"] > 0
+    by_strategy = {s["strategy"]: s["bytes"] for s in dist["sync"]}
+    assert by_strategy["fp16"] * 2 == by_strategy["full"]  # half the bytes per element, same elements
+    assert by_strategy["powersgd-r8"] < by_strategy["fp16"] and by_strategy["diloco-h32"] < by_strategy["fp16"]
+    ngram = suites["ngram"]
+    assert ngram["build"]["order"] == 3 and 4 < ngram["build"]["bpc"] < 8
+    assert ngram["query"]["kenlm_sentence_per_s"] > 0 and ngram["nltk"]["nltk_per_s"] > 0
+    assert [level["concurrency"] for level in suites["serve"]] == [1, 8]
+    report = results.with_suffix(".md").read_text()
+    for heading in ("## Data preparation", "## Distributed", "## n-gram", "## Serving"):
+        assert heading in report
 
-    if not torch.cuda.is_available():
-        assert main(["bench", "train", "--device", "cuda"]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_refuses_a_missing_device_before_running_anything(tmp_path, capsys):
+    assert main(["bench", "train", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
