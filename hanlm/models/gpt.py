@@ -43,15 +43,9 @@ class KVCache:
     store: KVStore
     pos: int
 
-    @property
-    def k(self) -> tuple[Tensor, ...]:
-        """Each layer's keys (B, n_head, pos, head_dim): views of the store."""
-        return tuple(b[:, :, :self.pos] for b in self.store.k)
-
-    @property
-    def v(self) -> tuple[Tensor, ...]:
-        """Each layer's values (B, n_head, pos, head_dim): views of the store."""
-        return tuple(b[:, :, :self.pos] for b in self.store.v)
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer i's keys and values (B, n_head, pos, head_dim): views of the store."""
+        return self.store.k[i][:, :, :self.pos], self.store.v[i][:, :, :self.pos]
 
     @property
     def batch_size(self) -> int:
@@ -254,8 +248,9 @@ class GPT(LanguageModel):
         stores = [s.room(1, self.context_length) for s in states]
         h = self.tok_emb(tokens.view(B, 1))
         for i, block in enumerate(self.blocks):
-            k = torch.cat([F.pad(s.store.k[i][:, :, :s.pos], (0, 0, 0, L + 1 - s.pos)) for s in states])
-            v = torch.cat([F.pad(s.store.v[i][:, :, :s.pos], (0, 0, 0, L + 1 - s.pos)) for s in states])
+            cached = [s.layer(i) for s in states]
+            k = torch.cat([F.pad(k, (0, 0, 0, L + 1 - s.pos)) for s, (k, _) in zip(states, cached)])
+            v = torch.cat([F.pad(v, (0, 0, 0, L + 1 - s.pos)) for s, (_, v) in zip(states, cached)])
             h = block(h, rot, (k, v, L), mask)  # k, v: (B, H, L + 1, hd), the new token's at L
             for b, (s, store) in enumerate(zip(states, stores)):
                 store.k[i][0, :, s.pos] = k[b, :, L]
