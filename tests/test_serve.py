@@ -69,6 +69,8 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=20)
+        # A server still running at interpreter exit aborts it (its engine thread is inside torch).
+        assert not self.thread.is_alive(), "the server did not shut down within 20 s"
 
 
 def serve(checkpoint, *, step_seconds=0.0, **kwargs):

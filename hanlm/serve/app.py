@@ -54,6 +54,7 @@ from hanlm.serve.protocol import (
 )
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL_S = 0.5  # how often a running request checks that its client is still there
 
 
 @dataclass
@@ -188,15 +189,22 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
 
     async def events_of(request: Request, jobs: list[EngineRequest], events: asyncio.Queue,
                         choices: int) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """The jobs' events until every choice has finished; cancels them if the client leaves."""
-        finished = 0
+        """The jobs' events until every choice has finished; cancels them if the client leaves.
+
+        The client is checked every DISCONNECT_POLL_S whether tokens flow or not: a non-streaming
+        request has no other way to notice that nobody waits for its answer any more."""
+        finished, checked = 0, time.monotonic()
         try:
             while finished < choices:
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                    event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
                 except TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
                     if await request.is_disconnected():
                         return
+                    checked = time.monotonic()
+                if event is None:
                     continue
                 if isinstance(event, ErrorEvent):
                     raise RuntimeError(event.message)
@@ -453,4 +461,5 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
     default_name = parts[-3] if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]
     app = create_app(lambda: load_for_inference(path, device), model_name=model_name or default_name,
                      api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Ctrl-C: finish what can finish in a few seconds, then cancel the rest (whose generations stop).
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
