@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "serve"],
                    metavar="SUITE", help="train, generate, data, dist, ngram, serve or all (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: minutes, not tens of minutes")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and few repeats: about a minute on 2 CPU cores instead of five")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory (default bench/results)")
     p.set_defaults(func=cmd_bench)
 
