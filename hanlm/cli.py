@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hanlm import __version__
+from hanlm.bench import SUITES
 from hanlm.config import Config, keys_markdown, load_config
 from hanlm.errors import ConfigError, HanlmError
 
@@ -161,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hanlm.bench.harness import SUITES, missing_peers, run
+    from hanlm.bench.harness import missing_peers, run
 
     suites = list(SUITES) if "all" in args.suites else list(dict.fromkeys(args.suites))
     missing = missing_peers(suites)
@@ -279,9 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run benchmark suites side by side with their peers (transformers, kenlm, "
                          "NLTK: pip install -e '.[bench]') and the measured matmul peak; write "
                          "<out>/<date>-<host>.json, a Markdown report and PNG plots.")
-    p.add_argument("suites", nargs="*", default=["all"], choices=["all", "train", "generate", "data", "dist", "ngram",
-                                                                   "serve"],
-                   metavar="SUITE", help="train, generate, data, dist, ngram, serve or all (default: all)")
+    p.add_argument("suites", nargs="*", default=["all"], choices=["all", *SUITES], metavar="SUITE",
+                   help=f"{', '.join(SUITES)} or all (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes and few repeats: about a minute on 2 CPU cores instead of five")

@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
+from hanlm.bench import SUITES
 from hanlm.config import load_config
 from hanlm.data.prepare import prepare
 from hanlm.log import measure_matmul_peak, read_metrics
 
-SUITES = ("train", "generate", "data", "dist", "ngram", "serve")
 PEERS = {"train": ("transformers",), "generate": ("transformers",), "ngram": ("kenlm", "nltk"), "serve": ("httpx",)}
 GOALS = {"mfu": 0.75, "train_vs_hf": 1.2, "decode_vs_hf": 2.0}
 
