@@ -1,47 +1,61 @@
-"""Model saver: atomic checkpoints, retention, and resume with fallback past damaged ones.
+"""Model saver: atomic, verified checkpoints, safe retention, and resume past damaged ones.
 
 A checkpoint is a directory `step-00000040/` under the checkpoint root (a local path or an
 fsspec URL) holding:
 
-    model.safetensors   the weights (tied tensors stored once), or
-    model.arpa          the n-gram model, as a standard ARPA file
-    config.yaml         the resolved config of the run
-    tokenizer.json      the tokenizer
-    train_state.pt      optimizer state, step, tokens seen, RNG states, data-loader state
+    model.safetensors         the weights (tied tensors stored once), or
+    model.arpa                the n-gram model, as a standard ARPA file
+    config.yaml               the resolved config of the run
+    tokenizer.json            the tokenizer
+    train_state.safetensors   optimizer state (all of it, gathered, for FSDP runs too), step, tokens
+                              seen, RNG states, data-loader and sync state
+    manifest.json             size and sha256 of each file above, written last
 
-It is assembled in a temporary directory and renamed (uploaded, for remote roots) before the
-`latest` pointer moves to it, so a crash mid-save never leaves a checkpoint that `latest` names.
-Loading never unpickles code: safetensors for weights, `torch.load(weights_only=True)` for the rest.
+It is assembled in a temporary directory and renamed (uploaded, manifest last, for remote roots)
+before the `latest` pointer moves to it, so a crash mid-save never leaves a checkpoint that
+loads. Every load checks the manifest first. Loading never unpickles: safetensors for tensors,
+JSON and YAML for the rest (`torch.load(weights_only=True)` only for the train_state.pt of
+checkpoints from before the manifest).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pickle
+import json
+import math
 import re
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
-from hanlm.atomic import atomic_dir
+from hanlm.atomic import atomic_dir, owner_tag, remove_stale_temporaries
 from hanlm.config import Config, ModelConfig, load_config
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.errors import CheckpointError, HanlmError
+from hanlm.errors import CheckpointError
+from hanlm.manifest import MANIFEST, verify, write_manifest
 from hanlm.models.arpa import arpa_words, read_arpa, tokenizer_for, write_arpa
 from hanlm.models.ngram import NGramLM
+from hanlm.state_file import load_state, save_state
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 MODEL_FILES = ("model.safetensors", "model.arpa")
-FILES = ("config.yaml", "tokenizer.json", "train_state.pt")
+FILES = ("config.yaml", "tokenizer.json")
+STATE_FILE = "train_state.safetensors"
+LEGACY_STATE = "train_state.pt"  # checkpoints written before the manifest
 ARPA_SUFFIXES = (".arpa", ".arpa.gz", ".arpa.bz2", ".arpa.xz", ".arpa.zst")
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -72,30 +86,26 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def staging_dir(root: str, step: int) -> Path:
-    """Where the checkpoint of `step` is assembled before its rename: a fixed name, so that every
-    worker of a sharded run can write its part there. Local roots only."""
-    return Path(_fs(root)[1]) / f".{step_name(step)}.tmp"
-
-
 def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor], cfg: Config, tokenizer: Tokenizer,
-                    train_state: dict[str, Any], *, val_loss: float | None = None, staged: bool = False) -> str:
+                    train_state: dict[str, Any], *, val_loss: float | None = None, protect: Iterable[str] = (),
+                    note: Callable[[str], None] = _note) -> str:
     """Write a checkpoint for `train_state["step"]`, move `latest` to it, update `best`, prune.
 
-    `model` is the module, or its full state dict when it is sharded. `staged`: other workers
-    have already written their parts into `staging_dir(root, step)`, which becomes the
-    checkpoint. Returns the checkpoint's path. Retention: the newest `checkpoint.keep_last`,
-    plus the one with the lowest val loss when `checkpoint.keep_best`.
+    `model` is the module, or its full state dict when it is sharded. The manifest is written
+    last, before the rename (for remote roots: uploaded last). Retention: the newest
+    `checkpoint.keep_last` up to this step, plus the one with the lowest val loss when
+    `checkpoint.keep_best`; never one newer than this step, one with a lower recorded val loss,
+    or one named in `protect` (the checkpoint the run resumed from). Returns the checkpoint's path.
     """
     fs, base = _fs(root)
     step = int(train_state["step"])
     name = step_name(step)
     local = not _is_remote(root)
-    # Remote roots get the checkpoint assembled locally first, then uploaded whole.
+    # Remote roots get the checkpoint assembled locally first, then uploaded file by file.
     staging_parent = Path(base) if local else Path(tempfile.mkdtemp(prefix="hanlm-ckpt-"))
     final = staging_parent / name
     try:
-        with atomic_dir(final, staging_dir(root, step) if staged else None) as tmp:
+        with atomic_dir(final) as tmp:
             if isinstance(model, NGramLM):
                 write_arpa(model, arpa_words(tokenizer.token_strings()), tmp / "model.arpa")
             elif isinstance(model, dict):
@@ -104,18 +114,30 @@ def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor],
                 save_model(_unwrap(model), str(tmp / "model.safetensors"))
             cfg.save(tmp / "config.yaml")
             tokenizer.save(tmp / "tokenizer.json")
-            torch.save(train_state, tmp / "train_state.pt")
+            save_state(train_state, tmp / STATE_FILE)
+            write_manifest(tmp, step=step, val_loss=val_loss)
         if not local:
-            fs.put(str(final), _join(base, name), recursive=True)
+            _upload(fs, final, _join(base, name))
     finally:
         if not local:
             shutil.rmtree(staging_parent, ignore_errors=True)
     _write_pointer(fs, base, "latest", name)
-    best = read_best(root)
-    if val_loss is not None and (best is None or val_loss < best[1]):
+    best = _best(fs, base, note)
+    if val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best[1]):
         _write_pointer(fs, base, "best", f"{name} {val_loss!r}")
-    _prune(fs, base, cfg.checkpoint.keep_last, keep_best=cfg.checkpoint.keep_best)
+    _prune(fs, base, cfg.checkpoint.keep_last, keep_best=cfg.checkpoint.keep_best, written=name, val_loss=val_loss,
+           protect={_basename(p) for p in protect}, note=note)
     return _join(root, name)
+
+
+def _upload(fs: fsspec.AbstractFileSystem, local: Path, remote: str) -> None:
+    """Copy a finished checkpoint directory to a remote root, its manifest last: a checkpoint whose
+    upload broke off has no manifest that matches, so it loads as damaged, never as complete."""
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST)
+    for path in files:
+        target = _join(remote, path.relative_to(local).as_posix())
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), target)
 
 
 def _dedupe(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,28 +165,48 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _write_pointer(fs: fsspec.AbstractFileSystem, base: str, pointer: str, text: str) -> None:
-    tmp = _join(base, f".{pointer}.tmp")
+    """Replace a pointer file atomically: written beside it, then renamed over it."""
+    tmp = _join(base, f".{pointer}.{owner_tag()}.w.tmp")
     with fs.open(tmp, "w") as f:
         f.write(text + "\n")
     fs.mv(tmp, _join(base, pointer))
 
 
-def _read_pointer(fs: fsspec.AbstractFileSystem, base: str, pointer: str) -> str | None:
+def _read_pointer(fs: fsspec.AbstractFileSystem, base: str, pointer: str,
+                  note: Callable[[str], None] = _note) -> str | None:
+    """A pointer's text; None when it is missing or unreadable (garbage is noted and ignored)."""
     try:
-        with fs.open(_join(base, pointer), "r") as f:
-            return f.read().strip() or None
+        with fs.open(_join(base, pointer), "r", encoding="utf-8") as f:
+            text = f.read(4096).strip()
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        note(f"note: {_join(base, pointer)} is unreadable ({type(e).__name__}); ignored")
+        return None
+    return text or None
 
 
-def read_best(root: str) -> tuple[str, float] | None:
-    """(checkpoint name, val loss) of the best checkpoint so far, if any."""
-    fs, base = _fs(root)
-    text = _read_pointer(fs, base, "best")
+def read_best(root: str, note: Callable[[str], None] = _note) -> tuple[str, float] | None:
+    """(checkpoint name, val loss) of the best checkpoint so far, if any. A pointer that is not
+    `step-NNNNNNNN LOSS` is noted and ignored, as is one whose checkpoint is gone."""
+    return _best(*_fs(root), note)
+
+
+def _best(fs: fsspec.AbstractFileSystem, base: str, note: Callable[[str], None]) -> tuple[str, float] | None:
+    text = _read_pointer(fs, base, "best", note)
     if not text:
         return None
     name, _, loss = text.partition(" ")
-    return name, float(loss)
+    try:
+        value = float(loss)
+        if not _STEP_DIR.match(name) or not math.isfinite(value):
+            raise ValueError
+    except ValueError:
+        note(f"note: {_join(base, 'best')} holds {text[:60]!r}, not `step-NNNNNNNN LOSS`; ignored")
+        return None
+    if name not in _list(fs, base):
+        return None
+    return name, value
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -175,52 +217,81 @@ def list_checkpoints(root: str) -> list[str]:
 def _list(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
     try:
         entries = fs.ls(base, detail=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
     return sorted(n for n in names if _STEP_DIR.match(n))
 
 
-def _prune(fs: fsspec.AbstractFileSystem, base: str, keep_last: int, keep_best: bool) -> None:
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _prune(fs: fsspec.AbstractFileSystem, base: str, keep_last: int, *, keep_best: bool, written: str,
+           val_loss: float | None, protect: set[str], note: Callable[[str], None]) -> None:
     names = _list(fs, base)
-    keep = set(names[-keep_last:])
-    best = _read_pointer(fs, base, "best") if keep_best else None
+    older = [n for n in names if n <= written]  # zero-padded step numbers sort as numbers
+    keep = {n for n in names if n > written} | set(older[-keep_last:]) | protect
+    best = _best(fs, base, note) if keep_best else None
     if best:
-        keep.add(best.partition(" ")[0])
-    for n in names:
-        if n not in keep:
-            fs.rm(_join(base, n), recursive=True)
+        keep.add(best[0])
+    for n in older:
+        if n in keep:
+            continue
+        if val_loss is not None and _recorded_loss(fs, _join(base, n)) < val_loss:
+            continue  # better than the checkpoint just written: never pruned for it
+        fs.rm(_join(base, n), recursive=True)
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read one checkpoint directory; CheckpointError naming the damaged file if anything is off."""
+def _recorded_loss(fs: fsspec.AbstractFileSystem, path: str) -> float:
+    """The val loss a checkpoint's manifest recorded (inf when none is known)."""
+    try:
+        with fs.open(_join(path, MANIFEST), "r", encoding="utf-8") as f:
+            loss = json.load(f).get("val_loss")
+        return float(loss) if isinstance(loss, int | float) else math.inf
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return math.inf
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
+                    note: Callable[[str], None] = _note) -> Checkpoint:
+    """Read one checkpoint directory, after checking its files against its manifest;
+    CheckpointError naming the damaged file if anything is off. Nothing read here can run code."""
     fs, base = _fs(path)
-    model_file = stored_model_file(path)
-    for f in (model_file or MODEL_FILES[0], *FILES):
-        if not fs.exists(_join(base, f)):
-            raise CheckpointError(f"{_join(path, f)} is missing: {path} is not a complete checkpoint")
+    if not fs.isdir(base):
+        raise CheckpointError(f"{path} is not a checkpoint directory")
     weights: dict[str, torch.Tensor] = {}
     ngram = None
     with tempfile.TemporaryDirectory(prefix="hanlm-load-") as tmp:
-        local = base if not _is_remote(path) else _download(fs, base, tmp)
+        local = Path(base if not _is_remote(path) else _download(fs, base, tmp))
+        if not verify(local, path):
+            note(f"note: {path} has no {MANIFEST} (saved by an older hanlm): its files are loaded unverified")
+        model_file = next((f for f in MODEL_FILES if (local / f).is_file()), MODEL_FILES[0])
+        state_file = STATE_FILE if (local / STATE_FILE).is_file() or not (local / LEGACY_STATE).is_file() \
+            else LEGACY_STATE
+        for f in (model_file, *FILES, state_file):
+            if not (local / f).is_file():
+                raise CheckpointError(f"{_join(path, f)} is missing: {path} is not a complete checkpoint")
         current = ""
         try:
             current = "config.yaml"
-            config = load_config(os.path.join(local, current))
+            config = load_config(str(local / current))
             current = "tokenizer.json"
-            tokenizer = Tokenizer.load(os.path.join(local, current))
+            tokenizer = Tokenizer.load(local / current)
             current = model_file
             if model_file == "model.arpa":
-                ngram, _ = read_arpa(os.path.join(local, current), arpa_words(tokenizer.token_strings()))
+                ngram, _ = read_arpa(str(local / current), arpa_words(tokenizer.token_strings()))
             else:
-                weights = load_file(os.path.join(local, current), device=str(map_location))
-            current = "train_state.pt"
-            train_state = torch.load(os.path.join(local, current), map_location=map_location, weights_only=True)
-        except (HanlmError, SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError,
-                pickle.UnpicklingError) as e:
+                weights = load_file(str(local / current), device=str(map_location))
+            current = state_file
+            if state_file == STATE_FILE:
+                train_state = load_state(local / current, map_location)
+            else:  # older checkpoints: torch's restricted unpickler, which refuses anything but tensors and data
+                train_state = torch.load(local / current, map_location=map_location, weights_only=True)
+        except Exception as e:  # whatever a damaged file makes its parser raise, named with the file
             raise CheckpointError(f"{_join(path, current)} is damaged ({type(e).__name__}: {e})") from None
-    if not isinstance(train_state, dict) or "step" not in train_state:
-        raise CheckpointError(f"{_join(path, 'train_state.pt')} holds no training state")
+    if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):
+        raise CheckpointError(f"{_join(path, state_file)} holds no training state")
     return Checkpoint(path, config, tokenizer, weights, train_state, ngram)
 
 
@@ -235,37 +306,81 @@ def _download(fs: fsspec.AbstractFileSystem, base: str, tmp: str) -> str:
     return tmp
 
 
-def resolve_checkpoint(spec: str) -> str:
+def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
     """A checkpoint directory from a path that is either a checkpoint or a checkpoint root
-    (then its `latest`)."""
+    (then its `latest`, or the newest checkpoint when `latest` is unusable)."""
     fs, base = _fs(spec)
     if stored_model_file(spec):
         return spec
-    name = _read_pointer(fs, base, "latest")
+    names = _list(fs, base)
+    name = _read_pointer(fs, base, "latest", note)
+    if name is not None and name not in names:
+        note(f"note: {_join(spec, 'latest')} names {name[:60]!r}, which is not a checkpoint there; "
+             + (f"using the newest, {names[-1]}" if names else "ignored"))
+        name = None
+    if name is None and names:
+        name = names[-1]
     if name is None:
         raise CheckpointError(f"{spec} is neither a checkpoint (no model.safetensors or model.arpa) nor a "
-                              "checkpoint directory with a `latest` pointer")
+                              "checkpoint directory holding step-NNNNNNNN checkpoints")
     return _join(spec, name)
 
 
-def load_latest(root: str, map_location: str | torch.device = "cpu",
-                warn: Any = print) -> Checkpoint | None:
-    """The newest loadable checkpoint under `root`, or None when there is none.
+@dataclass
+class Scan:
+    """What `scan` found under a checkpoint root: the newest checkpoint that loads, and each newer
+    one that did not, with why (newest first)."""
 
-    Starts at `latest` and walks back through older ones when a checkpoint is damaged,
-    reporting each one it skips through `warn`.
-    """
-    fs, base = _fs(root)
-    names = _list(fs, base)
-    latest = _read_pointer(fs, base, "latest")
-    if latest in names:
-        names = names[: names.index(latest) + 1]
-    for name in reversed(names):
+    checkpoint: Checkpoint | None
+    damaged: list[tuple[str, str]]
+
+    def listing(self) -> str:
+        return "\n".join(f"  {name}: {why}" for name, why in self.damaged)
+
+
+def scan(root: str, map_location: str | torch.device = "cpu", note: Callable[[str], None] = _note) -> Scan:
+    """Load the newest checkpoint under `root` that is whole, walking back past damaged ones."""
+    damaged = []
+    for name in reversed(list_checkpoints(root)):
         try:
-            return load_checkpoint(_join(root, name), map_location)
+            return Scan(load_checkpoint(_join(root, name), map_location, note), damaged)
         except CheckpointError as e:
-            warn(f"skipping damaged checkpoint: {e}")
-    return None
+            damaged.append((name, str(e)))
+    return Scan(None, damaged)
+
+
+def load_latest(root: str, map_location: str | torch.device = "cpu",
+                warn: Callable[[str], None] = _note) -> Checkpoint | None:
+    """The newest loadable checkpoint under `root`, or None when there is none; each damaged one
+    it skips is reported through `warn`."""
+    found = scan(root, map_location, warn)
+    for _, why in found.damaged:
+        warn(f"skipping damaged checkpoint: {why}")
+    return found.checkpoint
+
+
+def set_aside(root: str, names: Sequence[str], label: str) -> str:
+    """Move checkpoints out of the way (never delete them) into `root/<label>-<time>/`, and drop the
+    pointers that named them. Returns the new directory."""
+    fs, base = _fs(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, k = _join(base, f"{label}-{stamp}"), 1
+    while fs.exists(dest):
+        k += 1
+        dest = _join(base, f"{label}-{stamp}-{k}")
+    fs.makedirs(dest, exist_ok=True)
+    for name in names:
+        fs.mv(_join(base, name), _join(dest, name), recursive=True)
+    for pointer in ("latest", "best"):
+        text = _read_pointer(fs, base, pointer, lambda _: None)
+        if text is not None and text.partition(" ")[0] in names:
+            fs.mv(_join(base, pointer), _join(dest, pointer))
+    return _join(root, dest.rsplit("/", 1)[-1])
+
+
+def remove_stale(root: str) -> list[Path]:
+    """Delete the temporaries of saves that died half-way (local roots; remote ones assemble in /tmp)."""
+    return [] if _is_remote(root) else remove_stale_temporaries(_fs(root)[1])
 
 
 def load_for_inference(spec: str, device: str | torch.device = "cpu"):

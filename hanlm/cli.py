@@ -10,18 +10,9 @@ from pathlib import Path
 
 from hanlm import __version__
 from hanlm.bench import SUITES
-from hanlm.config import Config, keys_markdown, load_config
+from hanlm.config import Config, config_options, keys_markdown, load_config
 from hanlm.errors import ConfigError, HanlmError
-
-
-def _config_options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", "-c", metavar="FILE",
-                   help="YAML config file over the key defaults, or a built-in one by name: tiny, default, base "
-                        "(default: `default`, the demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set train.lr=3e-4 (repeatable; `hanlm config keys` lists keys)")
-    return p
+from hanlm.train.run import RESTART_HELP
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -44,11 +35,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     distributed = args.nproc > 1 or args.nnodes > 1 or args.max_restarts > 0
     if not distributed and args.launcher == "torchrun":
-        return _train(_load(args), args.resume)
+        from hanlm.train.run import train
+
+        return train(_load(args), args.resume, restart_if_damaged=args.restart_if_damaged)
     _load(args)  # report config mistakes here, once, not from every worker
     worker_args = [*(["--config", args.config] if args.config else []),
                    *(a for kv in args.overrides for a in ("--set", kv)),
-                   *(["--resume", args.resume] if args.resume else [])]
+                   *(["--resume", args.resume] if args.resume else []),
+                   *(["--restart-if-damaged"] if args.restart_if_damaged else [])]
     if args.launcher == "spark":
         from hanlm.train.spark import launch_on_spark
 
@@ -60,55 +54,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     return launch(worker_args, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                   rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
-
-
-def run_training_worker(argv: Sequence[str]) -> int:
-    """One worker of a distributed run, as torchrun starts it (`python -m hanlm.train`)."""
-    from hanlm.train.distributed import env_info, shutdown
-
-    parser = argparse.ArgumentParser(prog="python -m hanlm.train", parents=[_config_options()],
-                                     description="A training worker: run it through torchrun or hanlm train --nproc.")
-    parser.add_argument("--resume", metavar="auto|PATH")
-    args = parser.parse_args(argv)
-    try:
-        code = _train(load_config(args.config, args.overrides, world_size=env_info().world_size), args.resume)
-    except HanlmError as e:
-        print(f"hanlm: error (rank {env_info().rank}): {e}", file=sys.stderr)
-        shutdown(together=False)
-        return 2
-    except BaseException:
-        shutdown(together=False)
-        raise
-    shutdown(together=True)
-    return code
-
-
-def _train(cfg: Config, resume: str | None) -> int:
-    if cfg.model.arch == "ngram":
-        from hanlm.train.ngram import train_ngram
-
-        if resume not in (None, "none"):
-            raise ConfigError("an n-gram model is counted in one pass, so there is nothing to resume: drop --resume")
-        result, prepared = train_ngram(cfg)
-    else:
-        from hanlm.train.loop import Trainer
-
-        trainer = Trainer(cfg, resume=resume)
-        result, prepared = trainer.run(), trainer.prepared
-        if not trainer.info.main:
-            return 0
-    if result.final_eval is None:
-        print(f"stopped at step {result.step} ({result.stopped_by}); resume with: hanlm train --resume auto "
-              f"(same --config/--set)")
-        return 0
-    unigram = prepared.meta["splits"]["val"]["unigram_bpc"]
-    print(f"\nfinal (whole val split): {result.final_eval.summary()}")
-    print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is "
-          f"{result.final_eval.bpc / unigram:.0%} of it)")
-    print(f"checkpoint: {result.checkpoint}\nreport: {result.report}\n\nsamples:")
-    for prompt, continuation in result.samples:
-        print(f"  {prompt}|{continuation}")
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -124,13 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hanlm.generate import Generation, SamplingParams, generate
 
     model, cfg, tokenizer = load_for_inference(args.checkpoint, args.device or "cpu")
-    g = cfg.generate
-    params = SamplingParams(
-        max_tokens=args.max_tokens if args.max_tokens is not None else g.max_tokens,
-        temperature=args.temperature if args.temperature is not None else g.temperature,
-        top_k=args.top_k if args.top_k is not None else g.top_k,
-        top_p=args.top_p if args.top_p is not None else g.top_p,
-        stop=args.stop, seed=args.seed if args.seed is not None else g.seed)
+    params = SamplingParams.from_config(cfg.generate, max_tokens=args.max_tokens, temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
     result = Generation()
     print(args.prompt, end="", flush=True)
     try:
@@ -157,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     serve(args.checkpoint, host=host, port=args.port or s.port, api_key=api_key, model_name=args.model_name,
           max_batch=args.max_batch or s.max_batch, max_queue=args.max_queue or s.max_queue,
-          max_body_bytes=s.max_body_bytes, device=args.device or "cpu")
+          max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
+          metrics_public=s.metrics_public, device=args.device or "cpu")
     return 0
 
 
@@ -198,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "train, evaluate and generate, driven by one config.")
     parser.add_argument("--version", action="version", version=f"hanlm {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
-    common = _config_options()
+    common = config_options()
 
     p = verbs.add_parser("prepare", parents=[common], help="read sources, train or load the tokenizer, write "
                          "token shards", description="Read the data sources (data.*), train the tokenizer "
@@ -218,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(or SIGTERM) finishes the current step, saves a checkpoint and exits 0.")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the latest good checkpoint of this run "
                    "(auto) or from a checkpoint path (default: checkpoint.resume)")
+    p.add_argument("--restart-if-damaged", action="store_true", help=RESTART_HELP)
     launcher = p.add_argument_group("distributed launch (torchrun)")
     launcher.add_argument("--nproc", type=int, default=1, metavar="N", help="workers on this machine (default 1)")
     launcher.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines in the job (default 1)")
@@ -268,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
     p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: $HANLM_API_KEY; "
-                   "none: no key)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every endpoint but /health (default: "
+                   "$HANLM_API_KEY, which keeps the key out of `ps`; prefer it; none: no key)")
     p.add_argument("--max-batch", type=int, metavar="N", help="sequences decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests before 429 (default: serve.max_queue)")
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")

@@ -11,6 +11,7 @@ warmup steps) are computed in one place, `derive()`, and saved with the run as `
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -154,7 +155,7 @@ class DistConfig:
         "sync_every steps, or DDP with PowerSGD, fp16 or bf16 (NCCL only) gradient compression.")
     shard: Literal["none", "fsdp"] = key("none", "fsdp: shard parameters, gradients and optimizer state across "
                                          "workers with FSDP2 (fully_shard), for models that do not fit one device; "
-                                         "checkpoints go through torch.distributed.checkpoint.")
+                                         "checkpoints gather the weights and optimizer state to rank 0.")
     bucket_mb: float = key(25.0, "DDP gradient bucket size in MB; buckets overlap communication with backward.",
                            above=0.0)
     sync_every: int = key(32, "diloco: inner steps between synchronisations (H).", min=1)
@@ -203,6 +204,12 @@ class ServeConfig:
     max_batch: int = key(16, "Sequences decoded together.", min=1)
     max_queue: int = key(256, "Waiting requests before new ones get 429.", min=1)
     max_body_bytes: int = key(1 << 20, "Largest request body; bigger ones get 413.", min=1)
+    max_json_depth: int = key(32, "Deepest nesting of arrays and objects a JSON body may have; deeper ones get 400 "
+                              "before they are parsed.", min=2, max=1000)
+    body_timeout_s: float = key(30.0, "Seconds a client may take to send its whole body (e.g. one shorter than its "
+                                "Content-Length); then 408.", above=0.0)
+    metrics_public: bool = key(False, "Serve /metrics without the API key (e.g. for a Prometheus scraper that sends "
+                               "none); every other endpoint but /health always needs it.")
 
 
 @dataclass
@@ -494,9 +501,6 @@ def check(cfg: Config) -> None:
     if cfg.dist.shard == "fsdp" and cfg.dist.sync != "full":
         raise ConfigError(f"dist.shard fsdp synchronises gradients itself (reduce-scatter every step); it cannot "
                           f"combine with dist.sync={cfg.dist.sync}: use dist.sync=full")
-    if cfg.dist.shard == "fsdp" and cfg.checkpoint.dir and "://" in cfg.checkpoint.dir:
-        raise ConfigError("dist.shard fsdp writes checkpoint shards from every worker to a shared filesystem; "
-                          "checkpoint.dir must be a path (local or a shared mount), not a URL")
     if cfg.dist.sync == "bf16" and (cfg.dist.backend == "gloo" or t.device == "cpu"):
         raise ConfigError("dist.sync bf16 compresses through NCCL, which needs CUDA; gloo cannot all-reduce "
                           "bf16. Use dist.sync=fp16 on CPU")
@@ -551,6 +555,17 @@ def with_micro_batch(cfg: Config, micro_batch: int) -> Config:
     new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=micro_batch))
     new.derived = derive(new)
     return new
+
+
+def config_options() -> argparse.ArgumentParser:
+    """The `--config` and `--set` options every command that reads a config takes (a parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="YAML config file over the key defaults, or a built-in one by name: tiny, default, base "
+                        "(default: `default`, the demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set train.lr=3e-4 (repeatable; `hanlm config keys` lists keys)")
+    return p
 
 
 def keys_markdown() -> str:

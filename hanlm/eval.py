@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,16 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, block_size: int, batch
     if predicted == 0:
         raise ValueError("nothing to evaluate: the split has fewer than 2 tokens")
     covered = characters * predicted / (n - 1)
-    return EvalResult(loss=nll / predicted, ppl_token=math.exp(nll / predicted), ppl_char=math.exp(nll / covered),
+    return EvalResult(loss=nll / predicted, ppl_token=_perplexity(nll / predicted), ppl_char=_perplexity(nll / covered),
                       bpc=nll / covered / math.log(2), tokens=predicted, characters=covered)
+
+
+def _perplexity(nats: float) -> float:
+    """exp(nats), inf where that is beyond a float (a diverged model's loss), instead of OverflowError."""
+    return math.exp(nats) if nats < _EXP_LIMIT else math.inf
+
+
+_EXP_LIMIT = math.log(sys.float_info.max)
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from hanlm.config import GenerateConfig
 from hanlm.data.tokenizer import UNK_CHAR, Tokenizer
 from hanlm.models import LanguageModel
 
@@ -24,6 +26,14 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
+
+    @classmethod
+    def from_config(cls, g: GenerateConfig, **overrides: Any) -> SamplingParams:
+        """The `generate.*` settings, with each override that is not None taking a key's place."""
+        values = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p,
+                  "seed": g.seed}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -157,3 +167,10 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
+
+
+def config_samples(model: LanguageModel, tokenizer: Tokenizer, g: GenerateConfig) -> list[tuple[str, str]]:
+    """(prompt, continuation) for each of `generate.prompts`, sampled with the `generate.*` settings:
+    the samples that end a training run."""
+    params = SamplingParams.from_config(g)
+    return [(p, "".join(generate(model, tokenizer, p, params))) for p in g.prompts]

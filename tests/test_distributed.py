@@ -1,6 +1,7 @@
 """Distributed training on CPU with gloo: real torchrun launches of 2 workers on the tiny model."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from hanlm.config import load_config
 from hanlm.log import read_metrics
 from hanlm.models import build_model
 from hanlm.train.sync import DiLoCo
+from planted import plant, rewrite_manifest
 
 COMMON = ["--config", "tiny", "--set", "log.peak_tflops=0.1", "--set", "log.every_steps=1",
           "--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "generate.max_tokens=5"]
@@ -205,10 +207,12 @@ def test_fsdp_trains_like_ddp(fsdp_run, ddp_run):
     replicated = load_file(str(ddp_run / "checkpoints" / "step-00000010" / "model.safetensors"))
     for name, t in replicated.items():  # the sharded run stores tied weights under both names
         assert torch.allclose(t, sharded[name], atol=1e-5), name
-    assert (fsdp_run / "checkpoints" / "step-00000010" / "optim" / ".metadata").exists()
+    files = {p.name for p in (fsdp_run / "checkpoints" / "step-00000010").iterdir()}
+    assert files == {"model.safetensors", "config.yaml", "tokenizer.json", "train_state.safetensors",
+                     "manifest.json"}  # the optimizer state is in train_state: nothing pickled
 
 
-def test_fsdp_resumes_from_its_distributed_checkpoint(fsdp_run, tmp_path):
+def test_fsdp_resumes_exactly_from_its_gathered_checkpoint(fsdp_run, tmp_path):
     hanlm_train(tmp_path, "--nproc", "2", "--set", "dist.shard=fsdp", "--set", "train.max_steps=10",
                 "--set", "train.micro_batch=4", "--resume", str(fsdp_run / "checkpoints" / "step-00000005"))
     assert train_losses(tmp_path)[0] == pytest.approx(train_losses(fsdp_run)[5], abs=1e-6)
@@ -216,6 +220,23 @@ def test_fsdp_resumes_from_its_distributed_checkpoint(fsdp_run, tmp_path):
     resumed = load_file(str(tmp_path / "checkpoints" / "step-00000010" / "model.safetensors"))
     for name, t in straight.items():
         assert torch.allclose(t, resumed[name], atol=1e-6), name
+
+
+def test_a_planted_pickle_in_an_fsdp_checkpoint_runs_nothing_on_resume(fsdp_run, tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
+    shutil.copytree(fsdp_run / "checkpoints", run_dir / "checkpoints")
+    newest, older = run_dir / "checkpoints" / "step-00000010", run_dir / "checkpoints" / "step-00000005"
+    plant(newest / "optim" / ".metadata", marker)  # where torch.distributed.checkpoint kept its pickle
+    for f in older.iterdir():
+        if f.name != "manifest.json":
+            plant(f, marker)
+    rewrite_manifest(older)
+    args = ("--nproc", "2", "--set", "dist.shard=fsdp", "--set", "train.micro_batch=4", "--set", "train.max_steps=12")
+    hanlm_train(run_dir, *args, "--resume", "auto")
+    assert load_latest(str(run_dir / "checkpoints")).step == 12
+    done = hanlm_train(run_dir, *args, "--resume", str(older), check=False)
+    assert done.returncode != 0 and "step-00000005/config.yaml is damaged" in done.stdout + done.stderr
+    assert not marker.exists()
 
 
 def test_fsdp_refuses_other_sync_strategies(tmp_path):

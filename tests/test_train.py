@@ -89,12 +89,17 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path):
     warnings = []
     assert load_latest(root, warn=warnings.append).step == 20
     assert "skipping damaged checkpoint" in warnings[0] and "step-00000030" in warnings[0]
-    (tmp_path / "checkpoints" / "step-00000020" / "train_state.pt").write_bytes(b"not a pickle")
+    (tmp_path / "checkpoints" / "step-00000020" / "train_state.safetensors").write_bytes(b"not a state file")
     assert load_latest(root, warn=warnings.append).step == 10
     messages = []
     trainer = Trainer(tiny(tmp_path, "checkpoint.every_steps=10", "train.max_steps=30"), resume="auto",
                       echo=messages.append)
-    assert trainer.step == 10 and any("skipping damaged" in m for m in messages)
+    trainer.close()
+    assert trainer.step == 10
+    moved = next(m for m in messages if m.startswith("damaged checkpoints, moved to"))
+    assert "step-00000030/model.safetensors is damaged" in moved and "step-00000020" in moved
+    aside = list((tmp_path / "checkpoints").glob("damaged-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].glob("step-*")) == ["step-00000020", "step-00000030"]
 
 
 def test_retention_keeps_the_last_k_and_the_best(tmp_path):

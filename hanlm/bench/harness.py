@@ -55,7 +55,7 @@ def data_suite(quick: bool) -> list[dict]:
 
 def dist_suite(quick: bool) -> dict[str, Any]:
     """Scaling from 1 to 2 worker processes (tokens/s of the whole job) and bytes per sync strategy."""
-    from hanlm.bench.sync import BASE
+    from hanlm.bench.sync import BASE, DIST_SUITE_STRATEGIES, strategies
     from hanlm.bench.sync import run as run_strategy
 
     steps = 30 if quick else 200
@@ -74,10 +74,8 @@ def dist_suite(quick: bool) -> dict[str, Any]:
                 raise RuntimeError(f"the {nproc}-process run failed:\n{done.stderr[-2000:]}")
             train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"][5:]
             scaling[nproc] = sum(r["tokens_per_s"] for r in train) / len(train)
-        strategies = {"full": ["dist.sync=full"], "fp16": ["dist.sync=fp16"],
-                      "powersgd-r8": ["dist.sync=powersgd", "dist.powersgd_rank=8", "dist.powersgd_start_step=10"],
-                      "diloco-h32": ["dist.sync=diloco", "dist.sync_every=32"]}
-        sync = [run_strategy(name, sets, steps, Path(tmp) / "sync") for name, sets in strategies.items()]
+        every = strategies(steps)
+        sync = [run_strategy(name, every[name], steps, Path(tmp) / "sync") for name in DIST_SUITE_STRATEGIES]
     full = next(s for s in sync if s["strategy"] == "full")
     for s in sync:
         s["vs_full"] = full["bytes"] / s["bytes"] if s["bytes"] else float("inf")

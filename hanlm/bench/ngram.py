@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hanlm.bench import suite_parser
 from hanlm.config import load_config
 from hanlm.data.prepare import prepare
 from hanlm.data.reader import DocumentReader
@@ -130,8 +131,7 @@ def compare_queries(out: Path, *, nltk_docs: int = 2000, nltk_queries: int = 300
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanlm.bench.ngram", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/ngram"), help="output directory")
+    parser = suite_parser("ngram", __doc__)
     parser.add_argument("--orders", default="2,3,4,5", help="orders to build (default 2,3,4,5)")
     parser.add_argument("--nltk-docs", type=int, default=2000, help="documents for the NLTK comparison model")
     parser.add_argument("--build-one", type=int, metavar="ORDER", help=argparse.SUPPRESS)

@@ -11,7 +11,6 @@ that time every chunk. Writes results.json and table.md into --out. Needs `pip i
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hanlm.bench import suite_parser
 from hanlm.config import load_config
 from hanlm.data.prepare import prepare
 from hanlm.data.tokenizer import Tokenizer
@@ -100,8 +100,7 @@ def server_load(model, cfg, tokenizer, levels: list[int], requests: int, tokens:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanlm.bench.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/serve"), help="output directory")
+    parser = suite_parser("serve", __doc__)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request (default 64)")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients (default 1,8,32)")

@@ -9,13 +9,13 @@ results.json, table.md and comm_vs_bpc.png into --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from hanlm.bench import suite_parser
 from hanlm.checkpoint import load_latest
 from hanlm.log import read_metrics
 
@@ -24,6 +24,10 @@ BASE = ["--config", "tiny", "--set", "model.n_embd=128", "--set", "model.n_head=
         "--set", "train.block_size=64", "--set", "eval.every_steps=1000000", "--set", "checkpoint.every_steps=1000000",
         "--set", "log.every_steps=100", "--set", "log.progress=false", "--set", "log.tensorboard=false",
         "--set", "generate.max_tokens=1", "--set", "log.peak_tflops=0.1"]
+
+
+# The strategies `hanlm bench dist` compares (a short run of each); this script runs them all.
+DIST_SUITE_STRATEGIES = ("full", "fp16", "powersgd-r8", "diloco-h32")
 
 
 def strategies(steps: int) -> dict[str, list[str]]:
@@ -85,9 +89,8 @@ def write(results: list[dict], out: Path, command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanlm.bench.sync", description=__doc__.split("\n\n")[0])
+    parser = suite_parser("sync", __doc__)
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run (default 1200)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/sync"), help="output directory")
     parser.add_argument("--only", help="comma-separated strategy names (default: all)")
     args = parser.parse_args(argv)
     chosen = strategies(args.steps)

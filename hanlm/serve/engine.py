@@ -27,7 +27,7 @@ from hanlm.serve.metrics import Metrics
 
 
 class QueueFull(Exception):
-    """More requests are waiting than the queue holds."""
+    """The queue has no room for the requests now."""
 
 
 @dataclass
@@ -111,13 +111,15 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout=10)
 
-    def submit(self, request: Request) -> None:
-        """Queue `request`; QueueFull when `max_queue` requests already wait."""
-        request.loop = asyncio.get_running_loop()
+    def submit(self, requests: list[Request]) -> None:
+        """Queue the requests, all or none: QueueFull when fewer than len(requests) places are free."""
+        loop = asyncio.get_running_loop()
+        for request in requests:
+            request.loop = loop
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(requests) > self.max_queue:
                 raise QueueFull
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self.metrics.waiting.set(len(self._waiting))
             self._wake.notify()
 

@@ -1,14 +1,29 @@
-"""The OpenAI request bodies hanlm accepts, and the OpenAI error shape.
+"""The OpenAI request bodies hanlm accepts, their limits, and the OpenAI error shape.
 
 Unknown fields are accepted and ignored, as vLLM does: real clients send many (`frequency_penalty`,
-`logit_bias`, …). Validation failures become 400 errors that name the field.
+`logit_bias`, …). Every integer field has a range, and every value a type: validation failures
+become 400 errors that name the field (`messages.0.content.1.text`), never a 500 further in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Seeds fit a signed 64-bit integer, as OpenAI's do; torch takes at most 2^64 − 1, and choice i of a
+# request is seeded with seed + i.
+SEED_LIMIT = 1 << 63
+# No model here generates 2^20 tokens in less than hours; the cap matters for the LSTM and n-gram,
+# which have no context to bound max_tokens.
+MAX_TOKENS_LIMIT = 1 << 20
+# top_k at or above the vocabulary size is off; 2^31 − 1 is above every vocabulary.
+TOP_K_LIMIT = (1 << 31) - 1
+# More ids than any context holds; bounds the work (and the vocabulary dump) of one /detokenize.
+DETOKENIZE_LIMIT = 1 << 16
+MAX_CHOICES = 16  # n
+MAX_LOGPROBS = 5  # logprobs, top_logprobs
+MAX_STOPS = 4
 
 
 class APIError(Exception):
@@ -22,6 +37,13 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    @classmethod
+    def of(cls, e: Exception) -> APIError:
+        """`e` as a client is shown it: an APIError as it is, anything else as a 500."""
+        if isinstance(e, APIError):
+            return e
+        return cls(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -33,57 +55,86 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off (vLLM uses -1)
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    n: int = Field(1, ge=1, le=16)
-    seed: int | None = Field(None, ge=0)
+    top_k: int = Field(0, ge=-1, le=TOP_K_LIMIT)  # 0 or -1: off (vLLM uses -1)
+    stop: list[str] = Field([], max_length=MAX_STOPS)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    @field_validator("stop")
+    # Unions are normalised to one type before validation: an error inside a union would be
+    # reported under the union member's name (`stop.list[str].0`), which names no field.
+    @field_validator("stop", mode="before", json_schema_input_type=str | list[str] | None)
     @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return stops
+    def _stop(cls, v: Any) -> Any:
+        return [] if v is None else [v] if isinstance(v, str) else v
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: list[str]  # a string arrives as a list of one
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("prompt", mode="before", json_schema_input_type=str | list[str])
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        if not isinstance(v, list):
+            raise ValueError("must be a string or a list of strings")
+        return v
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: str | list[str]) -> str | list[str]:
-        prompts = [v] if isinstance(v, str) else v
-        if not prompts or any(not p for p in prompts):
+    def _prompt(cls, v: list[str]) -> list[str]:
+        if not v or any(not p for p in v):
             raise ValueError("the prompt is empty")
+        return v
+
+
+class TextPart(BaseModel):
+    """The one content part a text model reads. Other types (image_url, input_audio, file, refusal, …)
+    are refused rather than dropped: a reply must not pretend to have seen what it was not shown."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if v != "text":
+            raise ValueError(f"the part type is {v!r}; this model reads only 'text' parts (no images, audio or files)")
         return v
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: list[TextPart] | None = None  # a string arrives as one text part
+
+    @field_validator("content", mode="before", json_schema_input_type=str | list[TextPart] | None)
+    @classmethod
+    def _one_part(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [{"type": "text", "text": v}]
+        if v is not None and not isinstance(v, list):
+            raise ValueError("must be a string, a list of content parts or null")
+        return v
 
     def text(self) -> str:
-        """The message's text; a list of content parts contributes its text parts."""
-        if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
-        return self.content or ""
+        return "".join(p.text for p in self.content or [])
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=5)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("messages")
     @classmethod
@@ -108,7 +159,8 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    tokens: list[int]
+    # Ids beyond the vocabulary are refused by the endpoint, which knows its size.
+    tokens: list[Annotated[int, Field(ge=0, lt=1 << 31)]] = Field(max_length=DETOKENIZE_LIMIT)
 
 
 ROLE_NAMES = {"system": "系统", "developer": "系统", "user": "用户", "assistant": "助手", "tool": "工具"}

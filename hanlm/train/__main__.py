@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from hanlm.cli import run_training_worker
+from hanlm.train.run import run_training_worker
 
 if __name__ == "__main__":
     code = run_training_worker(sys.argv[1:])

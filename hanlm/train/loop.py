@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import signal
 import threading
 import time
@@ -22,12 +21,11 @@ from pathlib import Path
 
 import psutil
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from hanlm.checkpoint import (load_checkpoint, load_latest, load_weights, resolve_checkpoint, save_checkpoint,
-                              staging_dir)
+from hanlm.checkpoint import (STATE_FILE, Checkpoint, list_checkpoints, load_checkpoint, load_weights, remove_stale,
+                              resolve_checkpoint, save_checkpoint, scan, set_aside)
 from hanlm.config import Config, with_micro_batch
 from hanlm.data.loader import BatchLoader
 from hanlm.data.prepare import prepare
@@ -35,9 +33,10 @@ from hanlm.data.shards import open_split
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
 from hanlm.eval import EvalResult, evaluate, split_characters
-from hanlm.generate import SamplingParams, generate
+from hanlm.generate import config_samples
 from hanlm.log import RunLogger, measure_matmul_peak
 from hanlm.models import build_model
+from hanlm.runlock import RunLock
 from hanlm.train.autobatch import resolve_micro_batch
 from hanlm.train.distributed import (all_reduce_mean, barrier, broadcast_from_main, env_info, gather_to_main,
                                      init_process_group)
@@ -74,12 +73,27 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 class Trainer:
     """One training run, set up from a resolved config and optionally resumed from a checkpoint."""
 
-    def __init__(self, cfg: Config, *, resume: str | None = None, echo: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, *, resume: str | None = None, echo: Callable[[str], None] = print,
+                 restart_if_damaged: bool = False):
         self.info = env_info()
         if cfg.dist.world_size != self.info.world_size:
             raise ConfigError(f"dist.world_size is {cfg.dist.world_size} but {self.info.world_size} worker(s) "
                               "run; launch with hanlm train --nproc N, which sets it")
         self.echo = echo if self.info.main else (lambda _: None)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
+        # Rank 0 is the one writer; a second run on this directory stops here, before any work.
+        self._lock = RunLock(self.run_dir).acquire() if self.info.main else None
+        try:
+            self._build(cfg, resume, restart_if_damaged)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config, resume: str | None, restart_if_damaged: bool) -> None:
+        if self.info.main:
+            for leftover in remove_stale(self.ckpt_root):
+                self.echo(f"removed {leftover}, left half-written by a run that died")
         self.device = pick_device(cfg.train.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.info.local_rank)
@@ -90,12 +104,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same on every rank: identical initial weights
         self.prepared = self._prepare(cfg)
         self.tokenizer = Tokenizer.load(self.prepared.directory / "tokenizer.json")
-        self.run_dir = Path(cfg.train.run_dir)
-        self.ckpt_root = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
 
         if self.info.restart > 0:  # an elastic restart: every worker continues from the latest checkpoint
             resume = "auto"
-        ckpt = self._find_resume(resume if resume is not None else cfg.checkpoint.resume)
+        ckpt = self._find_resume(resume if resume is not None else cfg.checkpoint.resume, restart_if_damaged)
+        self.resumed_from = ckpt.path if ckpt is not None else None
         # Weights from a checkpoint replace the embedding anyway: don't read a vectors file for nothing.
         fresh = ckpt is None and not cfg.train.init_from
         model_cfg = cfg.model if fresh else dataclasses.replace(cfg.model, vectors=None)
@@ -150,11 +163,29 @@ class Trainer:
 
     # -- set-up helpers ------------------------------------------------------------------------
 
-    def _find_resume(self, resume: str):
-        if resume in (None, "", "none"):
-            return None
-        ckpt = (load_latest(self.ckpt_root, self.device, warn=self.echo) if resume == "auto"
-                else load_checkpoint(resolve_checkpoint(resume), self.device))
+    def _find_resume(self, resume: str, restart_if_damaged: bool) -> Checkpoint | None:
+        """The checkpoint to continue from. With `auto`: the newest whole one; newer damaged ones are
+        moved aside (kept, never deleted); when every one is damaged the run stops with the list,
+        unless `restart_if_damaged` moves them all aside and starts over. A fresh start moves an
+        earlier run's checkpoints aside at its first save (see `_set_earlier_aside`)."""
+        self._fresh = resume in (None, "", "none")
+        if self._fresh:
+            ckpt = None
+        elif resume == "auto":
+            found = scan(self.ckpt_root, self.device, self.echo)
+            if found.checkpoint is None and found.damaged and not restart_if_damaged:
+                raise CheckpointError(f"every checkpoint in {self.ckpt_root} is damaged, so there is nothing to "
+                                      f"resume:\n{found.listing()}\nrepair or restore one, or rerun with "
+                                      "--restart-if-damaged to move them aside and start over")
+            barrier()  # every rank has read them before rank 0 moves any
+            if found.damaged and self.info.main:
+                moved = set_aside(self.ckpt_root, [name for name, _ in found.damaged], "damaged")
+                self.echo(f"damaged checkpoints, moved to {moved}:\n{found.listing()}")
+            ckpt = found.checkpoint
+            if ckpt is None and found.damaged:
+                self.echo("starting over from step 0 (--restart-if-damaged)")
+        else:
+            ckpt = load_checkpoint(resolve_checkpoint(resume), self.device)
         if ckpt is not None and ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
             raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than the prepared data in "
                                   f"{self.prepared.directory}; resume with the config the run started with")
@@ -166,37 +197,34 @@ class Trainer:
             raise CheckpointError(f"{source} was saved by {saved_world} worker(s) and this run has "
                                   f"{self.info.world_size}; resume with {saved_world}, or start a new run from its "
                                   "weights with train.init_from")
-        mine = state["ranks"][self.info.rank]
         try:
+            mine = state["ranks"][self.info.rank]
             if self.sharded:
-                self._load_sharded_optimizer(source)
+                # Every rank holds the whole gathered state; each keeps its own shard of it.
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer_full"],
+                                         options=StateDictOptions(full_state_dict=True))
             else:
                 self.optimizer.load_state_dict(mine["optimizer"])
             self.loader.load_state_dict(mine["loader"])
             self.sync.load_state_dict(mine["sync"])
-            torch.set_rng_state(mine["rng"]["torch"])
+            torch.set_rng_state(mine["rng"]["torch"].cpu())
             if self.device.type == "cuda" and "cuda" in mine["rng"]:
-                torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{source}/train_state.pt does not fit this run ({type(e).__name__}: {e})") from None
+                torch.cuda.set_rng_state(mine["rng"]["cuda"].cpu(), self.device)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{source}/{STATE_FILE} does not fit this run ({type(e).__name__}: {e})") from None
         except HanlmError as e:
-            raise CheckpointError(f"{source}/train_state.pt: {e}") from None
+            raise CheckpointError(f"{source}/{STATE_FILE}: {e}") from None
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.best_val = float(state.get("best_val", math.inf))
 
     def rank_state(self) -> dict:
-        """This rank's part of an exact resume: optimizer (unless sharded: that goes through
-        torch.distributed.checkpoint), data position, sync state, RNG."""
+        """This rank's part of an exact resume: optimizer (unless sharded: that is gathered whole),
+        data position, sync state, RNG."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"optimizer": None if self.sharded else self.optimizer.state_dict(), "loader": self.loader.state_dict(),
                 "sync": self.sync.state_dict(), "rng": rng}
-
-    def _load_sharded_optimizer(self, checkpoint: str) -> None:
-        state = get_optimizer_state_dict(self.model, self.optimizer)
-        dcp.load({"optim": state}, checkpoint_id=str(Path(checkpoint) / "optim"))
-        set_optimizer_state_dict(self.model, self.optimizer, state)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -249,28 +277,35 @@ class Trainer:
     def save(self, val_loss: float | None = None) -> str:
         """Checkpoint on every rank's behalf: rank 0 gathers the ranks' states and writes; all wait.
 
-        Sharded (FSDP): every rank first writes its optimizer shard with torch.distributed.checkpoint
-        into the checkpoint's staging directory, and the full weights are gathered for rank 0.
+        Sharded (FSDP): the full weights and the full optimizer state are gathered to rank 0's CPU
+        memory, so that the checkpoint is one safetensors-and-JSON set like any other (no pickled
+        torch.distributed.checkpoint metadata), at the cost of that memory on rank 0 while saving.
         """
         weights: torch.nn.Module | dict = self.model
+        state: dict = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val}
         if self.sharded:
-            staging = staging_dir(self.ckpt_root, self.step)
-            if self.info.main:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
-            barrier()
-            dcp.save({"optim": get_optimizer_state_dict(self.model, self.optimizer)},
-                     checkpoint_id=str(staging / "optim"))
-            weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True))
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.model, options=full)
+            state["optimizer_full"] = get_optimizer_state_dict(self.model, self.optimizer, options=full)
         ranks = gather_to_main(self.rank_state())
         path = ""
         if self.info.main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val, "ranks": ranks}
-            path = save_checkpoint(self.ckpt_root, weights, self.cfg, self.tokenizer, state, val_loss=val_loss,
-                                   staged=self.sharded)
+            self._set_earlier_aside()
+            path = save_checkpoint(self.ckpt_root, weights, self.cfg, self.tokenizer, {**state, "ranks": ranks},
+                                   val_loss=val_loss, protect=[self.resumed_from] if self.resumed_from else [],
+                                   note=self.echo)
         barrier()
         return path
+
+    def _set_earlier_aside(self) -> None:
+        """A fresh run's first save moves an earlier run's checkpoints out of its way, so that its saves
+        and pruning cannot replace or delete them (not before: `train.init_from` may read one)."""
+        earlier = list_checkpoints(self.ckpt_root) if self._fresh else []
+        self._fresh = False
+        if earlier:
+            moved = set_aside(self.ckpt_root, earlier, "earlier")
+            self.echo(f"note: {self.ckpt_root} held checkpoints of an earlier run; this run started afresh (resume "
+                      f"one with --resume auto), so they were moved to {moved}")
 
     def request_stop(self) -> None:
         """Finish the current step, save and return from `run` (what SIGINT and SIGTERM do)."""
@@ -298,10 +333,25 @@ class Trainer:
         return reason
 
     def run(self, stop_after: int | None = None) -> TrainResult:
-        """Train to the end of the run (or `stop_after` more steps), then evaluate, save and report.
+        """Train to the end of the run (or `stop_after` more steps), then evaluate, save and report;
+        the run directory's lock is released at the end.
 
         Only rank 0 evaluates, logs and writes the report; every rank trains and checkpoints.
         """
+        if self._lock is None and self.info.main:
+            self._lock = RunLock(self.run_dir).acquire()
+        try:
+            return self._run(stop_after)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory for another run (what `run` does when it returns)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _run(self, stop_after: int | None) -> TrainResult:
         cfg, main = self.cfg, self.info.main
         # A sharded model's forward is a collective: every rank takes part in evaluation.
         evaluates = main or self.sharded
@@ -366,10 +416,7 @@ class Trainer:
 
     def samples(self) -> list[tuple[str, str]]:
         """Continuations of the configured prompts with the configured sampling settings."""
-        g = self.cfg.generate
-        params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                seed=g.seed)
-        samples = [(p, "".join(generate(self.model, self.tokenizer, p, params))) for p in g.prompts]
+        samples = config_samples(self.model, self.tokenizer, self.cfg.generate)
         self._reshard()
         return samples
 

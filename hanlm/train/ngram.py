@@ -14,24 +14,29 @@ from pathlib import Path
 
 import numpy as np
 
-from hanlm.checkpoint import list_checkpoints, save_checkpoint, stored_model_file
+from hanlm.checkpoint import list_checkpoints, remove_stale, save_checkpoint, set_aside, stored_model_file
 from hanlm.config import Config
 from hanlm.data.prepare import Prepared, prepare
 from hanlm.data.shards import open_split
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import ConfigError
 from hanlm.eval import EvalResult, evaluate, split_characters
-from hanlm.generate import SamplingParams, generate
+from hanlm.generate import config_samples
 from hanlm.log import RunLogger
 from hanlm.models.ngram import BuildReport, estimate
+from hanlm.runlock import RunLock
 from hanlm.train.loop import TrainResult
 
 
 def train_ngram(cfg: Config, echo: Callable[[str], None] = print) -> tuple[TrainResult, Prepared]:
-    """Count, estimate, evaluate on the whole val split, save a checkpoint and write the report."""
+    """Count, estimate, evaluate on the whole val split, save a checkpoint and write the report,
+    holding the run directory's lock throughout."""
+    with RunLock(cfg.train.run_dir):
+        return _count(cfg, echo)
+
+
+def _count(cfg: Config, echo: Callable[[str], None]) -> tuple[TrainResult, Prepared]:
     m = cfg.model
-    prepared = prepare(cfg, progress=cfg.log.progress)
-    tokenizer = Tokenizer.load(prepared.directory / "tokenizer.json")
     run_dir = Path(cfg.train.run_dir)
     root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
     neural = [n for n in list_checkpoints(root) if stored_model_file(f"{root.rstrip('/')}/{n}") != "model.arpa"]
@@ -39,6 +44,13 @@ def train_ngram(cfg: Config, echo: Callable[[str], None] = print) -> tuple[Train
         # Its single checkpoint (step 1) would sort before theirs and be pruned, or `latest` mix models.
         raise ConfigError(f"{root} already holds checkpoints of a neural run ({', '.join(neural[-3:])}); give the "
                           f"n-gram model its own run directory, e.g. --set train.run_dir=runs/ngram{m.order}")
+    for leftover in remove_stale(root):
+        echo(f"removed {leftover}, left half-written by a run that died")
+    prepared = prepare(cfg, progress=cfg.log.progress)
+    tokenizer = Tokenizer.load(prepared.directory / "tokenizer.json")
+    if list_checkpoints(root):  # an earlier count: kept, out of the way of this one's save
+        echo(f"note: the earlier n-gram checkpoint in {root} was moved to "
+             f"{set_aside(root, list_checkpoints(root), 'earlier')}")
     cfg.save(run_dir / "config.yaml")
     train = np.asarray(open_split(prepared.directory, "train"))
     echo(f"model: ngram, order {m.order}, interpolated modified Kneser-Ney over {tokenizer.vocab_size:,} "
@@ -55,10 +67,7 @@ def train_ngram(cfg: Config, echo: Callable[[str], None] = print) -> tuple[Train
         logger.eval(1, len(train), final.metrics())
         path = save_checkpoint(root, model, cfg, tokenizer,
                                {"step": 1, "tokens": len(train), "build": asdict(build)}, val_loss=final.loss)
-        g = cfg.generate
-        params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                seed=g.seed)
-        samples = [(p, "".join(generate(model, tokenizer, p, params))) for p in g.prompts]
+        samples = config_samples(model, tokenizer, cfg.generate)
         report = logger.write_report(f"hanlm run: {run_dir}", _sections(cfg, build, final, samples, prepared))
     return TrainResult(run_dir, path, 1, len(train), "counted", final, samples, report), prepared
 

@@ -1,0 +1,70 @@
+"""The run entry: config → prepare → model → training loop (or n-gram counting) → report.
+
+`hanlm train` calls `train` in its own process for a single worker; torchrun starts each worker
+of a distributed run through `run_training_worker` (`python -m hanlm.train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hanlm.config import Config, config_options, load_config
+from hanlm.errors import ConfigError, HanlmError
+
+RESTART_HELP = ("with --resume auto: when checkpoints exist but none is usable, move them aside into "
+                "checkpoints/damaged-<time>/ and start over (without it the run stops and lists them)")
+
+
+def run_training_worker(argv: Sequence[str]) -> int:
+    """One worker of a distributed run, as torchrun starts it (`python -m hanlm.train`)."""
+    from hanlm.train.distributed import env_info, shutdown
+
+    parser = argparse.ArgumentParser(prog="python -m hanlm.train", parents=[config_options()],
+                                     description="A training worker: run it through torchrun or hanlm train --nproc.")
+    parser.add_argument("--resume", metavar="auto|PATH")
+    parser.add_argument("--restart-if-damaged", action="store_true", help=RESTART_HELP)
+    args = parser.parse_args(argv)
+    try:
+        code = train(load_config(args.config, args.overrides, world_size=env_info().world_size), args.resume,
+                     restart_if_damaged=args.restart_if_damaged)
+    except HanlmError as e:
+        print(f"hanlm: error (rank {env_info().rank}): {e}", file=sys.stderr)
+        shutdown(together=False)
+        return 2
+    except BaseException:
+        shutdown(together=False)
+        raise
+    shutdown(together=True)
+    return code
+
+
+def train(cfg: Config, resume: str | None, *, restart_if_damaged: bool = False) -> int:
+    """Train (or count, for an n-gram) as `cfg` says, then print the final evaluation and samples;
+    the process's exit code."""
+    if cfg.model.arch == "ngram":
+        from hanlm.train.ngram import train_ngram
+
+        if resume not in (None, "none"):
+            raise ConfigError("an n-gram model is counted in one pass, so there is nothing to resume: drop --resume")
+        result, prepared = train_ngram(cfg)
+    else:
+        from hanlm.train.loop import Trainer
+
+        trainer = Trainer(cfg, resume=resume, restart_if_damaged=restart_if_damaged)
+        result, prepared = trainer.run(), trainer.prepared
+        if not trainer.info.main:
+            return 0
+    if result.final_eval is None:
+        print(f"stopped at step {result.step} ({result.stopped_by}); resume with: hanlm train --resume auto "
+              f"(same --config/--set)")
+        return 0
+    unigram = prepared.meta["splits"]["val"]["unigram_bpc"]
+    print(f"\nfinal (whole val split): {result.final_eval.summary()}")
+    print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is "
+          f"{result.final_eval.bpc / unigram:.0%} of it)")
+    print(f"checkpoint: {result.checkpoint}\nreport: {result.report}\n\nsamples:")
+    for prompt, continuation in result.samples:
+        print(f"  {prompt}|{continuation}")
+    return 0

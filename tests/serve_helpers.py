@@ -1,0 +1,185 @@
+"""What the serve tests share: tiny checkpoints trained once per session, live servers on 127.0.0.1,
+and patches that make a model's timing the test's to decide (a gate it holds, a failure it plans)."""
+
+import functools
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from hanlm.checkpoint import load_for_inference
+from hanlm.config import load_config
+from hanlm.serve.app import create_app
+from hanlm.train.loop import Trainer
+from hanlm.train.ngram import train_ngram
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+WAIT_S = 30  # the longest any test waits for a server to reach a state
+
+
+def tiny(run_dir, *overrides):
+    return load_config("tiny", [f"train.run_dir={run_dir}", "train.max_steps=30", "checkpoint.every_steps=30",
+                                "eval.every_steps=30", "generate.max_tokens=4", *overrides])
+
+
+@functools.cache
+def trained(root: Path, arch: str) -> str:
+    """A tiny checkpoint of `arch` (the GPT's context is the tiny preset's 128), trained once per session
+    under `root`, whichever test file asks for it first."""
+    cfg = tiny(root / arch, f"model.arch={arch}", *(["model.order=3"] if arch == "ngram" else []))
+    if arch == "ngram":
+        return train_ngram(cfg, echo=lambda _: None)[0].checkpoint
+    return Trainer(cfg, echo=lambda _: None).run().checkpoint
+
+
+class Checkpoints:
+    """checkpoints["gpt"], ["lstm"], ["ngram"]: each trained when a test first asks for it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __getitem__(self, arch: str) -> str:
+        return trained(self.root, arch)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Import it into a test file to use it; every file gets the same checkpoints."""
+    return Checkpoints(tmp_path_factory.getbasetemp() / "serve-checkpoints")
+
+
+class _Patch:
+    """Wraps one method of a model; `before(call)` runs ahead of each call (numbered from 1)."""
+
+    def __init__(self, method: str):
+        self.method, self.calls = method, 0
+
+    def install(self, model) -> None:
+        through = getattr(model, self.method)
+
+        def patched(*args, **kwargs):
+            self.calls += 1
+            self.before(self.calls)
+            return through(*args, **kwargs)
+
+        setattr(model, self.method, patched)
+
+    def before(self, call: int) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Lets every held call go on (before the server stops)."""
+
+
+class Gate(_Patch):
+    """Holds a model method from its (after + 1)-th call on until the test opens the gate, so a test can
+    act while a generation is certainly still running (or still prefilling), however fast or loaded the
+    machine is. `reached` is set when a call is held."""
+
+    def __init__(self, method: str, after: int = 0):
+        super().__init__(method)
+        self.after = after
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+    def before(self, call: int) -> None:
+        if call > self.after:
+            self.reached.set()
+            assert self.opened.wait(WAIT_S), "the test never opened the gate"
+
+    def wait_reached(self) -> None:
+        assert self.reached.wait(WAIT_S), f"{self.method} was not called {self.after + 1} times"
+
+    def release(self) -> None:
+        self.opened.set()
+
+
+class FailAfter(_Patch):
+    """Makes a model method raise from its (calls + 1)-th call on, as a model that breaks mid-generation."""
+
+    def __init__(self, method: str, calls: int):
+        super().__init__(method)
+        self.limit = calls
+
+    def before(self, call: int) -> None:
+        if call > self.limit:
+            raise RuntimeError(f"injected failure at call {call} of {self.method}")
+
+
+class LiveServer:
+    """uvicorn in a thread on a free loopback port; `on_exit` runs before it shuts down."""
+
+    def __init__(self, app, on_exit=()):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app, self.on_exit = app, on_exit
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + WAIT_S
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def wait_ready(self):
+        deadline = time.monotonic() + 60
+        while httpx.get(self.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        for release in self.on_exit:
+            release()
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        # A server still running at interpreter exit aborts it (its engine thread is inside torch).
+        assert not self.thread.is_alive(), "the server did not shut down within 20 s"
+
+
+def serve(checkpoint, *, patches=(), **kwargs):
+    """A live server for `checkpoint`, whose model has `patches` (Gate, FailAfter) installed; they are
+    released before the server stops, so that a held gate cannot hold the shutdown."""
+    def load():
+        model, cfg, tokenizer = load_for_inference(checkpoint)
+        for patch in patches:
+            patch.install(model)
+        return model, cfg, tokenizer
+
+    kwargs.setdefault("model_name", "tiny")
+    return LiveServer(create_app(load, **kwargs), on_exit=[p.release for p in patches])
+
+
+def metric(server, name, labels=""):
+    text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=10).text
+    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
+    values = [float(v) for v in re.findall(pattern, text, re.M)]
+    return values[0] if values else 0.0
+
+
+def wait_for_metric(server, name, labels="", *, at_least):
+    """Polls /metrics until `name{labels}` is at least `at_least` (observable state, not a guess at timing)."""
+    deadline = time.monotonic() + WAIT_S
+    while (value := metric(server, name, labels)) < at_least:
+        assert time.monotonic() < deadline, f"{name}{labels} stayed at {value}, below {at_least}"
+        time.sleep(0.02)
+    return value
+
+
+def error_of(response, status):
+    """The response's error object, after checking its status and OpenAI's error shape."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
