@@ -135,13 +135,23 @@ def test_a_killed_prepare_never_leaves_a_directory_that_looks_complete(tmp_path,
     proc = subprocess.Popen([sys.executable, "-m", "hanlm.cli", "prepare", "--no-progress", "--out", str(out),
                              "--set", f"data.source={src}", "--set", "tokenizer.kind=word",
                              "--set", "data.num_workers=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(2.0)
-    assert proc.poll() is None, "prepare finished before it could be killed; give it more data"
+
+    def temporaries():
+        return [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+    # Kill it once it is writing (its temporary holds the split documents), however long that takes.
+    deadline = time.monotonic() + 300
+    while not any((p / "train.docs").exists() for p in temporaries()):
+        assert proc.poll() is None, "prepare finished before it could be killed; give it more data"
+        assert time.monotonic() < deadline, "prepare never started writing"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    assert all(not (p / "meta.json").exists() for p in leftovers)
+    assert temporaries() and all(not (p / "meta.json").exists() for p in temporaries())
+    # The next prepare of the same directory removes what the killed one left.
+    prepare(load_config(None, [f"data.source={src}"]), out, progress=False)
+    assert (out / "meta.json").exists() and temporaries() == []
 
 
 def test_parallel_encoding_gives_the_same_shards(tmp_path, people_daily, monkeypatch):
