@@ -132,7 +132,7 @@ def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor],
 
 def _upload(fs: fsspec.AbstractFileSystem, local: Path, remote: str) -> None:
     """Copy a finished checkpoint directory to a remote root, its manifest last: a checkpoint whose
-    upload broke off has no manifest that matches, so it loads as damaged, never as complete."""
+    upload broke off lacks its manifest (or files), so it never passes as a verified one."""
     files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST)
     for path in files:
         target = _join(remote, path.relative_to(local).as_posix())

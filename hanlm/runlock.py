@@ -33,8 +33,12 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise RunLockedError naming the holder, at once (no waiting)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise HanlmError(f"cannot create the run's lock file {self.path} ({e.strerror}); is train.run_dir "
+                             "a writable directory?") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
