@@ -77,6 +77,9 @@ CASES = [
     Case("temperature 1e400 (infinity)", "/v1/completions", '{"prompt": "x", "temperature": 1e400}',
          param="temperature"),
     Case("temperature NaN", "/v1/completions", '{"prompt": "x", "temperature": NaN}', param="temperature"),
+    # Found by the fuzzer: tiny ones broke sampling in float32 (NaN probabilities, a 500); now greedy.
+    Case("temperature 1e-241", "/v1/completions", completion(temperature=1e-241, max_tokens=3), status=200),
+    Case("top_p 1e-241", "/v1/chat/completions", chat("你好", top_p=1e-241), status=200),
     Case("a detokenize id of 2^64", "/detokenize", {"tokens": [1, 2 ** 64]}, param="tokens.1"),
     Case("a negative detokenize id", "/detokenize", {"tokens": [-1]}, param="tokens.0"),
     Case("a detokenize id beyond the vocabulary", "/detokenize", {"tokens": [0, 10 ** 9]}, param="tokens.1",
