@@ -33,10 +33,11 @@ def client(gpt_server):
 
 def test_health_is_503_until_the_model_has_loaded(checkpoints):
     release = threading.Event()
+    path = checkpoints["gpt"]
 
     def slow_load():
         release.wait(30)
-        return load_for_inference(checkpoints["gpt"])
+        return load_for_inference(path)
 
     with LiveServer(create_app(slow_load, model_name="tiny")) as server:
         assert httpx.get(server.url + "/health").status_code == 503
