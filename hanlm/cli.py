@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
     p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every endpoint but /health (default: "
-                   "$HANLM_API_KEY, which keeps the key out of `ps`; prefer it; none: no key)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every endpoint but /health and the "
+                   "playground page / (default: $HANLM_API_KEY, which keeps the key out of `ps`: prefer it; "
+                   "none: no key)")
     p.add_argument("--max-batch", type=int, metavar="N", help="sequences decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests before 429 (default: serve.max_queue)")
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")

@@ -205,7 +205,7 @@ class ServeConfig:
     max_queue: int = key(256, "Waiting requests before new ones get 429.", min=1)
     max_body_bytes: int = key(1 << 20, "Largest request body; bigger ones get 413.", min=1)
     max_json_depth: int = key(32, "Deepest nesting of arrays and objects a JSON body may have; deeper ones get 400 "
-                              "before they are parsed.", min=2, max=1000)
+                              "before they are parsed.", min=2, max=500)
     body_timeout_s: float = key(30.0, "Seconds a client may take to send its whole body (e.g. one shorter than its "
                                 "Content-Length); then 408.", above=0.0)
     metrics_public: bool = key(False, "Serve /metrics without the API key (e.g. for a Prometheus scraper that sends "

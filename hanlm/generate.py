@@ -50,9 +50,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+# A temperature or top_p below this samples greedily, as temperature 0 does (vLLM's rule for the
+# temperature): that is what sampling tends to as either falls, and tiny ones break in float32
+# (log-probabilities over the temperature overflow, a top_p flushed to 0 drops every token).
+GREEDY_BELOW = 1e-5
+
+
 def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (B,) from next-token log-probabilities (B, V)."""
-    if params.temperature == 0:
+    if min(params.temperature, params.top_p) < GREEDY_BELOW:
         return logprobs.argmax(-1)
     logits = filter_logits(logprobs / params.temperature, params.top_k, params.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

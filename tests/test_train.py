@@ -223,6 +223,16 @@ def test_cli_eval_and_generate(gpt_run, capsys, tmp_path, people_daily):
     assert out.startswith("今天") and len(out.strip()) > 2
 
 
+@pytest.mark.parametrize("setting", [["--temperature", "1e-241"], ["--top-p", "1e-300"]])
+def test_a_vanishing_temperature_or_top_p_generates_greedily(gpt_run, capsys, setting):
+    """Tiny values overflow float32 (NaN probabilities); sampling tends to greedy as they fall."""
+    args = ["generate", gpt_run.checkpoint, "--prompt", "今天", "--max-tokens", "8"]
+    assert main([*args, *setting]) == 0
+    tiny_out = capsys.readouterr().out
+    assert main([*args, "--temperature", "0"]) == 0
+    assert tiny_out == capsys.readouterr().out
+
+
 def test_cli_generate_rejects_a_prompt_longer_than_the_context(gpt_run, capsys):
     assert main(["generate", gpt_run.checkpoint, "--prompt", "中" * 300]) == 2
     assert "the prompt is 300 tokens but the model's context is 128" in capsys.readouterr().err

@@ -24,10 +24,6 @@ from hanlm.serve.protocol import CHAT_STOPS, APIError, ChatRequest, CompletionRe
 from hanlm.serve.streaming import ChoiceFormat, collect, engine_events, sse_stream, usage
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# A temperature or top_p below this samples greedily, as temperature 0 does (vLLM's rule for the
-# temperature): that is what sampling tends to as either falls, and tiny ones break in float32
-# (log-probabilities over the temperature overflow, a top_p flushed to 0 drops every token).
-GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -53,8 +49,7 @@ def sampling(req: SamplingFields, asked: int | None, ids: list[int], context: in
                             f"max_tokens is {asked}: {len(ids) + asked} in all, beyond the model's context of "
                             f"{context} tokens", param="max_tokens", code="context_length_exceeded")
     max_tokens = asked or (default_max if room is None else min(default_max, room))
-    temperature = 0.0 if min(req.temperature, req.top_p) < GREEDY_BELOW else req.temperature
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(req.top_k, 0),
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                           top_p=req.top_p, stop=[*req.stop, *extra_stops], seed=req.seed)
 
 
