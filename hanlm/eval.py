@@ -93,12 +93,12 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, block_size: int, batch
     if predicted == 0:
         raise ValueError("nothing to evaluate: the split has fewer than 2 tokens")
     covered = characters * predicted / (n - 1)
-    return EvalResult(loss=nll / predicted, ppl_token=_perplexity(nll / predicted), ppl_char=_perplexity(nll / covered),
-                      bpc=nll / covered / math.log(2), tokens=predicted, characters=covered)
+    return EvalResult(loss=nll / predicted, ppl_token=perplexity(nll / predicted),
+                      ppl_char=perplexity(nll / covered), bpc=nll / covered / math.log(2), tokens=predicted, characters=covered)
 
 
-def _perplexity(nats: float) -> float:
-    """exp(nats), inf where that is beyond a float (a diverged model's loss), instead of OverflowError."""
+def perplexity(nats: float) -> float:
+    """exp(nats) for a loss in nats, inf where that is beyond a float (a diverged model's loss), instead of OverflowError."""
     return math.exp(nats) if nats < _EXP_LIMIT else math.inf
 
 

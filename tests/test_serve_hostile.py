@@ -265,3 +265,40 @@ def test_any_exception_in_a_stream_ends_it_with_an_error_event_and_done():
     error = json.loads(out[0].removeprefix("data: "))["error"]
     assert error["type"] == "server_error" and "KeyError" in error["message"]
     assert statuses == ["500"]
+
+
+class Diverged:
+    """Logits 100,000 times too large: what a model whose training diverged serves."""
+
+    def install(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            model.norm.weight.mul_(1e5)
+
+    def release(self) -> None:
+        pass
+
+
+def strict_json(text: str):
+    """json.loads that refuses `Infinity` and `NaN`, as JavaScript's JSON.parse and most clients do."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_models_infinite_figures_are_valid_json(checkpoints):
+    with serve(checkpoints["gpt"], patches=[Diverged()]) as server:
+        server.wait_ready()
+        scored = httpx.post(server.url + "/v1/score", json={"text": "今天天气很好"}, timeout=30)
+        assert scored.status_code == 200
+        body = strict_json(scored.text)
+        assert body["nll"] > 1e4 and body["perplexity"] is None  # exp(nll / tokens) is beyond a float
+        streamed = httpx.post(server.url + "/v1/completions", json={"prompt": "今天", "max_tokens": 4, "logprobs": 5,
+                                                                      "stream": True}, timeout=30)
+        events = sse_events(streamed)
+        assert events[-1] == "[DONE]" and all("choices" in strict_json(e) for e in events[:-1])
+        whole = httpx.post(server.url + "/v1/completions", json={"prompt": "今天", "max_tokens": 4, "logprobs": 5},
+                           timeout=30)
+        assert whole.status_code == 200 and strict_json(whole.text)["choices"][0]["logprobs"]["top_logprobs"]

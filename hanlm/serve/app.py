@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from hanlm.config import Config
 from hanlm.data.tokenizer import Tokenizer
+from hanlm.eval import perplexity
 from hanlm.models.base import LanguageModel
 from hanlm.serve import generation
 from hanlm.serve.body import Schema, parse_body
@@ -45,6 +46,7 @@ from hanlm.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    JSONAnswer,
     ScoreRequest,
     TokenizeRequest,
 )
@@ -84,7 +86,7 @@ class _Service:
 
     def ok(self, endpoint: str, body: dict[str, Any]) -> JSONResponse:
         self.counter(endpoint)("200")
-        return JSONResponse(body)
+        return JSONAnswer(body)
 
 
 def key_check(api_key: str | None) -> Dependency:
@@ -115,7 +117,7 @@ def score_text(loaded: Loaded, text: str) -> dict[str, Any]:
         logprobs = loaded.model.token_log_probs(x, y, loaded.model.initial_state(1))[0].tolist()
     nll = -math.fsum(logprobs)
     return {"object": "score", "tokens": [loaded.tokenizer.decode([t]) for t in ids], "token_ids": ids,
-            "token_logprobs": logprobs, "nll": nll, "perplexity": math.exp(nll / len(ids)), "characters": len(text),
+            "token_logprobs": logprobs, "nll": nll, "perplexity": perplexity(nll / len(ids)), "characters": len(text),
             "bpc": nll / math.log(2) / len(text), "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids)}}
 
 

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
 
 from hanlm.config import Config
@@ -20,7 +20,15 @@ from hanlm.models.base import LanguageModel
 from hanlm.serve.engine import Engine, QueueFull
 from hanlm.serve.engine import Request as Job
 from hanlm.serve.formats import ChatFormat, CompletionFormat
-from hanlm.serve.protocol import CHAT_STOPS, APIError, ChatRequest, CompletionRequest, SamplingFields, chat_prompt
+from hanlm.serve.protocol import (
+    CHAT_STOPS,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    JSONAnswer,
+    SamplingFields,
+    chat_prompt,
+)
 from hanlm.serve.streaming import ChoiceFormat, collect, engine_events, sse_stream, usage
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -78,7 +86,7 @@ async def answer(request: Request, engine: Engine, jobs: list[Job], events: asyn
                                             count=count), media_type="text/event-stream")
     collected = await collect(generated, choices)
     count("200")
-    return JSONResponse(fmt.whole(collected, usage(prompt_tokens, collected.completion_tokens)))
+    return JSONAnswer(fmt.whole(collected, usage(prompt_tokens, collected.completion_tokens)))
 
 
 async def complete(request: Request, req: CompletionRequest, loaded: Loaded, model_name: str,

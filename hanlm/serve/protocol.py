@@ -7,8 +7,11 @@ become 400 errors that name the field (`messages.0.content.1.text`), never a 500
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Annotated, Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Seeds fit a signed 64-bit integer, as OpenAI's do; torch takes at most 2^64 − 1, and choice i of a
@@ -178,3 +181,29 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 # A reply ends where the model starts writing the next turn.
 CHAT_STOPS = [f"{ROLE_NAMES[r]}：" for r in ("user", "system")]
+
+
+def json_text(data: Any) -> str:
+    """JSON every client can parse: a float that is not finite (a diverged model's infinite perplexity
+    or -inf log-probability) becomes null, where json.dumps would write the invalid `Infinity`."""
+    try:
+        return json.dumps(data, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), ensure_ascii=False, allow_nan=False)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
+class JSONAnswer(JSONResponse):
+    """A JSON response encoded with `json_text` (Starlette's own refuses non-finite floats with a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content).encode("utf-8")

@@ -9,7 +9,6 @@ sees an end and a reason, never a cut connection.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,7 @@ from starlette.requests import Request
 
 from hanlm.serve.engine import ErrorEvent, FinishEvent, TokenEvent
 from hanlm.serve.engine import Request as Job
-from hanlm.serve.protocol import APIError
+from hanlm.serve.protocol import APIError, json_text
 
 DISCONNECT_POLL_S = 0.5  # how often a running request checks that its client is still there
 CLIENT_GONE = "499"  # the status under which requests whose client left are counted (nginx's)
@@ -39,7 +38,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {data if isinstance(data, str) else json_text(data)}\n\n"
 
 
 async def engine_events(request: Request, jobs: list[Job], events: asyncio.Queue,
