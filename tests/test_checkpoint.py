@@ -10,10 +10,17 @@ import sys
 
 import pytest
 import torch
+from planted import plant, rewrite_manifest
 
 from hanlm.atomic import atomic_dir, owner_tag
-from hanlm.checkpoint import (list_checkpoints, load_checkpoint, load_for_inference, read_best, resolve_checkpoint,
-                              save_checkpoint)
+from hanlm.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_for_inference,
+    read_best,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.errors import CheckpointError
@@ -23,7 +30,6 @@ from hanlm.models import build_model
 from hanlm.runlock import RunLock, RunLockedError
 from hanlm.state_file import load_state, save_state
 from hanlm.train.loop import Trainer
-from planted import plant, rewrite_manifest
 
 quiet = lambda _: None  # noqa: E731
 

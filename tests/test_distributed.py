@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from planted import plant, rewrite_manifest
 from safetensors.torch import load_file
 
 from hanlm.checkpoint import load_checkpoint, load_latest
@@ -19,7 +20,6 @@ from hanlm.config import load_config
 from hanlm.log import read_metrics
 from hanlm.models import build_model
 from hanlm.train.sync import DiLoCo
-from planted import plant, rewrite_manifest
 
 COMMON = ["--config", "tiny", "--set", "log.peak_tflops=0.1", "--set", "log.every_steps=1",
           "--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "generate.max_tokens=5"]

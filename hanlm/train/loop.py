@@ -21,11 +21,25 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
-from hanlm.checkpoint import (STATE_FILE, Checkpoint, list_checkpoints, load_checkpoint, load_weights, remove_stale,
-                              resolve_checkpoint, save_checkpoint, scan, set_aside)
+from hanlm.checkpoint import (
+    STATE_FILE,
+    Checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    remove_stale,
+    resolve_checkpoint,
+    save_checkpoint,
+    scan,
+    set_aside,
+)
 from hanlm.config import Config, with_micro_batch
 from hanlm.data.loader import BatchLoader
 from hanlm.data.prepare import prepare
@@ -38,8 +52,14 @@ from hanlm.log import RunLogger, measure_matmul_peak
 from hanlm.models import build_model
 from hanlm.runlock import RunLock
 from hanlm.train.autobatch import resolve_micro_batch
-from hanlm.train.distributed import (all_reduce_mean, barrier, broadcast_from_main, env_info, gather_to_main,
-                                     init_process_group)
+from hanlm.train.distributed import (
+    all_reduce_mean,
+    barrier,
+    broadcast_from_main,
+    env_info,
+    gather_to_main,
+    init_process_group,
+)
 from hanlm.train.optim import build_optimizer, lr_at, set_lr
 from hanlm.train.sync import build_sync
 
