@@ -225,6 +225,15 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(run_dir):
     assert trainer.run().step == 40
 
 
+def test_a_garbage_lock_file_is_taken_over_and_a_held_one_still_refuses(tmp_path):
+    (tmp_path / ".lock").write_bytes(b"\xff\xfe garbage {")
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on "):
+            RunLock(tmp_path).acquire()
+    RunLock(tmp_path).acquire().release()  # released: free again
+
+
 KILLED_WRITER = """
 import sys, time
 from hanlm.atomic import atomic_dir
