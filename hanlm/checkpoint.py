@@ -125,8 +125,9 @@ def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor],
     best = _best(fs, base, note)
     if val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best[1]):
         _write_pointer(fs, base, "best", f"{name} {val_loss!r}")
-    _prune(fs, base, cfg.checkpoint.keep_last, keep_best=cfg.checkpoint.keep_best, written=name, val_loss=val_loss,
-           protect={_basename(p) for p in protect}, note=note)
+        best = (name, val_loss)
+    keep = {_basename(p) for p in protect} | ({best[0]} if best and cfg.checkpoint.keep_best else set())
+    _prune(fs, base, cfg.checkpoint.keep_last, written=name, val_loss=val_loss, protect=keep)
     return _join(root, name)
 
 
@@ -227,14 +228,13 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _prune(fs: fsspec.AbstractFileSystem, base: str, keep_last: int, *, keep_best: bool, written: str,
-           val_loss: float | None, protect: set[str], note: Callable[[str], None]) -> None:
+def _prune(fs: fsspec.AbstractFileSystem, base: str, keep_last: int, *, written: str, val_loss: float | None,
+           protect: set[str]) -> None:
+    """Delete the checkpoints up to `written` beyond the newest `keep_last`, except those in `protect`
+    (the best, the one resumed from) and those with a lower recorded val loss than `val_loss`."""
     names = _list(fs, base)
     older = [n for n in names if n <= written]  # zero-padded step numbers sort as numbers
     keep = {n for n in names if n > written} | set(older[-keep_last:]) | protect
-    best = _best(fs, base, note) if keep_best else None
-    if best:
-        keep.add(best[0])
     for n in older:
         if n in keep:
             continue
