@@ -87,7 +87,8 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    arch: Literal["gpt", "lstm", "ngram"] = key("gpt", "Model family.")
+    arch: Literal["gpt", "lstm", "ngram", "mix"] = key(
+        "gpt", "Model family; `mix` is what a mixture made by `hanlm mix` reports, never trained.")
     preset: Literal["tiny", "small", "base", "1b"] | None = key("small", "Shape preset: " + ", ".join(
         f"{n} ({p['n_layer']}L/{p['n_head']}H/{p['n_embd']}d/{p['context_length']}ctx)"
         for n, p in MODEL_PRESETS.items()) + ".")
@@ -130,14 +131,27 @@ class TrainConfig:
         "linear decay over the last decay_frac of the run).")
     min_lr_ratio: float = key(0.1, "Final learning rate as a share of the peak.", min=0.0, max=1.0)
     decay_frac: float = key(0.2, "wsd: share of the run spent decaying.", above=0.0, max=1.0)
-    weight_decay: float = key(0.1, "AdamW weight decay (not on norms, biases or embeddings).", min=0.0)
+    schedule_clock: Literal["steps", "minutes"] = key(
+        "steps", "What the schedule's progress counts after warm-up: optimizer steps out of max_steps, or wall "
+        "minutes out of max_minutes (whichever ends first), so that a run stopped by time still ends its decay. "
+        "minutes makes the lr depend on the machine's speed: a resumed run is exact only with steps.")
+    optimizer: Literal["adamw", "muon"] = key(
+        "adamw", "adamw for every weight, or Muon (orthogonalised momentum) for the 2-D hidden matrices with "
+        "AdamW on embeddings, head, norms and biases.")
+    muon_lr: float = key(0.02, "muon: peak learning rate of the hidden matrices (train.lr is AdamW's); it follows "
+                         "the same schedule and lr_scaling.", above=0.0)
+    muon_momentum: float = key(0.95, "muon: momentum (Nesterov).", min=0.0, max=1.0)
+    weight_decay: float = key(0.1, "Weight decay of the projection matrices, AdamW's or Muon's (never on norms, "
+                              "biases or embeddings).", min=0.0)
     beta1: float = key(0.9, "AdamW beta1.", min=0.0, max=1.0)
     beta2: float = key(0.95, "AdamW beta2.", min=0.0, max=1.0)
     grad_clip: float = key(1.0, "Clip the gradient norm to this; 0 turns clipping off.", min=0.0)
     seed: int = key(1337, "Seed for initialisation, data order and sampling.", min=0)
     device: Literal["auto", "cpu", "cuda"] = key("auto", "`auto` uses CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = key(
-        "auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU (where bf16 matmul is ~100× slower).")
+        "auto", "`auto`: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16 or AMX, e.g. AMD "
+        "Zen 4, Intel Sapphire Rapids: 2–4× the fp32 matmul speed), fp32 on other CPUs (bf16 is emulated there, "
+        "~100× slower).")
     compile: bool = key(False, "Compile the model with torch.compile.")
     activation_checkpointing: bool = key(False, "Recompute activations in the backward pass to save memory.")
     threads: int = key(0, "CPU threads for torch; 0 keeps torch's default (one per core).", min=0)
@@ -184,6 +198,10 @@ class EvalConfig:
     max_batches: int | None = key(20, "Cap on val batches per periodic evaluation; null for the whole split. "
                                   "The final evaluation always reads the whole split.", min=1)
     batch_size: int = key(16, "Sequences per evaluation batch.", min=1)
+    stride: int | None = key(None, "Sliding-window evaluation: windows of train.block_size tokens move by this many, "
+                             "each scoring its last `stride` tokens, so every token is scored once with at least "
+                             "block_size − stride tokens of context; null: windows side by side (stride = "
+                             "block_size), each token seeing only what precedes it in its window.", min=1)
 
 
 @dataclass
@@ -217,8 +235,8 @@ class LogConfig:
     every_steps: int = key(10, "Console and metrics.jsonl line every this many steps.", min=1)
     progress: bool = key(True, "Show progress bars.")
     tensorboard: bool = key(True, "Write TensorBoard event files.")
-    peak_tflops: float | None = key(None, "Peak TFLOP/s for MFU; default measured at start (dense matmul, fp32 on "
-                                    "CPU, bf16 on CUDA).", above=0.0)
+    peak_tflops: float | None = key(None, "Peak TFLOP/s for MFU; default measured at start (dense matmul in the "
+                                    "training precision).", above=0.0)
 
 
 @dataclass
@@ -488,6 +506,12 @@ def check(cfg: Config) -> None:
                               f"({m.context_length}); lower train.block_size or raise model.context_length")
     if m.arch == "ngram":
         _check_ngram(cfg)
+    if m.arch == "mix":
+        raise ConfigError("model.arch mix is not trained: `hanlm mix NEURAL NGRAM --out DIR` combines a trained "
+                          "neural checkpoint and a trained n-gram checkpoint")
+    if cfg.eval.stride is not None and cfg.eval.stride > t.block_size:
+        raise ConfigError(f"eval.stride ({cfg.eval.stride}) is above train.block_size ({t.block_size}), so windows "
+                          "would skip tokens; use a stride of at most the block size")
     if t.warmup_steps is not None and t.warmup_steps > t.max_steps:
         raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) is above train.max_steps ({t.max_steps})")
     if isinstance(t.micro_batch, int) and t.micro_batch > t.micro_batch_max:
@@ -501,6 +525,13 @@ def check(cfg: Config) -> None:
     if cfg.dist.shard == "fsdp" and cfg.dist.sync != "full":
         raise ConfigError(f"dist.shard fsdp synchronises gradients itself (reduce-scatter every step); it cannot "
                           f"combine with dist.sync={cfg.dist.sync}: use dist.sync=full")
+    if cfg.dist.shard == "fsdp" and t.optimizer == "muon":
+        raise ConfigError("train.optimizer muon orthogonalises each whole weight matrix, and dist.shard fsdp gives "
+                          "every worker only a shard of it; use train.optimizer=adamw with FSDP, or DDP "
+                          "(dist.shard=none) with Muon")
+    if t.schedule_clock == "minutes" and t.max_minutes is None:
+        raise ConfigError("train.schedule_clock minutes measures the schedule against train.max_minutes, which is "
+                          "not set; set train.max_minutes or use train.schedule_clock=steps")
     if cfg.dist.sync == "bf16" and (cfg.dist.backend == "gloo" or t.device == "cpu"):
         raise ConfigError("dist.sync bf16 compresses through NCCL, which needs CUDA; gloo cannot all-reduce "
                           "bf16. Use dist.sync=fp16 on CPU")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -83,11 +84,24 @@ def pick_device(choice: str) -> torch.device:
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, none (fp32) on CPU unless asked, where bf16 matmul is ~100× slower."""
+    """bf16 autocast on CUDA and on CPUs that multiply bf16 natively; none (fp32) on other CPUs,
+    where bf16 matmul is emulated and ~100× slower, unless train.precision asks."""
     wanted = cfg.train.precision
     if wanted == "auto":
-        wanted = "bf16" if device.type == "cuda" else "fp32"
+        wanted = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
     return torch.bfloat16 if wanted == "bf16" else None
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16, from Linux's
+    /proc/cpuinfo): there a bf16 matmul runs 2–4× faster than fp32 (measured on an AMD EPYC)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class Trainer:
@@ -167,6 +181,7 @@ class Trainer:
         self.val_tokens = open_split(self.prepared.directory, "val")
         self.val_characters = split_characters(self.prepared.meta, "val")
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
+        self._elapsed_before, self._clock_started = 0.0, None
         if ckpt is not None:
             self._restore(ckpt.train_state, ckpt.path)
             self.echo(f"resumed from {ckpt.path} at step {self.step}")
@@ -236,6 +251,12 @@ class Trainer:
             raise CheckpointError(f"{source}/{STATE_FILE}: {e}") from None
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.best_val = float(state.get("best_val", math.inf))
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+
+    def elapsed_s(self) -> float:
+        """Wall seconds this run has trained, earlier invocations (before a resume) included."""
+        running = time.monotonic() - self._clock_started if self._clock_started is not None else 0.0
+        return self._elapsed_before + running
 
     def rank_state(self) -> dict:
         """This rank's part of an exact resume: optimizer (unless sharded: that is gathered whole),
@@ -256,7 +277,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns its loss, lr and grad norm."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg, self.elapsed_s())
         set_lr(self.optimizer, lr)
         accum, total = cfg.train.grad_accum, 0.0
         for micro in range(accum):
@@ -284,7 +305,8 @@ class Trainer:
     def evaluate(self, full: bool = False) -> EvalResult:
         result = evaluate(self.model, self.val_tokens, block_size=self.cfg.train.block_size,
                           batch_size=self.cfg.eval.batch_size, characters=self.val_characters,
-                          max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype)
+                          max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype,
+                          stride=self.cfg.eval.stride)
         self._reshard()
         return result
 
@@ -302,7 +324,8 @@ class Trainer:
         torch.distributed.checkpoint metadata), at the cost of that memory on rank 0 while saving.
         """
         weights: torch.nn.Module | dict = self.model
-        state: dict = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val}
+        state: dict = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                       "elapsed_s": self.elapsed_s()}
         if self.sharded:
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(self.model, options=full)
@@ -335,6 +358,13 @@ class Trainer:
 
     _REASONS = ("max_steps", "max_tokens", "stop_after", "max_minutes", "signal")  # the last wins a tie
 
+    def _minutes(self, started: float) -> float:
+        """Seconds that count against max_minutes: this call's, or with schedule_clock minutes the run's
+        whole (the schedule and the stop must agree on when the run ends)."""
+        if self.cfg.train.schedule_clock == "minutes":
+            return self.elapsed_s()
+        return time.monotonic() - started
+
     def _stop_reason(self, started: float, steps_this_call: int, stop_after: int | None) -> str | None:
         """Why to stop now, if so; agreed by all ranks, so none is left waiting in a collective."""
         cfg, reason = self.cfg, None
@@ -342,7 +372,7 @@ class Trainer:
             reason = "signal"
         elif self.step >= cfg.derived.max_steps:
             reason = "max_tokens" if cfg.derived.max_steps < cfg.train.max_steps else "max_steps"
-        elif cfg.train.max_minutes is not None and time.monotonic() - started >= 60 * cfg.train.max_minutes:
+        elif cfg.train.max_minutes is not None and self._minutes(started) >= 60 * cfg.train.max_minutes:
             reason = "max_minutes"
         elif stop_after is not None and steps_this_call >= stop_after:
             reason = "stop_after"
@@ -373,11 +403,10 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> TrainResult:
         cfg, main = self.cfg, self.info.main
-        # A sharded model's forward is a collective: every rank takes part in evaluation.
-        evaluates = main or self.sharded
         peak = None
         if main:
-            peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_matmul_peak(self.device)
+            peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops
+                    else measure_matmul_peak(self.device, self.amp_dtype or torch.float32))
         flops_per_token = self.model.flops_per_token(cfg.train.block_size)
         peak_text = f"; matmul peak {peak / 1e9:.0f} GFLOP/s" if peak else ""
         self.echo(f"model: {cfg.model.arch}, {self.model.num_params():,} parameters "
@@ -389,7 +418,17 @@ class Trainer:
                   f"{cfg.derived.max_steps:,} steps" + (f"; sync {cfg.dist.sync}" if self.info.distributed else ""))
         logger = RunLogger(self.run_dir, cfg.log, total_steps=cfg.derived.max_steps, start_step=self.step,
                            peak_flops=peak, enabled=main)
-        started, steps = time.monotonic(), 0
+        started = self._clock_started = time.monotonic()
+        try:
+            return self._train(started, logger, flops_per_token, stop_after)
+        finally:
+            self._elapsed_before, self._clock_started = self.elapsed_s(), None
+
+    def _train(self, started: float, logger: RunLogger, flops_per_token: float, stop_after: int | None) -> TrainResult:
+        """The loop, the final evaluation, the last save and the report."""
+        cfg, main, steps = self.cfg, self.info.main, 0
+        # A sharded model's forward is a collective: every rank takes part in evaluation.
+        evaluates = main or self.sharded
         with logger, _stop_on_signals(self.request_stop):
             while (reason := self._stop_reason(started, steps, stop_after)) is None:
                 t0 = time.perf_counter()
