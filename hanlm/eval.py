@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,40 +62,62 @@ def split_characters(meta: dict[str, Any], split: str) -> int:
     return s["characters"] + s["documents"]
 
 
-@torch.no_grad()
 def evaluate(model: LanguageModel, tokens: np.ndarray, *, block_size: int, batch_size: int, characters: int,
-             max_batches: int | None = None, autocast_dtype: torch.dtype | None = None) -> EvalResult:
-    """Score `tokens` (a whole split) in consecutive windows of `block_size`, each token predicted once.
+             max_batches: int | None = None, autocast_dtype: torch.dtype | None = None,
+             stride: int | None = None) -> EvalResult:
+    """Score `tokens` (a whole split), each token predicted once, in windows of `block_size`.
 
+    Without `stride` the windows follow each other, so a token's context is what precedes it in
+    its window (on average half a window). With `stride` (at most block_size) the windows slide
+    by `stride` tokens and each scores only its last `stride` positions (the first window all of
+    them): every token but the first block_size sees at least block_size − stride tokens of context.
     `characters` is the text length of the whole split (see `split_characters`); when
     `max_batches` stops early, the characters covered are prorated by the tokens scored.
-    A model's own `eval_block_size` (the n-gram's) takes the place of `block_size`.
+    A model's own `eval_block_size` (the n-gram's: its context is short) replaces block_size and stride.
     """
-    block_size = model.eval_block_size or block_size
+    nll, predicted = 0.0, 0
+    for picked in token_scores(model, tokens, block_size=block_size, batch_size=batch_size, max_batches=max_batches,
+                               autocast_dtype=autocast_dtype, stride=stride):
+        nll -= picked.sum().item()
+        predicted += len(picked)
+    if predicted == 0:
+        raise ValueError("nothing to evaluate: the split has fewer than 2 tokens")
+    covered = characters * predicted / (len(tokens) - 1)
+    return EvalResult(loss=nll / predicted, ppl_token=perplexity(nll / predicted),
+                      ppl_char=perplexity(nll / covered), bpc=nll / covered / math.log(2), tokens=predicted, characters=covered)
+
+
+@torch.no_grad()
+def token_scores(model: LanguageModel, tokens: np.ndarray, *, block_size: int, batch_size: int,
+                 max_batches: int | None = None, autocast_dtype: torch.dtype | None = None,
+                 stride: int | None = None) -> Iterator[torch.Tensor]:
+    """The log-probabilities (natural log, float64, CPU) of the tokens `evaluate` scores, batch by
+    batch in text order: tokens[1], tokens[2], … (see `evaluate` for the windows)."""
+    if model.eval_block_size:
+        block_size = stride = model.eval_block_size
+    stride = stride or block_size
+    if not 0 < stride <= block_size:
+        raise ValueError(f"the evaluation stride must be between 1 and the window ({block_size}), got {stride}")
     device = model.device
     n = len(tokens)
-    starts = np.arange(0, max(n - 1, 0), block_size)
+    # Window i starts at i × stride; the last one is the first that reaches the split's last token.
+    windows = 1 + max(0, -(-(n - 1 - block_size) // stride))
+    starts = np.arange(windows) * stride if n > 1 else np.zeros(0, dtype=np.int64)
     if max_batches is not None:
         starts = starts[: max_batches * batch_size]
     was_training = model.training
     model.eval()
-    nll, predicted = 0.0, 0
     amp = torch.autocast(device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     try:
         for i in range(0, len(starts), batch_size):
             x, y = _windows(tokens, starts[i:i + batch_size], block_size)  # (B, T), (B, T) with -1 padding
+            y[torch.from_numpy(starts[i:i + batch_size] > 0), :block_size - stride] = -1  # scored by the previous
             x, y = x.to(device), y.to(device)
             with amp:
                 picked = model.token_log_probs(x, y, model.initial_state(x.shape[0]))  # (B, T)
-            nll -= picked.double().sum().item()
-            predicted += int((y >= 0).sum())
+            yield picked.double().cpu()[(y >= 0).cpu()]
     finally:
         model.train(was_training)
-    if predicted == 0:
-        raise ValueError("nothing to evaluate: the split has fewer than 2 tokens")
-    covered = characters * predicted / (n - 1)
-    return EvalResult(loss=nll / predicted, ppl_token=perplexity(nll / predicted),
-                      ppl_char=perplexity(nll / covered), bpc=nll / covered / math.log(2), tokens=predicted, characters=covered)
 
 
 def perplexity(nats: float) -> float:
@@ -117,25 +140,31 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tens
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | None = None) -> EvalResult:
-    """Evaluate a checkpoint on its run's val split, or on the documents of `data` sources."""
+def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | None = None,
+                        stride: int | None = None) -> EvalResult:
+    """Evaluate a checkpoint on its run's val split, or on the documents of `data` sources, in windows
+    of its train.block_size sliding by `stride` (default: its eval.stride; see `evaluate`)."""
     from hanlm.checkpoint import load_for_inference
     from hanlm.data.reader import DocumentReader
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, tokenizer = load_for_inference(spec, device)
+    if stride is not None and not 0 < stride <= cfg.train.block_size:
+        raise DataError(f"--stride {stride}: the windows of {spec} are {cfg.train.block_size} tokens (its "
+                        f"train.block_size); choose a stride from 1 to {cfg.train.block_size}")
     if data:
         docs = list(DocumentReader(data, cfg.data))
         tokens, characters = tokenizer.encode_documents(docs), sum(map(len, docs)) + len(docs)
     else:
-        tokens, characters = _val_split(cfg, tokenizer)
+        tokens, characters = prepared_split(cfg, tokenizer, "val")
     return evaluate(model, tokens, block_size=cfg.train.block_size, batch_size=cfg.eval.batch_size,
-                    characters=characters, autocast_dtype=torch.bfloat16 if device == "cuda" else None)
+                    characters=characters, autocast_dtype=torch.bfloat16 if device == "cuda" else None,
+                    stride=stride or cfg.eval.stride)
 
 
-def _val_split(cfg: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
-    """The run's val split encoded with the checkpoint's tokenizer: the prepared shards when their
-    tokenizer is that one, else the split prepared anew with it."""
+def prepared_split(cfg: Config, tokenizer: Tokenizer, split: str) -> tuple[np.ndarray, int]:
+    """A run's `split` (train or val) encoded with the checkpoint's tokenizer, and its characters:
+    the prepared shards when their tokenizer is that one, else the data prepared anew with it."""
     from hanlm.data.corpora import hanlm_home
     from hanlm.data.prepare import default_dir, prepare
     from hanlm.data.shards import open_split, read_meta
@@ -145,7 +174,7 @@ def _val_split(cfg: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     try:
         meta = read_meta(directory)
         if meta.get("tokenizer_hash") == fingerprint:
-            return open_split(directory, "val"), split_characters(meta, "val")
+            return open_split(directory, split), split_characters(meta, split)
     except DataError:
         pass
     saved = hanlm_home() / "tokenizers" / f"{fingerprint}.json"
@@ -155,4 +184,4 @@ def _val_split(cfg: Config, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
         cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(saved)),
         data=dataclasses.replace(cfg.data, prepared_dir=str(hanlm_home() / "prepared" / f"eval-{fingerprint[:16]}")))
     prepared = prepare(cfg, progress=False)
-    return open_split(prepared.directory, "val"), split_characters(prepared.meta, "val")
+    return open_split(prepared.directory, split), split_characters(prepared.meta, split)
