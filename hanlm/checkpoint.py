@@ -307,12 +307,17 @@ def _download(fs: fsspec.AbstractFileSystem, base: str, tmp: str) -> str:
 
 
 def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
-    """A checkpoint directory from a path that is either a checkpoint or a checkpoint root
-    (then its `latest`, or the newest checkpoint when `latest` is unusable)."""
+    """A checkpoint directory from a path that is a checkpoint, a checkpoint root (then its
+    `latest`, or the newest checkpoint when `latest` is unusable) or a run directory (its checkpoints)."""
     fs, base = _fs(spec)
     if stored_model_file(spec):
         return spec
+    if fs.isfile(f"{base.rstrip('/')}/mixture.json") or base.endswith("mixture.json"):
+        raise CheckpointError(f"{spec} is a mixture (hanlm mix): it has no weights of its own to train, resume or "
+                              "mix from; use its neural part (named in its mixture.json) instead")
     names = _list(fs, base)
+    if not names and fs.isdir(_join(base, "checkpoints")):  # a run directory: its checkpoints
+        return resolve_checkpoint(_join(spec, "checkpoints"), note)
     name = _read_pointer(fs, base, "latest", note)
     if name is not None and name not in names:
         note(f"note: {_join(spec, 'latest')} names {name[:60]!r}, which is not a checkpoint there; "
@@ -384,10 +389,13 @@ def remove_stale(root: str) -> list[Path]:
 
 
 def load_for_inference(spec: str, device: str | torch.device = "cpu"):
-    """(model in eval mode, config, tokenizer) from a checkpoint, a checkpoint root, or an ARPA
-    file written by any tool (its words become the vocabulary; see `tokenizer_for`)."""
+    """(model in eval mode, config, tokenizer) from a checkpoint, a checkpoint root, a mixture
+    (`hanlm mix`), or an ARPA file written by any tool (its words become the vocabulary; see `tokenizer_for`)."""
+    from hanlm.mix import is_mixture, load_mixture
     from hanlm.models import build_model
 
+    if is_mixture(spec):
+        return load_mixture(spec, device)
     if spec.endswith(ARPA_SUFFIXES):
         model, words = read_arpa(spec)
         cfg = load_config(overrides=["model.arch=ngram", f"model.order={model.order}"])

@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hanlm.eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device)
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device, stride=args.stride)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -99,6 +99,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch or s.max_batch, max_queue=args.max_queue or s.max_queue,
           max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
           metrics_public=s.metrics_public, device=args.device or "cpu")
+    return 0
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    from hanlm.mix import build_mixture, summary
+
+    if args.tune_tokens < 1000:
+        raise ConfigError(f"--tune-tokens must be at least 1000, got {args.tune_tokens}")
+    report = build_mixture(args.neural, args.ngram, args.out, order=args.order, buckets=not args.no_buckets,
+                           tune_tokens=args.tune_tokens, evaluate_val=not args.no_eval, device=args.device or "cpu")
+    print(summary(report))
+    print(f"mixture: {args.out}/mixture.json (use it like a checkpoint: hanlm eval|generate|serve {args.out})")
     return 0
 
 
@@ -179,18 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="evaluate a checkpoint: loss, perplexity per token and character, BPC",
                          description="Evaluate a checkpoint (a step directory, or a checkpoint directory: its "
                          "latest) on the val split it was trained with, or on other text.")
-    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
+    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory, mixture directory or ARPA file")
     p.add_argument("--data", metavar="SPEC", action="append",
                    help="evaluate on this text instead: a file, directory, glob, URL or built-in corpus, read with "
                    "the checkpoint's data.* settings (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--stride", type=int, metavar="N", help="sliding windows: the model's train.block_size windows "
+                   "move by N tokens and score their last N, so every token sees at least block_size − N tokens of "
+                   "context (default: the checkpoint's eval.stride, or windows side by side)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("generate", help="continue a prompt with a trained model, streamed to stdout",
                          description="Sample a continuation of --prompt; defaults come from the checkpoint's "
                          "generate.* config.")
-    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
+    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory, mixture directory or ARPA file")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
     p.add_argument("--max-tokens", type=int, help="tokens to generate")
     p.add_argument("--temperature", type=float, help="0 for greedy")
@@ -207,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "/v1/chat/completions, /v1/models, /v1/score, /tokenize, /detokenize, /health, /metrics "
                          "and a playground page at /. Concurrent requests are decoded together (continuous "
                          "batching). Defaults come from the serve.* keys.")
-    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory or ARPA file")
+    p.add_argument("checkpoint", help="checkpoint path, checkpoint directory, mixture directory or ARPA file")
     p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every endpoint but /health and the "
@@ -218,6 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("mix", help="combine a neural and an n-gram checkpoint into one model",
+                         description="Interpolate the next-token distributions of a neural checkpoint and an n-gram "
+                         "checkpoint (the same tokenizer), the neural weight depending on how much context the "
+                         "n-gram knows; the weights are tuned on held-out training text, never the val split. "
+                         "Writes OUT/mixture.json, which eval, generate and serve take like a checkpoint.")
+    p.add_argument("neural", help="the gpt or lstm checkpoint (path or checkpoint directory)")
+    p.add_argument("ngram", nargs="?", help="the n-gram checkpoint, trained on the same prepared data (default: count "
+                   "one of --order on the neural run's data into OUT/ngramN, seconds)")
+    p.add_argument("--order", type=int, default=5, choices=range(1, 7), metavar="N",
+                   help="order of the n-gram to count when none is given (default 5)")
+    p.add_argument("--out", required=True, help="directory for mixture.json")
+    p.add_argument("--tune-tokens", type=int, default=100_000, metavar="N",
+                   help="held-out tokens at the end of the train split to tune on (default 100000)")
+    p.add_argument("--no-buckets", action="store_true",
+                   help="one weight for every context instead of one per n-gram context length")
+    p.add_argument("--no-eval", action="store_true", help="skip scoring the parts and the mixture on the val split")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.set_defaults(func=cmd_mix)
 
     p = verbs.add_parser("bench", help="measure speed and memory against the machine's limit and peer tools",
                          description="Run benchmark suites side by side with their peers (transformers, kenlm, "

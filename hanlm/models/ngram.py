@@ -156,6 +156,15 @@ class NGramLM(LanguageModel):
             score[use] += bows[c[use]]
         return np.where(y >= 0, score, 0.0)
 
+    def known_context(self, history: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """For each token of x (after `history`), the length (0 … order − 1) of the longest context
+        ending there that the model holds as an n-gram: how much of the context it has seen."""
+        seq = self._context_form(np.concatenate([history, x]))
+        longest = np.zeros(len(x), dtype=np.int64)
+        for j, c in enumerate(self._contexts(seq), 1):
+            longest[c[len(history):] >= 0] = j
+        return longest
+
     # -- the LanguageModel interface ----------------------------------------------------------
 
     def initial_state(self, batch_size: int = 1) -> np.ndarray:

@@ -246,8 +246,13 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
     import uvicorn
 
     from hanlm.checkpoint import ARPA_SUFFIXES, load_for_inference, resolve_checkpoint
+    from hanlm.mix import is_mixture, read_mixture
 
-    path = spec if spec.endswith(ARPA_SUFFIXES) else resolve_checkpoint(spec)  # fail fast on a wrong path
+    if is_mixture(spec):
+        read_mixture(spec)  # fail fast on a damaged mixture.json
+        path = spec
+    else:
+        path = spec if spec.endswith(ARPA_SUFFIXES) else resolve_checkpoint(spec)  # fail fast on a wrong path
     parts = path.rstrip("/").split("/")
     # runs/NAME/checkpoints/step-… is served as NAME.
     default_name = parts[-3] if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]

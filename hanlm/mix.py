@@ -1,0 +1,256 @@
+"""`hanlm mix`: a neural checkpoint and an n-gram checkpoint combined into one model.
+
+    hanlm mix runs/default runs/ngram5 --out runs/mix     # tune the weights, write runs/mix/mixture.json
+    hanlm eval runs/mix                                   # then use it like any checkpoint
+
+The weights are tuned on held-out *training* text, never on the val split: the last
+`tune_tokens` tokens of the neural run's train split (cut at a document boundary). The n-gram
+has counted that text, which would make it look far better there than on new text, so the
+tuning scores it with an n-gram re-estimated without those documents (same order, discounts and
+pruning; seconds). The neural model has trained on that text too; its advantage there is small
+beside the n-gram's (it never memorises whole contexts) and biases the weight towards it.
+
+`mixture.json` holds the weights and the two parts' paths with the digest of their manifests:
+the parts stay where they are, and loading refuses a part that has changed since the tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+
+from hanlm.atomic import atomic_write_text
+from hanlm.checkpoint import Checkpoint, load_checkpoint, load_for_inference, resolve_checkpoint
+from hanlm.config import Config
+from hanlm.data.prepare import prepare
+from hanlm.errors import CheckpointError, HanlmError
+from hanlm.eval import EvalResult, evaluate, prepared_split, token_scores
+from hanlm.manifest import MANIFEST
+from hanlm.models.mixture import MixtureLM, fit_weights, mixed_nats
+from hanlm.models.ngram import NGramLM, estimate
+
+MIXTURE_FILE = "mixture.json"
+_FORMAT = "hanlm-mixture/1"
+
+
+@dataclass
+class MixReport:
+    """What tuning found: the weights, and held-out nats per token of each part and the mixture."""
+
+    weights: list[float]
+    bucket_tokens: list[int]
+    tune_tokens: int
+    nats: dict[str, float]  # neural, ngram (re-estimated without the held-out text), mixture
+    names: dict[str, str] = field(default_factory=dict)  # what each row is
+    val: dict[str, EvalResult] | None = None  # the same three on the val split, when evaluated
+    unigram_bpc: float | None = None  # the val split's unigram character entropy
+    protocol: str = ""
+
+    def table(self) -> str:
+        """One row per model: held-out training nats/token, val BPC and perplexity per character."""
+        rows = ["| model | tuning text (nats/token) | val BPC | val perplexity per character |", "|---|---|---|---|"]
+        if self.unigram_bpc:
+            rows.append(f"| unigram character entropy | | {self.unigram_bpc:.4f} | {2 ** self.unigram_bpc:.1f} |")
+        for name in ("ngram", "neural", "mixture"):
+            v = self.val[name] if self.val else None
+            rows.append(f"| {self.names.get(name, name)} | {self.nats[name]:.4f} | {f'{v.bpc:.4f}' if v else '—'} | "
+                        f"{f'{v.ppl_char:.2f}' if v else '—'} |")
+        return "\n".join(rows) + (f"\n\nProtocol: {self.protocol}." if self.protocol else "")
+
+
+def is_mixture(spec: str) -> bool:
+    """Whether `spec` is a mixture: a directory holding mixture.json, or that file."""
+    try:
+        path = Path(spec)
+        return path.name == MIXTURE_FILE and path.is_file() or (path / MIXTURE_FILE).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def mixture_file(spec: str) -> Path:
+    path = Path(spec)
+    return path if path.name == MIXTURE_FILE else path / MIXTURE_FILE
+
+
+def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, order: int = 5, buckets: bool = True,
+                  tune_tokens: int = 100_000, evaluate_val: bool = True, device: str = "cpu",
+                  echo: Callable[[str], None] = print) -> MixReport:
+    """Tune the mixture of the two checkpoints and write `out`/mixture.json; with `evaluate_val`
+    also score the parts and the mixture on the neural run's val split. Without `ngram_spec`, an
+    n-gram of `order` is first counted on the neural run's prepared data into `out`/ngram<order>."""
+    neural_path = _part_path(neural_spec)
+    ngram_path = _part_path(ngram_spec) if ngram_spec else count_ngram(neural_path, order, Path(out), echo)
+    neural_ckpt, ngram_ckpt = load_checkpoint(neural_path, device), load_checkpoint(ngram_path)
+    _check_parts(neural_ckpt, ngram_ckpt)
+    neural, cfg, tokenizer = load_for_inference(neural_path, device)
+    train, _ = prepared_split(cfg, tokenizer, "train")
+    train = np.asarray(train, dtype=np.int64)
+    cut = _heldout_start(train, tune_tokens, tokenizer.eos_id)
+    held = train[cut:]
+    m = ngram_ckpt.config.model
+    echo(f"tuning on the last {len(held):,} tokens of the train split; re-estimating the {ngram_ckpt.ngram.order}-gram "
+         f"without them ...")
+    leave_out, _ = estimate(train[:cut], tokenizer.vocab_size, ngram_ckpt.ngram.order,
+                            discount_fallback=m.discount_fallback, prune=m.prune)
+    x, y = held[:-1], held[1:]
+    neural_lp = torch.cat(list(token_scores(neural, held, block_size=cfg.train.block_size,
+                                            batch_size=cfg.eval.batch_size))).numpy()
+    ngram_lp = leave_out.token_log_probs(torch.from_numpy(x)[None], torch.from_numpy(y)[None],
+                                         leave_out.initial_state(1))[0].numpy()
+    order = ngram_ckpt.ngram.order
+    bucket = leave_out.known_context(np.zeros(0, dtype=np.int64), x) if buckets else np.zeros(len(x), np.int64)
+    weights, counts = fit_weights(neural_lp, ngram_lp, bucket, order if buckets else 1)
+    report = MixReport(weights, counts, len(y), {"neural": float(-neural_lp.mean()), "ngram": float(-ngram_lp.mean()),
+                                                 "mixture": mixed_nats(neural_lp, ngram_lp, bucket, weights)},
+                       names={"neural": f"{cfg.model.arch} ({neural_path})",
+                              "ngram": f"{order}-gram ({ngram_path})"})
+    write_mixture(out, neural_path, ngram_path, report)
+    echo("neural weight by the n-gram's longest known context (tokens): " + ", ".join(
+        f"{k}: {w:.3f} ({n:,} tokens)" for k, (w, n) in enumerate(zip(weights, counts))) if buckets
+         else f"neural weight {weights[0]:.3f}")
+    if evaluate_val:
+        report.unigram_bpc = prepare(cfg, progress=False).meta["splits"]["val"].get("unigram_bpc")
+        report.protocol = (f"the whole val split, each token scored once: {cfg.model.arch} and mixture in windows of "
+                           f"{cfg.train.block_size} tokens" + (f" sliding by {cfg.eval.stride}" if cfg.eval.stride
+                                                               else " side by side") +
+                           f"; the n-gram in windows of {ngram_ckpt.ngram.eval_block_size:,} (it reads "
+                           f"{order - 1} tokens of context)")
+        val, characters = prepared_split(cfg, tokenizer, "val")
+        mixture = MixtureLM(neural, ngram_ckpt.ngram.eval(), weights)
+        report.val = {name: evaluate(model, val, block_size=cfg.train.block_size, batch_size=cfg.eval.batch_size,
+                                     characters=characters, stride=cfg.eval.stride)
+                      for name, model in (("neural", neural), ("ngram", ngram_ckpt.ngram), ("mixture", mixture))}
+    return report
+
+
+def count_ngram(neural_path: str, order: int, out: Path, echo: Callable[[str], None]) -> str:
+    """Count an n-gram of `order` on the neural checkpoint's prepared data (its config, so its
+    tokenizer) into `out`/ngram<order>; return its checkpoint."""
+    from hanlm.train.ngram import train_ngram
+
+    cfg = load_checkpoint(neural_path).config
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, arch="ngram", order=order),
+        train=dataclasses.replace(cfg.train, run_dir=str(out / f"ngram{order}")),
+        checkpoint=dataclasses.replace(cfg.checkpoint, dir=None),
+        log=dataclasses.replace(cfg.log, progress=False, tensorboard=False))
+    result, _ = train_ngram(cfg, echo=lambda _: None)
+    echo(f"counted a {order}-gram on the same data: val BPC {result.final_eval.bpc:.4f} ({result.checkpoint})")
+    return result.checkpoint
+
+
+def _part_path(spec: str) -> str:
+    if is_mixture(spec):
+        raise CheckpointError(f"{spec} is itself a mixture; mix a neural checkpoint with an n-gram checkpoint")
+    return resolve_checkpoint(spec)
+
+
+def _check_parts(neural: Checkpoint, ngram: Checkpoint) -> None:
+    """One neural part, one n-gram part, one tokenizer: errors that name the files."""
+    if neural.ngram is not None:
+        raise CheckpointError(f"{neural.path} is an n-gram checkpoint; the first part must be a neural one (gpt or "
+                              "lstm), the second the n-gram")
+    if ngram.ngram is None:
+        raise CheckpointError(f"{ngram.path} is a {ngram.config.model.arch} checkpoint; the second part must be an "
+                              "n-gram (hanlm train --set model.arch=ngram)")
+    if neural.tokenizer.fingerprint() != ngram.tokenizer.fingerprint():
+        raise CheckpointError(f"the parts use different tokenizers: {neural.path}/tokenizer.json "
+                              f"({neural.tokenizer.kind}, {neural.tokenizer.vocab_size:,} tokens) and "
+                              f"{ngram.path}/tokenizer.json ({ngram.tokenizer.kind}, {ngram.tokenizer.vocab_size:,} "
+                              "tokens); train the n-gram on the neural run's prepared data (the same tokenizer)")
+
+
+def _heldout_start(train: np.ndarray, tokens: int, eos: int) -> int:
+    """Where the held-out tail starts: just after the last `<eos>` at least `tokens` from the end."""
+    if len(train) < 4 * tokens:
+        raise HanlmError(f"the train split has {len(train):,} tokens, too few to hold out {tokens:,} for tuning "
+                         "(at most a quarter); lower --tune-tokens")
+    ends = np.flatnonzero(train[: len(train) - tokens] == eos)
+    return int(ends[-1]) + 1 if len(ends) else len(train) - tokens
+
+
+def _manifest_digest(path: str) -> str | None:
+    """sha256 of a checkpoint's manifest.json (None for an older checkpoint without one)."""
+    try:
+        with fsspec.open(f"{path.rstrip('/')}/{MANIFEST}", "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def write_mixture(out: str | Path, neural: str, ngram: str, report: MixReport) -> Path:
+    """Write `out`/mixture.json atomically; local part paths are stored absolute."""
+    def where(p: str) -> str:
+        return p if "://" in p else str(Path(p).resolve())
+
+    path = Path(out) / MIXTURE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": _FORMAT,
+              "neural": {"path": where(neural), "manifest_sha256": _manifest_digest(neural)},
+              "ngram": {"path": where(ngram), "manifest_sha256": _manifest_digest(ngram)},
+              "weights": report.weights, "bucket_tokens": report.bucket_tokens,
+              "tuned_on": {"tokens": report.tune_tokens, "text": "the tail of the neural run's train split"},
+              "heldout_nats": report.nats}
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def read_mixture(spec: str) -> dict[str, Any]:
+    """The checked contents of a mixture.json: errors name the file and the key."""
+    path = mixture_file(spec)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} is not a hanlm mixture (its format is not {_FORMAT!r})")
+    for part in ("neural", "ngram"):
+        entry = record.get(part)
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise CheckpointError(f"{path}: {part}.path must be the path of the {part} checkpoint")
+    weights = record.get("weights")
+    if (not isinstance(weights, list) or not weights
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0 for w in weights)):
+        raise CheckpointError(f"{path}: weights must be a list of numbers between 0 and 1, got {weights!r:.80}")
+    return record
+
+
+def load_mixture(spec: str, device: str | torch.device = "cpu") -> tuple[MixtureLM, Config, Any]:
+    """(mixture in eval mode, the neural part's config with model.arch mix, tokenizer)."""
+    record, path = read_mixture(spec), mixture_file(spec)
+    for part in ("neural", "ngram"):
+        saved = record[part].get("manifest_sha256")
+        if saved is not None and _manifest_digest(record[part]["path"]) != saved:
+            raise CheckpointError(f"{path}: its {part} part {record[part]['path']} has changed (or is gone) since the "
+                                  "mixture was tuned; run hanlm mix again")
+    neural, cfg, tokenizer = load_for_inference(record["neural"]["path"], device)
+    ngram, _, ngram_tokenizer = load_for_inference(record["ngram"]["path"], device)
+    if not isinstance(ngram, NGramLM) or isinstance(neural, NGramLM):
+        raise CheckpointError(f"{path}: neural.path must be a gpt or lstm checkpoint and ngram.path an n-gram one")
+    if tokenizer.fingerprint() != ngram_tokenizer.fingerprint():
+        raise CheckpointError(f"{path}: the parts use different tokenizers ({record['neural']['path']}/tokenizer.json "
+                              f"and {record['ngram']['path']}/tokenizer.json)")
+    try:
+        model = MixtureLM(neural, ngram, [float(w) for w in record["weights"]])
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="mix"))
+    return model.to(device).eval(), cfg, tokenizer
+
+
+def summary(report: MixReport) -> str:
+    """The report's table, and how far the mixture's val BPC is below the better part's."""
+    gain = ""
+    if report.val:
+        best = min(report.val["neural"].bpc, report.val["ngram"].bpc)
+        gain = f"\nthe mixture's val BPC is {100 * (1 - report.val['mixture'].bpc / best):.1f}% below the better part's"
+    return report.table() + gain

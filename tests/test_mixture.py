@@ -1,0 +1,192 @@
+"""Neural + n-gram mixtures: a proper distribution, eval by hand, `hanlm mix` and its refusals."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hanlm.checkpoint import load_for_inference
+from hanlm.cli import main
+from hanlm.config import load_config
+from hanlm.data.tokenizer import train_tokenizer
+from hanlm.errors import CheckpointError, ConfigError
+from hanlm.eval import evaluate
+from hanlm.models import build_model
+from hanlm.models.mixture import MixtureLM, fit_weights
+from hanlm.models.ngram import estimate
+from hanlm.train.loop import Trainer
+from hanlm.train.ngram import train_ngram
+
+
+@pytest.fixture(scope="module")
+def parts(people_daily):
+    """A randomly initialised tiny GPT and a 3-gram counted from 2,000 real documents, one vocabulary."""
+    tokenizer = train_tokenizer("char", people_daily[:2000])
+    tokens = tokenizer.encode_documents(people_daily[:2000])
+    ngram, _ = estimate(np.asarray(tokens, dtype=np.int64), tokenizer.vocab_size, 3)
+    torch.manual_seed(0)
+    neural = build_model(load_config("tiny").model, tokenizer.vocab_size).eval()
+    held = np.asarray(tokenizer.encode_documents(people_daily[2000:2040]), dtype=np.int64)
+    return neural, ngram.eval(), tokenizer, held
+
+
+def test_the_mixture_is_a_distribution_in_random_contexts(parts):
+    neural, ngram, tokenizer, held = parts
+    mixture = MixtureLM(neural, ngram, [0.2, 0.5, 0.9])
+    rng = np.random.default_rng(1)
+    contexts = torch.from_numpy(rng.integers(4, tokenizer.vocab_size, size=(4, 12)))
+    with torch.no_grad():
+        logp, _ = mixture.log_probs(contexts, mixture.initial_state(4))
+    assert logp.shape == (4, 12, tokenizer.vocab_size)
+    assert torch.allclose(logp.double().exp().sum(-1), torch.ones(4, 12, dtype=torch.float64), atol=1e-5)
+
+
+def test_the_mixtures_eval_equals_a_hand_computation(parts):
+    neural, ngram, _, held = parts
+    weights = [0.3, 0.6, 0.8]
+    mixture = MixtureLM(neural, ngram, weights)
+    text = held[:41]
+    # By hand: each part's probability of the next token given everything before it, mixed by the
+    # weight of the n-gram's longest known context there.
+    x, y = torch.from_numpy(text[:-1])[None], text[1:]
+    with torch.no_grad():
+        pn = neural.log_probs(x, neural.initial_state(1))[0][0].double().exp()
+    pg = ngram.log_probs(x, ngram.initial_state(1))[0][0].double().exp()
+    known = ngram.known_context(np.zeros(0, dtype=np.int64), text[:-1])
+    nll = -sum(math.log(weights[k] * pn[t, w] + (1 - weights[k]) * pg[t, w])
+               for t, (w, k) in enumerate(zip(y, known)))
+    result = evaluate(mixture, text, block_size=64, batch_size=2, characters=40)
+    assert result.tokens == 40
+    assert result.loss == pytest.approx(nll / 40, rel=1e-6)
+    assert result.bpc == pytest.approx(nll / 40 / math.log(2), rel=1e-6)
+
+
+def test_decoding_step_by_step_matches_the_whole_sequence(parts):
+    neural, ngram, _, held = parts
+    mixture = MixtureLM(neural, ngram, [0.5])
+    ids = torch.from_numpy(held[:10])
+    with torch.no_grad():
+        whole, _ = mixture.log_probs(ids[None], mixture.initial_state(1))
+        _, state = mixture.log_probs(ids[None, :6], mixture.initial_state(1))
+        rows, states = mixture.decode_step(ids[6:7], [state])
+    assert torch.allclose(rows[0], whole[0, 6], atol=1e-5)
+
+
+def test_em_gives_the_better_part_the_weight():
+    rng = np.random.default_rng(0)
+    good = np.log(rng.uniform(0.3, 0.9, 5000))
+    bad = np.log(rng.uniform(0.001, 0.01, 5000))
+    buckets = np.repeat([0, 1], 2500)
+    # Bucket 0: the neural part is the good one; bucket 1: the n-gram.
+    neural = np.where(buckets == 0, good, bad)
+    ngram = np.where(buckets == 0, bad, good)
+    weights, counts = fit_weights(neural, ngram, buckets, 3)
+    assert counts == [2500, 2500, 0]
+    assert weights[0] > 0.95 and weights[1] < 0.05
+    assert weights[2] == pytest.approx(fit_weights(neural, ngram, np.zeros(5000, np.int64), 1)[0][0])
+
+
+def test_weights_outside_0_1_are_refused(parts):
+    neural, ngram, _, _ = parts
+    for bad in ([1.5], [0.5, 0.5], [-0.1, 0.2, 0.3]):
+        with pytest.raises(ValueError, match="mixture weights"):
+            MixtureLM(neural, ngram, bad)
+
+
+# -- hanlm mix on real checkpoints -----------------------------------------------------------------
+
+def tiny(run_dir, *overrides):
+    return load_config("tiny", [f"train.run_dir={run_dir}", "log.peak_tflops=0.1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    neural = Trainer(tiny(root / "gpt"), echo=lambda _: None).run()
+    ngram, _ = train_ngram(tiny(root / "ngram", "model.arch=ngram", "model.order=3"), echo=lambda _: None)
+    return root, neural.run_dir, ngram.run_dir
+
+
+def test_hanlm_mix_tunes_writes_and_the_mixture_evaluates_like_a_checkpoint(checkpoints, capsys):
+    root, neural, ngram = checkpoints
+    out = root / "mixture"
+    assert main(["mix", str(neural), str(ngram), "--out", str(out), "--tune-tokens", "20000"]) == 0
+    printed = capsys.readouterr().out
+    assert "| mixture |" in printed and "below the better part" in printed
+    record = json.loads((out / "mixture.json").read_text())
+    assert len(record["weights"]) == 3 and all(0 <= w <= 1 for w in record["weights"])
+    model, cfg, _ = load_for_inference(str(out))
+    assert isinstance(model, MixtureLM) and cfg.model.arch == "mix"
+    assert main(["eval", str(out), "--json"]) == 0
+    mixed = json.loads(capsys.readouterr().out)["bpc"]
+    assert main(["eval", str(neural), "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["bpc"]
+    assert mixed < alone  # a 40-step GPT gains from any 3-gram
+    assert main(["generate", str(out), "--prompt", "今天", "--max-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("今天")
+
+
+def test_a_mixture_cannot_be_trained_from_or_resumed(checkpoints, tmp_path):
+    root, neural, ngram = checkpoints
+    out = root / "mixture-init"
+    assert main(["mix", str(neural), str(ngram), "--out", str(out), "--tune-tokens", "20000", "--no-eval"]) == 0
+    with pytest.raises(CheckpointError, match="is a mixture"):
+        Trainer(tiny(tmp_path / "run", f"train.init_from={out}"), echo=lambda _: None)
+    with pytest.raises(ConfigError, match="model.arch mix is not trained"):
+        load_config("tiny", ["model.arch=mix"])
+
+
+def test_parts_in_the_wrong_order_or_with_other_tokenizers_are_named(checkpoints, tmp_path, capsys):
+    root, neural, ngram = checkpoints
+    assert main(["mix", str(ngram), str(neural), "--out", str(tmp_path / "m")]) == 2
+    assert "is an n-gram checkpoint; the first part must be a neural one" in capsys.readouterr().err
+    other, _ = train_ngram(tiny(tmp_path / "other", "model.arch=ngram", "model.order=2", "tokenizer.min_freq=3"),
+                           echo=lambda _: None)
+    assert main(["mix", str(neural), str(other.run_dir), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "different tokenizers" in err and err.count("tokenizer.json") == 2
+    assert str(neural) in err and str(other.run_dir) in err
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("{not json", "is damaged"),
+    ('{"format": "something else"}', "is not a hanlm mixture"),
+    ('{"format": "hanlm-mixture/1", "neural": {"path": 3}, "ngram": {"path": "x"}, "weights": [0.5]}',
+     "neural.path must be"),
+    ('{"format": "hanlm-mixture/1", "neural": {"path": "a"}, "ngram": {"path": "b"}, "weights": [2]}',
+     "weights must be a list of numbers between 0 and 1"),
+])
+def test_a_damaged_mixture_file_is_named(tmp_path, damage, message, capsys):
+    (tmp_path / "mixture.json").write_text(damage)
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "mixture.json" in err and "Traceback" not in err
+
+
+def test_a_part_that_changed_since_tuning_is_refused(checkpoints, tmp_path, capsys):
+    root, neural, ngram = checkpoints
+    out = tmp_path / "mixture"
+    assert main(["mix", str(neural), str(ngram), "--out", str(out), "--tune-tokens", "20000", "--no-eval"]) == 0
+    record = json.loads((out / "mixture.json").read_text())
+    record["ngram"]["manifest_sha256"] = "0" * 64
+    (out / "mixture.json").write_text(json.dumps(record))
+    assert main(["eval", str(out)]) == 2
+    assert "has changed (or is gone) since the mixture was tuned" in capsys.readouterr().err
+
+
+def test_a_mixture_serves_completions_and_scores(checkpoints):
+    import httpx
+    from serve_helpers import AUTH, KEY, serve
+
+    root, neural, ngram = checkpoints
+    out = root / "mixture-serve"
+    assert main(["mix", str(neural), str(ngram), "--out", str(out), "--tune-tokens", "20000", "--no-eval"]) == 0
+    with serve(str(out), api_key=KEY) as server:
+        server.wait_ready()
+        done = httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=60,
+                          json={"model": "tiny", "prompt": "今天", "max_tokens": 4, "temperature": 0}).json()
+        assert done["choices"][0]["finish_reason"] in ("length", "stop")
+        scored = httpx.post(server.url + "/v1/score", headers=AUTH, timeout=60, json={"text": "中国经济"}).json()
+        assert len(scored["token_logprobs"]) == 4 and all(lp < 0 for lp in scored["token_logprobs"])
