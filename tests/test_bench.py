@@ -53,3 +53,24 @@ def test_bench_refuses_a_missing_device_before_running_anything(tmp_path, capsys
     assert main(["bench", "train", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_recipe_study_tabulates_and_plots_finished_runs(tmp_path):
+    from hanlm.bench import recipe
+    from hanlm.config import load_config
+    from hanlm.train.loop import Trainer
+
+    run = Trainer(load_config("tiny", [f"train.run_dir={tmp_path / 'tiny'}", "log.peak_tflops=0.1"]),
+                  echo=lambda _: None).run()
+    result = recipe.result_of(run.run_dir, "tiny", ["model.preset=tiny"])
+    assert [p["step"] for p in result["curve"]] == [20, 40] and result["bpc"] == run.final_eval.bpc
+    a, b = result["curve"]
+    middle = (a["tokens"] + b["tokens"]) // 2
+    assert recipe.bpc_at(result["curve"], middle) == pytest.approx((a["bpc"] + b["bpc"]) / 2)
+    assert recipe.bpc_at(result["curve"], b["tokens"] + 1) is None
+    text = recipe.table([result], {"5-gram": 5.508})
+    assert "| tiny | `model.preset=tiny` |" in text and "| 5-gram |" in text and f"{run.final_eval.bpc:.3f}" in text
+    recipe.plot([result], {"5-gram": 5.508}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        recipe.main(["--only", "no-such-candidate", "--out", str(tmp_path)])
