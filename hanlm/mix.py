@@ -87,6 +87,7 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
     """Tune the mixture of the two checkpoints and write `out`/mixture.json; with `evaluate_val`
     also score the parts and the mixture on the neural run's val split. Without `ngram_spec`, an
     n-gram of `order` is first counted on the neural run's prepared data into `out`/ngram<order>."""
+    _check_out(Path(out))
     neural_path = _part_path(neural_spec)
     ngram_path = _part_path(ngram_spec) if ngram_spec else count_ngram(neural_path, order, Path(out), echo)
     neural_ckpt, ngram_ckpt = load_checkpoint(neural_path, device), load_checkpoint(ngram_path)
@@ -148,6 +149,13 @@ def count_ngram(neural_path: str, order: int, out: Path, echo: Callable[[str], N
     return result.checkpoint
 
 
+def _check_out(out: Path) -> None:
+    """The mixture gets a directory of its own: in a run or checkpoint directory its mixture.json would
+    make `hanlm eval DIR` mean the mixture instead of the checkpoints there."""
+    if (out / "checkpoints").is_dir() or any(out.glob("step-*")) or any(out.glob("model.*")):
+        raise HanlmError(f"--out {out} holds checkpoints; give the mixture a directory of its own, e.g. {out / 'mix'}")
+
+
 def _part_path(spec: str) -> str:
     if is_mixture(spec):
         raise CheckpointError(f"{spec} is itself a mixture; mix a neural checkpoint with an n-gram checkpoint")
@@ -183,7 +191,7 @@ def _manifest_digest(path: str) -> str | None:
     try:
         with fsspec.open(f"{path.rstrip('/')}/{MANIFEST}", "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
-    except FileNotFoundError:
+    except OSError:  # missing (an older checkpoint) or unreadable: loading the part says which
         return None
 
 

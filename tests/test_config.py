@@ -13,7 +13,7 @@ from hanlm.errors import ConfigError
 
 
 def test_builtin_configs_load_and_no_file_means_the_default_config():
-    for name in ("tiny", "default", "base"):
+    for name in ("tiny", "default", "base", "pd-best"):
         load_config(name)
     assert load_config(None).to_dict() == load_config("default").to_dict()
     assert load_config(None).train.max_steps != Config().train.max_steps  # the demo's, not the key default
@@ -55,7 +55,7 @@ def test_yaml_file_values_and_overrides_stack(tmp_path):
     (["data.nfkc=maybe"], "data.nfkc must be true or false"),
     (["model.n_embd=100", "model.n_head=3"], "model.n_embd (100) must be divisible by model.n_head (3)"),
     (["train.block_size=512"], "train.block_size (512) is above model.context_length (256)"),
-    (["train.warmup_steps=5000"], "train.warmup_steps (5000) is above train.max_steps"),
+    (["train.warmup_steps=5000", "train.max_steps=1000"], "train.warmup_steps (5000) is above train.max_steps"),
     (["data.val_fraction=0"], "there is no validation data"),
     (["derived.global_batch=64"], "derived.global_batch is computed"),
     (["train.lr"], "expected KEY=VALUE"),
@@ -77,7 +77,7 @@ def test_errors_in_a_file_name_the_file(tmp_path):
     f.write_text("train:\n  lr: [oops\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(f)
-    with pytest.raises(ConfigError, match="not found.*built-in configs: base, default, tiny"):
+    with pytest.raises(ConfigError, match="not found.*built-in configs: base, default, pd-best, tiny"):
         load_config(tmp_path / "missing.yaml")
 
 

@@ -65,6 +65,7 @@ def test_hanlm_eval_takes_a_stride_and_names_a_bad_one(tmp_path, capsys):
 
     run = Trainer(load_config("tiny", [f"train.run_dir={tmp_path}", "train.max_steps=4", "log.peak_tflops=0.1"]),
                   echo=lambda _: None).run()
+    capsys.readouterr()  # the run's log lines
     assert main(["eval", str(run.checkpoint), "--json"]) == 0
     side_by_side = json.loads(capsys.readouterr().out)
     assert main(["eval", str(run.checkpoint), "--json", "--stride", "16"]) == 0

@@ -142,6 +142,8 @@ def test_parts_in_the_wrong_order_or_with_other_tokenizers_are_named(checkpoints
     root, neural, ngram = checkpoints
     assert main(["mix", str(ngram), str(neural), "--out", str(tmp_path / "m")]) == 2
     assert "is an n-gram checkpoint; the first part must be a neural one" in capsys.readouterr().err
+    assert main(["mix", str(neural), str(ngram), "--out", str(neural)]) == 2
+    assert "holds checkpoints; give the mixture a directory of its own" in capsys.readouterr().err
     other, _ = train_ngram(tiny(tmp_path / "other", "model.arch=ngram", "model.order=2", "tokenizer.min_freq=3"),
                            echo=lambda _: None)
     assert main(["mix", str(neural), str(other.run_dir), "--out", str(tmp_path / "m")]) == 2

@@ -31,7 +31,7 @@ def documents_of(directory, split) -> list[str]:
 @pytest.fixture(scope="module")
 def pd_char(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "pd-char"
-    return prepare(load_config("default"), out, progress=False)
+    return prepare(load_config("default", ["tokenizer.kind=char"]), out, progress=False)
 
 
 def test_people_daily_char_shards_hold_the_whole_corpus(pd_char, people_daily):
@@ -72,17 +72,17 @@ def test_second_prepare_reuses_and_any_change_rebuilds(tmp_path, people_daily):
     src = tmp_path / "pd.txt"
     src.write_text("\n".join(people_daily[:1000]) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    cfg = load_config(None, [f"data.source={src}"])
+    cfg = load_config(None, [f"data.source={src}", "tokenizer.kind=char"])
     first = prepare(cfg, out, progress=False)
     stamp = (out / "train.bin").stat().st_mtime_ns
     again = prepare(cfg, out, progress=False)
     assert again.reused and again.meta == first.meta and (out / "train.bin").stat().st_mtime_ns == stamp
 
-    changed = prepare(load_config(None, [f"data.source={src}", "tokenizer.min_freq=3"]), out, progress=False)
+    changed = prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char", "tokenizer.min_freq=3"]), out, progress=False)
     assert not changed.reused and changed.meta["vocab_size"] < first.meta["vocab_size"]
 
     src.write_text("\n".join(people_daily[:900]) + "\n", encoding="utf-8")
-    edited = prepare(load_config(None, [f"data.source={src}", "tokenizer.min_freq=3"]), out, progress=False)
+    edited = prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char", "tokenizer.min_freq=3"]), out, progress=False)
     assert not edited.reused
     assert edited.meta["splits"]["train"]["documents"] < changed.meta["splits"]["train"]["documents"]
 
@@ -90,7 +90,7 @@ def test_second_prepare_reuses_and_any_change_rebuilds(tmp_path, people_daily):
 def test_a_damaged_shard_is_detected_and_rebuilt(tmp_path, people_daily):
     src = tmp_path / "pd.txt"
     src.write_text("\n".join(people_daily[:500]) + "\n", encoding="utf-8")
-    cfg = load_config(None, [f"data.source={src}"])
+    cfg = load_config(None, [f"data.source={src}", "tokenizer.kind=char"])
     out = prepare(cfg, tmp_path / "out", progress=False).directory
     with open(out / "train.bin", "r+b") as f:
         f.truncate(100)
@@ -104,7 +104,7 @@ def test_an_interrupted_prepare_leaves_the_previous_shards_untouched(tmp_path, p
     src = tmp_path / "pd.txt"
     src.write_text("\n".join(people_daily[:3000]) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    prepare(load_config(None, [f"data.source={src}"]), out, progress=False)
+    prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 10_000)
@@ -118,13 +118,13 @@ def test_an_interrupted_prepare_leaves_the_previous_shards_untouched(tmp_path, p
 
     monkeypatch.setattr(ShardWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        prepare(load_config(None, [f"data.source={src}", "tokenizer.min_freq=2"]), out, progress=False)
+        prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char", "tokenizer.min_freq=2"]), out, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pd.txt"], "a temporary was left behind"
 
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        prepare(load_config(None, [f"data.source={src}"]), tmp_path / "fresh", progress=False)
+        prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), tmp_path / "fresh", progress=False)
     assert not (tmp_path / "fresh").exists()
 
 
@@ -150,7 +150,7 @@ def test_a_killed_prepare_never_leaves_a_directory_that_looks_complete(tmp_path,
     assert not out.exists()
     assert temporaries() and all(not (p / "meta.json").exists() for p in temporaries())
     # The next prepare of the same directory removes what the killed one left.
-    prepare(load_config(None, [f"data.source={src}"]), out, progress=False)
+    prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), out, progress=False)
     assert (out / "meta.json").exists() and temporaries() == []
 
 
@@ -199,13 +199,13 @@ def test_read_meta_names_a_directory_that_was_never_prepared(tmp_path):
 
 
 def test_cli_prepare_prints_the_statistics(capsys, pd_char):
-    assert main(["prepare", "--out", str(pd_char.directory), "--no-progress"]) == 0
+    assert main(["prepare", "--out", str(pd_char.directory), "--no-progress", "--set", "tokenizer.kind=char"]) == 0
     out = capsys.readouterr().out
     assert "(up to date, reused)" in out
     train = pd_char.meta["splits"]["train"]
     assert f"{train['documents']:,} documents" in out and f"{train['tokens']:,} tokens" in out
     assert f"distinct characters (train): {pd_char.meta['distinct_characters']:,}" in out
-    assert main(["prepare", "--out", str(pd_char.directory), "--json"]) == 0
+    assert main(["prepare", "--out", str(pd_char.directory), "--json", "--set", "tokenizer.kind=char"]) == 0
     assert json.loads(capsys.readouterr().out)["splits"]["train"]["tokens"] > 1_800_000
 
 

@@ -40,7 +40,7 @@ LMPLZ = {"seconds": 4.5, "peak_rss_gib": 0.8, "counts": [4690, 281235, 883225, 1
 
 
 def _data():
-    cfg = load_config(overrides=["model.arch=ngram"])
+    cfg = load_config(overrides=["model.arch=ngram", "tokenizer.kind=char"])  # the table is on char tokens
     prepared = prepare(cfg, progress=False)
     return cfg, prepared, Tokenizer.load(prepared.directory / "tokenizer.json")
 

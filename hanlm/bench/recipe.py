@@ -168,12 +168,13 @@ def bpc_at(curve: list[dict[str, Any]], tokens: int) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = suite_parser("recipe", __doc__)
     parser.add_argument("--minutes", type=float, default=4.0, help="wall minutes per candidate (default 4)")
-    parser.add_argument("--only", default="", help="comma-separated candidates (default all): " + ", ".join(CANDIDATES))
+    parser.add_argument("--only", default="", help="comma-separated candidates (default all; none: only --runs): "
+                        + ", ".join(CANDIDATES))
     parser.add_argument("--evals", type=int, default=8, help="evaluations per curve, roughly (default 8)")
     parser.add_argument("--runs", default="", metavar="DIR,...",
                         help="also plot and tabulate these finished run directories (e.g. runs/pd-best), as they ran")
     args = parser.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(CANDIDATES)
+    names = [] if args.only == "none" else [n for n in args.only.split(",") if n] or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         parser.error(f"unknown candidates {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")

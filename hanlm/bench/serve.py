@@ -33,7 +33,7 @@ PROMPTS = ["今天", "中国经济", "人民日报记者", "新华社北京", "�
 
 
 def small_model():
-    cfg = load_config(overrides=["model.preset=small"])
+    cfg = load_config(overrides=["model.preset=small", "tokenizer.kind=char"])
     tokenizer = Tokenizer.load(prepare(cfg, progress=False).directory / "tokenizer.json")
     torch.manual_seed(0)
     return build_model(cfg.model, tokenizer.vocab_size).eval(), cfg, tokenizer
