@@ -85,9 +85,12 @@ class RunLogger:
     """
 
     def __init__(self, run_dir: str | Path, cfg: LogConfig, *, total_steps: int, start_step: int = 0,
-                 peak_flops: float | None = None, enabled: bool = True):
+                 peak_flops: float | None = None, enabled: bool = True, seconds: float | None = None):
+        """`seconds`: the wall time this run may still train (train.max_minutes), if any: the bar and
+        the console then show the steps that time will allow, estimated from the pace so far."""
         self.run_dir = Path(run_dir)
         self.cfg, self.total_steps, self.peak_flops, self.enabled = cfg, total_steps, peak_flops, enabled
+        self.start_step, self.seconds, self._started = start_step, seconds, time.monotonic()
         self._closed = not enabled
         if not enabled:
             return
@@ -114,12 +117,16 @@ class RunLogger:
         if self._closed:
             return
         self._bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False)
+        expected = self._expected_steps(step)
+        if expected != self._bar.total:
+            self._bar.total = expected
         self._bar.update(step - self._bar.n)
         if not (step == 1 or step % self.cfg.every_steps == 0 or step == self.total_steps):
             return
         mfu = flops_per_s / self.peak_flops if flops_per_s is not None and self.peak_flops else None
-        width = len(str(self.total_steps))
-        parts = [f"step {step:>{width}}/{self.total_steps}", f"loss {loss:.4f}", f"lr {lr:.2e}",
+        width = len(str(expected))
+        shown = f"~{expected}" if expected < self.total_steps else str(expected)
+        parts = [f"step {step:>{width}}/{shown}", f"loss {loss:.4f}", f"lr {lr:.2e}",
                  f"grad {grad_norm:.3f}", f"{tokens_per_s:,.0f} tok/s"]
         if mfu is not None:
             parts.append(f"MFU {mfu:.1%}")
@@ -137,6 +144,13 @@ class RunLogger:
             for name, value in scalars.items():
                 if value is not None:
                     self._tb.add_scalar(f"train/{name}", value, step)
+
+    def _expected_steps(self, step: int) -> int:
+        """The run's last step: total_steps, or sooner what the time left allows at the pace so far."""
+        done, elapsed = step - self.start_step, time.monotonic() - self._started
+        if self.seconds is None or done <= 0 or elapsed <= 0:
+            return self.total_steps
+        return min(self.total_steps, max(step, round(self.start_step + done * self.seconds / elapsed)))
 
     def eval(self, step: int, tokens_seen: int, metrics: dict[str, float]) -> None:
         """Record an evaluation at `step`; `metrics` maps names ("loss", "bpc", "ppl_char",

@@ -212,3 +212,26 @@ def test_matmul_peak_on_cpu_is_plausible():
     peak = measure_matmul_peak("cpu", seconds=0.2)
     print(f"CPU fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     assert 1e9 < peak < 1e13
+
+
+def test_a_run_with_a_time_budget_shows_the_steps_its_time_allows(tmp_path, capsys, monkeypatch):
+    import time as real_time
+
+    import hanlm.log as log
+
+    class Clock:  # ten seconds per step, whatever the machine's speed
+        now = 0.0
+        time = staticmethod(real_time.time)
+
+        @classmethod
+        def monotonic(cls):
+            return cls.now
+
+    monkeypatch.setattr(log, "time", Clock)
+    with RunLogger(tmp_path, LogConfig(every_steps=10, progress=False, tensorboard=False), total_steps=100_000,
+                   seconds=1000.0) as logger:
+        for step in range(1, 21):
+            Clock.now = 10.0 * step
+            logger.train_step(step, loss=4.0, lr=1e-3, grad_norm=0.5, tokens_seen=64 * step, tokens_per_s=3000.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("step  10/~100 |") and lines[2].startswith("step  20/~100 |")

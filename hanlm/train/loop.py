@@ -416,8 +416,12 @@ class Trainer:
         self.echo(f"batch: {cfg.derived.micro_batch} × {cfg.train.grad_accum} × {cfg.derived.world_size} "
                   f"sequences of {cfg.train.block_size} = {cfg.derived.tokens_per_step:,} tokens per step, "
                   f"{cfg.derived.max_steps:,} steps" + (f"; sync {cfg.dist.sync}" if self.info.distributed else ""))
+        seconds = None
+        if cfg.train.max_minutes is not None:
+            spent = self.elapsed_s() if cfg.train.schedule_clock == "minutes" else 0.0
+            seconds = max(0.0, 60 * cfg.train.max_minutes - spent)
         logger = RunLogger(self.run_dir, cfg.log, total_steps=cfg.derived.max_steps, start_step=self.step,
-                           peak_flops=peak, enabled=main)
+                           peak_flops=peak, enabled=main, seconds=seconds)
         started = self._clock_started = time.monotonic()
         try:
             return self._train(started, logger, flops_per_token, stop_after)
