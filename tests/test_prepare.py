@@ -78,11 +78,13 @@ def test_second_prepare_reuses_and_any_change_rebuilds(tmp_path, people_daily):
     again = prepare(cfg, out, progress=False)
     assert again.reused and again.meta == first.meta and (out / "train.bin").stat().st_mtime_ns == stamp
 
-    changed = prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char", "tokenizer.min_freq=3"]), out, progress=False)
+    changed = prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char",
+                                       "tokenizer.min_freq=3"]), out, progress=False)
     assert not changed.reused and changed.meta["vocab_size"] < first.meta["vocab_size"]
 
     src.write_text("\n".join(people_daily[:900]) + "\n", encoding="utf-8")
-    edited = prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char", "tokenizer.min_freq=3"]), out, progress=False)
+    edited = prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char",
+                                       "tokenizer.min_freq=3"]), out, progress=False)
     assert not edited.reused
     assert edited.meta["splits"]["train"]["documents"] < changed.meta["splits"]["train"]["documents"]
 
@@ -118,7 +120,8 @@ def test_an_interrupted_prepare_leaves_the_previous_shards_untouched(tmp_path, p
 
     monkeypatch.setattr(ShardWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char", "tokenizer.min_freq=2"]), out, progress=False)
+        prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char",
+                                       "tokenizer.min_freq=2"]), out, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pd.txt"], "a temporary was left behind"
 

@@ -150,7 +150,8 @@ def table(results: list[dict[str, Any]], reference: dict[str, float], at_tokens:
         at = bpc_at(r["curve"], at_tokens)
         trained = r["curve"][-1]["minutes"]
         rows.append(f"| {r['name']} | `{' '.join(r['overrides']) or '(the base recipe)'}` | {trained:.1f} | "
-                    f"{r['bpc']:.3f} | {gap} | {r['steps']:,} | {r['tokens']:,} | {r['tokens'] / (60 * trained):,.0f} | "
+                    f"{r['bpc']:.3f} | {gap} | {r['steps']:,} | {r['tokens']:,} | "
+                    f"{r['tokens'] / (60 * trained):,.0f} | "
                     f"{'—' if at is None else f'{at:.3f}'} |")
     for name, bpc in reference.items():
         rows.append(f"| {name} | modified Kneser-Ney, char tokens | | {bpc:.3f} | | | | | |")
