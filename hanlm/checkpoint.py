@@ -392,7 +392,6 @@ def load_for_inference(spec: str, device: str | torch.device = "cpu"):
     """(model in eval mode, config, tokenizer) from a checkpoint, a checkpoint root, a mixture
     (`hanlm mix`), or an ARPA file written by any tool (its words become the vocabulary; see `tokenizer_for`)."""
     from hanlm.mix import is_mixture, load_mixture
-    from hanlm.models import build_model
 
     if is_mixture(spec):
         return load_mixture(spec, device)
@@ -401,11 +400,18 @@ def load_for_inference(spec: str, device: str | torch.device = "cpu"):
         cfg = load_config(overrides=["model.arch=ngram", f"model.order={model.order}"])
         return model.eval(), cfg, tokenizer_for(words)
     ckpt = load_checkpoint(resolve_checkpoint(spec), device)
+    return model_of(ckpt, device), ckpt.config, ckpt.tokenizer
+
+
+def model_of(ckpt: Checkpoint, device: str | torch.device = "cpu"):
+    """The loaded checkpoint's model in eval mode: its n-gram, or its network built and filled."""
+    from hanlm.models import build_model
+
     if ckpt.ngram is not None:
-        return ckpt.ngram.eval(), ckpt.config, ckpt.tokenizer
+        return ckpt.ngram.eval()
     model = build_model(_without_vectors(ckpt.config), ckpt.tokenizer.vocab_size)
     load_weights(model, ckpt.weights, ckpt.path)
-    return model.to(device).eval(), ckpt.config, ckpt.tokenizer
+    return model.to(device).eval()
 
 
 def _without_vectors(cfg: Config) -> ModelConfig:

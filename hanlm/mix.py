@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hanlm.atomic import atomic_write_text
-from hanlm.checkpoint import Checkpoint, load_checkpoint, load_for_inference, resolve_checkpoint
+from hanlm.checkpoint import Checkpoint, load_checkpoint, load_for_inference, model_of, resolve_checkpoint
 from hanlm.config import Config
 from hanlm.data.prepare import prepare
 from hanlm.errors import CheckpointError, HanlmError
@@ -89,10 +89,11 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
     n-gram of `order` is first counted on the neural run's prepared data into `out`/ngram<order>."""
     _check_out(Path(out))
     neural_path = _part_path(neural_spec)
-    ngram_path = _part_path(ngram_spec) if ngram_spec else count_ngram(neural_path, order, Path(out), echo)
-    neural_ckpt, ngram_ckpt = load_checkpoint(neural_path, device), load_checkpoint(ngram_path)
+    neural_ckpt = load_checkpoint(neural_path, device)
+    ngram_path = _part_path(ngram_spec) if ngram_spec else count_ngram(neural_ckpt.config, order, Path(out), echo)
+    ngram_ckpt = load_checkpoint(ngram_path)
     _check_parts(neural_ckpt, ngram_ckpt)
-    neural, cfg, tokenizer = load_for_inference(neural_path, device)
+    neural, cfg, tokenizer = model_of(neural_ckpt, device), neural_ckpt.config, neural_ckpt.tokenizer
     train, _ = prepared_split(cfg, tokenizer, "train")
     train = np.asarray(train, dtype=np.int64)
     cut = _heldout_start(train, tune_tokens, tokenizer.eos_id)
@@ -133,12 +134,11 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
     return report
 
 
-def count_ngram(neural_path: str, order: int, out: Path, echo: Callable[[str], None]) -> str:
-    """Count an n-gram of `order` on the neural checkpoint's prepared data (its config, so its
-    tokenizer) into `out`/ngram<order>; return its checkpoint."""
+def count_ngram(cfg: Config, order: int, out: Path, echo: Callable[[str], None]) -> str:
+    """Count an n-gram of `order` on the prepared data of the neural run whose config is `cfg` (so
+    with its tokenizer) into `out`/ngram<order>; return its checkpoint."""
     from hanlm.train.ngram import train_ngram
 
-    cfg = load_checkpoint(neural_path).config
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, arch="ngram", order=order),
         train=dataclasses.replace(cfg.train, run_dir=str(out / f"ngram{order}")),
