@@ -47,10 +47,11 @@ class DataConfig:
     val_source: list[str] = key([], "Validation text; when empty, `val_fraction` of the documents is held out.")
     val_fraction: float = key(0.02, "Share of documents held out for validation, chosen by a hash of each "
                               "document (deterministic).", min=0.0, max=0.5)
-    format: Literal["auto", "txt", "jsonl", "parquet"] = key("auto", "File format; `auto` goes by the extension.")
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = key("auto", "File format; `auto` goes by the "
+                                                                    "extension.")
     txt_documents: Literal["line", "paragraph"] = key("line", "In .txt files a document is one line, or a "
                                                       "paragraph ending at a blank line.")
-    text_field: str = key("text", "Field (.jsonl) or column (.parquet) that holds the text.")
+    text_field: str = key("text", "Field (.jsonl) or column (.csv, .parquet) that holds the text.")
     nfkc: bool = key(False, "Unicode NFKC normalisation (full-width ASCII becomes half-width).")
     clean_whitespace: bool = key(True, "Strip documents and collapse runs of whitespace into one space.")
     t2s: bool = key(False, "Convert Traditional to Simplified Chinese with OpenCC (`pip install hanlm[opencc]`).")
@@ -107,6 +108,9 @@ class ModelConfig:
         "all; non-decreasing; the last repeats for higher orders), as lmplz --prune; empty keeps every n-gram.")
     vectors: str | None = key(None, "Pretrained word or character vectors (word2vec text or binary) for the "
                               "embedding.")
+    task: Literal["lm", "classify"] = key(
+        "lm", "What the network's output is: next-token probabilities (lm), or a label for the whole text "
+        "(classify: a checkpoint written by `hanlm finetune`, its labels in finetune.labels).")
 
 
 @dataclass
@@ -231,6 +235,38 @@ class ServeConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init_from: str | None = key(None, "The pretrained gpt or lstm checkpoint (or run directory) to start from; its "
+                                "model.*, tokenizer and data.* normalisation are used. `hanlm finetune CKPT` sets it.")
+    from_scratch: bool = key(False, "Keep the checkpoint's shape and tokenizer but start from random weights: the "
+                             "baseline that measures what pretraining is worth.")
+    data: list[str] = key(["chn-reviews"], "Labelled text: built-in corpus names, .jsonl/.csv/.parquet files, "
+                          "directories, globs or fsspec URLs (read with the checkpoint's data.* settings).")
+    text_field: str = key("text", "Field (.jsonl) or column (.csv, .parquet) that holds the text.")
+    label_field: str = key("label", "Field or column that holds the label (a string or an integer).")
+    labels: list[str] = key([], "The labels, in the order of the head's outputs; empty: every label found in "
+                            "the train split, sorted. Saved with the checkpoint.")
+    dev_fraction: float = key(0.1, "Share of distinct texts for the dev split (epoch and checkpoint selection).",
+                              above=0.0, max=0.5)
+    test_fraction: float = key(0.1, "Share of distinct texts for the test split, reported once at the end.",
+                               above=0.0, max=0.5)
+    pooling: Literal["last", "mean"] = key("last", "The text's vector: the last token's hidden state (it has "
+                                           "seen the whole text), or the mean over its tokens.")
+    max_length: int = key(128, "Tokens kept per text (the first ones); at most the model's context_length.", min=2)
+    epochs: float = key(2.0, "Passes over the train split.", above=0.0)
+    lr: float = key(3e-4, "Peak learning rate (linear warm-up, cosine decay to train.min_lr_ratio × lr).",
+                    above=0.0)
+    warmup_frac: float = key(0.06, "Warm-up as a share of the run.", min=0.0, max=1.0)
+    weight_decay: float = key(0.01, "AdamW weight decay of the projection matrices and the head.", min=0.0)
+    dropout: float = key(0.1, "Dropout in the backbone and before the head.", min=0.0, max=0.9)
+    micro_batch: int | Literal["auto"] = key(32, "Texts per forward pass on one worker; `auto` picks the "
+                                             "largest that fits memory (train.memory_fraction).", min=1)
+    eval_every_steps: int = key(100, "Evaluate on the dev split (and checkpoint) every this many steps, and at "
+                                "the end.", min=1)
+    run_dir: str = key("runs/finetune", "Run directory: resolved config, logs, checkpoints, report.")
+
+
+@dataclass
 class LogConfig:
     every_steps: int = key(10, "Console and metrics.jsonl line every this many steps.", min=1)
     progress: bool = key(True, "Show progress bars.")
@@ -256,7 +292,7 @@ class Derived:
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig,
     "dist": DistConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "generate": GenerateConfig,
-    "serve": ServeConfig, "log": LogConfig,
+    "serve": ServeConfig, "finetune": FinetuneConfig, "log": LogConfig,
 }
 
 
@@ -271,6 +307,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     log: LogConfig = field(default_factory=LogConfig)
     derived: Derived | None = None
 
@@ -506,6 +543,13 @@ def check(cfg: Config) -> None:
                               f"({m.context_length}); lower train.block_size or raise model.context_length")
     if m.arch == "ngram":
         _check_ngram(cfg)
+    if m.task != "lm" and m.arch not in ("gpt", "lstm"):
+        raise ConfigError(f"model.task {m.task} needs a neural network (model.arch gpt or lstm), not {m.arch}")
+    if cfg.finetune.dev_fraction + cfg.finetune.test_fraction >= 1:
+        raise ConfigError(f"finetune.dev_fraction ({cfg.finetune.dev_fraction}) + finetune.test_fraction "
+                          f"({cfg.finetune.test_fraction}) leave no train split; keep their sum below 1")
+    if len(set(cfg.finetune.labels)) != len(cfg.finetune.labels):
+        raise ConfigError(f"finetune.labels names a label twice: {cfg.finetune.labels}")
     if m.arch == "mix":
         raise ConfigError("model.arch mix is not trained: `hanlm mix NEURAL NGRAM --out DIR` combines a trained "
                           "neural checkpoint and a trained n-gram checkpoint")

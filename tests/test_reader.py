@@ -155,7 +155,7 @@ def test_missing_sources_are_clear_errors(spec, message):
 
 
 def test_unknown_extension_asks_for_data_format(tmp_path):
-    path = tmp_path / "corpus.csv"
+    path = tmp_path / "corpus.tsv"
     path.write_text("文本\n", encoding="utf-8")
     with pytest.raises(DataError, match="set data.format"):
         DocumentReader([str(path)], DataConfig())

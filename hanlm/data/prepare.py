@@ -68,11 +68,15 @@ class Prepared:
         return "\n".join(lines)
 
 
+def text_bucket(doc: str) -> int:
+    """A stable hash of a text, in 0 .. 999,999: what every deterministic split cuts on, so a repeated
+    document always lands on the same side."""
+    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little") % 1_000_000
+
+
 def is_val(doc: str, val_fraction: float) -> bool:
-    """Whether a document belongs to the val split: a stable hash of its text, so the split is
-    deterministic and a repeated document always lands on the same side."""
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
-    return h % 1_000_000 < val_fraction * 1_000_000
+    """Whether a document belongs to the val split (by `text_bucket`)."""
+    return text_bucket(doc) < val_fraction * 1_000_000
 
 
 def default_dir(cfg: Config) -> Path:

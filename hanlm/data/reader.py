@@ -6,12 +6,14 @@ Remote files are read through fsspec's local file cache (`$HANLM_HOME/cache`), s
 does not download them again. `.gz`, `.bz2` and `.zst` are decompressed on the fly.
 
 Formats: `.txt` (a document per line or per blank-line-separated paragraph), `.jsonl` (one
-field) and `.parquet` (one column).
+field), `.csv` (one column, a header row first) and `.parquet` (one column). Labelled data for
+tasks (`DocumentReader.labelled`) reads a second field or column beside the text.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import glob
 import hashlib
 import io
@@ -31,7 +33,7 @@ from hanlm.data.corpora import CORPORA, corpus_file, hanlm_home
 from hanlm.errors import DataError
 
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -41,7 +43,7 @@ class SourceFile:
 
     url: str  # as the user would write it: a local path or a URL
     local: bool
-    format: str  # txt | jsonl | parquet
+    format: str  # txt | jsonl | csv | parquet
     fingerprint: str  # changes whenever the file does (size, mtime or ETag)
     builtin: bool = False  # an extracted built-in corpus: fixed format, user format keys ignored
 
@@ -94,7 +96,7 @@ def _format_of(name: str, cfg: DataConfig) -> str:
     ext, _ = _suffixes(name)
     if ext not in FORMATS:
         raise DataError(f"{name}: cannot tell the format from the extension {ext or '(none)'!r}; "
-                        f"use .txt, .jsonl or .parquet (optionally .gz/.bz2/.zst), or set data.format")
+                        f"use .txt, .jsonl, .csv or .parquet (optionally .gz/.bz2/.zst), or set data.format")
     return FORMATS[ext]
 
 
@@ -126,7 +128,7 @@ def _expand_local(spec: str, cfg: DataConfig) -> list[SourceFile]:
     elif path.is_dir():
         paths = sorted(p for p in path.rglob("*") if p.is_file() and _readable(p.name))
         if not paths:
-            raise DataError(f"directory {spec!r} holds no .txt, .jsonl or .parquet files")
+            raise DataError(f"directory {spec!r} holds no .txt, .jsonl, .csv or .parquet files")
     elif path.is_file():
         paths = [path]
     else:
@@ -193,20 +195,34 @@ class DocumentReader:
     raises DataError saying what was dropped and why.
     """
 
-    def __init__(self, sources: list[str], cfg: DataConfig):
-        self.cfg = cfg
+    def __init__(self, sources: list[str], cfg: DataConfig, *, text_key: str = "data.text_field"):
+        """`text_key`: the config key that names cfg.text_field, for error messages (fine-tuning has its own)."""
+        self.cfg, self.text_key = cfg, text_key
         self.files = expand_sources(sources, cfg)
         self.stats = ReadStats()
+        self.current: str | None = None  # the file being read, for errors about its records
         self._t2s = _opencc_t2s() if cfg.t2s else None
 
     def fingerprints(self) -> list[str]:
         return [f.fingerprint for f in self.files]
 
     def __iter__(self) -> Iterator[str]:
+        for doc, _ in self._records(None):
+            yield doc
+
+    def labelled(self, label_field: str) -> Iterator[tuple[str, str]]:
+        """(document, label) pairs: the text as `__iter__` yields it and the record's `label_field`
+        (a string, or an integer taken as its decimal text). A record without the field, or with a
+        label that is empty or not text, raises DataError naming the file, line and field."""
+        for doc, label in self._records(label_field):
+            yield doc, label  # type: ignore[misc]
+
+    def _records(self, label_field: str | None) -> Iterator[tuple[str, str | None]]:
         self.stats = ReadStats(files=len(self.files))
         seen: set[bytes] = set()
         for src in self.files:
-            for raw in self._raw_documents(src):
+            self.current = src.url
+            for raw, label in self._raw_records(src, label_field):
                 doc = self.normalise(raw)
                 if len(doc) < max(self.cfg.min_chars, 1):
                     self.stats.too_short += 1
@@ -219,11 +235,14 @@ class DocumentReader:
                     seen.add(digest)
                 self.stats.documents += 1
                 self.stats.characters += len(doc)
-                yield doc
+                yield doc, label
         if self.stats.documents == 0:
             names = ", ".join(f.url for f in self.files)
             raise DataError(f"no documents left in {names} after filtering ({self.stats.summary()}); "
                             f"check data.min_chars (now {self.cfg.min_chars}) and the sources")
+
+    def _keys(self, label_field: str | None) -> str:
+        return self.text_key + (" or finetune.label_field" if label_field is not None else "")
 
     def normalise(self, text: str) -> str:
         """Apply the configured normalisation to one document."""
@@ -235,27 +254,38 @@ class DocumentReader:
             text = _WHITESPACE.sub(" ", text).strip()
         return text
 
-    def _raw_documents(self, src: SourceFile) -> Iterator[str]:
+    def _raw_records(self, src: SourceFile, label_field: str | None) -> Iterator[tuple[str, str | None]]:
+        """(raw text, raw label or None) for each record of one file."""
+        text_field = "text" if src.builtin else self.cfg.text_field
         with _open_binary(src) as f:
             if src.format == "parquet":
-                yield from self._parquet(src, f)
+                yield from self._parquet(src, f, text_field, label_field)
                 return
             lines = self._decoded_lines(src, io.BufferedReader(f) if not hasattr(f, "peek") else f)
             if src.format == "jsonl":
-                yield from self._jsonl(src, lines, "text" if src.builtin else self.cfg.text_field)
-            elif self.cfg.txt_documents == "line":
-                for _, line in lines:
-                    yield line.rstrip("\r\n")
+                yield from self._jsonl(src, lines, text_field, label_field)
+            elif src.format == "csv":
+                yield from self._csv(src, lines, text_field, label_field)
+            elif label_field is not None:
+                raise DataError(f"{src.url}: a .txt file holds only text, no {label_field!r} field for labels; "
+                                "give labelled data as .jsonl, .csv or .parquet")
             else:
-                para: list[str] = []
-                for _, line in lines:
-                    if line.strip():
-                        para.append(line.rstrip("\r\n"))
-                    elif para:
-                        yield "\n".join(para)
-                        para = []
-                if para:
-                    yield "\n".join(para)
+                yield from ((doc, None) for doc in self._txt(lines))
+
+    def _txt(self, lines: Iterator[tuple[int, str]]) -> Iterator[str]:
+        if self.cfg.txt_documents == "line":
+            for _, line in lines:
+                yield line.rstrip("\r\n")
+            return
+        para: list[str] = []
+        for _, line in lines:
+            if line.strip():
+                para.append(line.rstrip("\r\n"))
+            elif para:
+                yield "\n".join(para)
+                para = []
+        if para:
+            yield "\n".join(para)
 
     def _decoded_lines(self, src: SourceFile, f: IO[bytes]) -> Iterator[tuple[int, str]]:
         """(line number, text) for each line, applying data.on_decode_error to invalid UTF-8."""
@@ -281,7 +311,8 @@ class DocumentReader:
             offset += len(raw)
             yield number, text
 
-    def _jsonl(self, src: SourceFile, lines: Iterator[tuple[int, str]], field_name: str) -> Iterator[str]:
+    def _jsonl(self, src: SourceFile, lines: Iterator[tuple[int, str]], text_field: str,
+               label_field: str | None) -> Iterator[tuple[str, str | None]]:
         for number, line in lines:
             if not line.strip():
                 continue
@@ -289,17 +320,43 @@ class DocumentReader:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{src.url}: line {number} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field_name not in record:
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{src.url}: line {number} has no field {field_name!r} (it has: {keys}); "
-                                "set data.text_field")
-            value = record[field_name]
+            except RecursionError:
+                raise DataError(f"{src.url}: line {number} nests too deeply to be a record") from None
+            where = f"{src.url}: line {number}"
+            for name, key_name in ((text_field, self.text_key), (label_field, "finetune.label_field")):
+                if name is not None and (not isinstance(record, dict) or name not in record):
+                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                    raise DataError(f"{where} has no field {name!r} (it has: {keys}); set {key_name}")
+            value = record[text_field]
             if not isinstance(value, str):
-                raise DataError(f"{src.url}: line {number}: field {field_name!r} is {type(value).__name__}, "
-                                "not text")
-            yield value
+                raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, not text")
+            yield value, None if label_field is None else _label(record[label_field], where, label_field)
 
-    def _parquet(self, src: SourceFile, f: IO[bytes]) -> Iterator[str]:
+    def _csv(self, src: SourceFile, lines: Iterator[tuple[int, str]], text_field: str,
+             label_field: str | None) -> Iterator[tuple[str, str | None]]:
+        rows = csv.reader(line for _, line in lines)
+        try:
+            header = next(rows, None)
+            if header is None:
+                return
+            columns = {name.strip().lstrip("\ufeff"): i for i, name in enumerate(header)}
+            for name in (text_field, label_field):
+                if name is not None and name not in columns:
+                    raise DataError(f"{src.url}: no column {name!r} in the header row (it has: "
+                                    f"{', '.join(columns)}); set {self._keys(label_field)}")
+            for row in rows:
+                if not row:
+                    continue
+                where = f"{src.url}: line {rows.line_num}"
+                if len(row) != len(header):
+                    raise DataError(f"{where} has {len(row)} columns, the header {len(header)}")
+                label = None if label_field is None else _label(row[columns[label_field]], where, label_field)
+                yield row[columns[text_field]], label
+        except csv.Error as e:
+            raise DataError(f"{src.url}: line {rows.line_num} is not valid CSV ({e})") from None
+
+    def _parquet(self, src: SourceFile, f: IO[bytes], text_field: str,
+                 label_field: str | None) -> Iterator[tuple[str, str | None]]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -308,15 +365,35 @@ class DocumentReader:
             table = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises its own types for a damaged file
             raise DataError(f"{src.url}: not a readable Parquet file ({e})") from None
-        column = self.cfg.text_field
-        if column not in table.schema_arrow.names:
-            raise DataError(f"{src.url}: no column {column!r} (it has: {', '.join(table.schema_arrow.names)}); "
-                            "set data.text_field")
-        for batch in table.iter_batches(columns=[column]):
+        columns = [text_field] + ([label_field] if label_field is not None else [])
+        for column in columns:
+            if column not in table.schema_arrow.names:
+                raise DataError(f"{src.url}: no column {column!r} (it has: {', '.join(table.schema_arrow.names)}); "
+                                f"set {self._keys(label_field)}")
+        row = 0
+        for batch in table.iter_batches(columns=columns):
             self.stats.bytes_read += batch.nbytes
-            for value in batch.column(0).to_pylist():
-                if value is not None:
-                    yield value
+            texts = batch.column(0).to_pylist()
+            labels = batch.column(1).to_pylist() if label_field is not None else [None] * len(texts)
+            for value, label in zip(texts, labels):
+                row += 1
+                if value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise DataError(f"{src.url}: row {row}: column {text_field!r} is {type(value).__name__}, "
+                                    "not text")
+                yield value, None if label_field is None else _label(label, f"{src.url}: row {row}", label_field)
+
+
+def _label(value: object, where: str, field_name: str) -> str:
+    """A record's label as text: a non-empty string, or an integer's decimal form."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{where}: label field {field_name!r} is {type(value).__name__}, not a string or an "
+                        "integer")
+    text = str(value).strip()
+    if not text:
+        raise DataError(f"{where}: label field {field_name!r} is empty")
+    return text
 
 
 def _count_invalid(raw: bytes) -> int:
