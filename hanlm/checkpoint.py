@@ -331,6 +331,31 @@ def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
     return _join(spec, name)
 
 
+def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
+    """`resolve_checkpoint`, except that a directory of classifier checkpoints (`hanlm finetune`) gives its
+    best by dev accuracy, the run's result, rather than its latest, which only a resume wants."""
+    path = resolve_checkpoint(spec, note)
+    if path == spec or _task_of(path) != "classify":
+        return path
+    root = path.rstrip("/").rsplit("/", 1)[0]
+    best = read_best(root, note)
+    return _join(root, best[0]) if best else path
+
+
+def _task_of(path: str) -> str:
+    """model.task in a checkpoint's config.yaml, read without building a config (lm when unreadable: the
+    full load that follows reports the damage)."""
+    import yaml
+
+    fs, base = _fs(path)
+    try:
+        with fs.open(_join(base, "config.yaml"), "r", encoding="utf-8") as f:
+            task = (yaml.safe_load(f.read(1 << 20)) or {}).get("model", {}).get("task", "lm")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return "lm"
+    return task if isinstance(task, str) else "lm"
+
+
 @dataclass
 class Scan:
     """What `scan` found under a checkpoint root: the newest checkpoint that loads, and each newer
@@ -388,9 +413,10 @@ def remove_stale(root: str) -> list[Path]:
     return [] if _is_remote(root) else remove_stale_temporaries(_fs(root)[1])
 
 
-def load_for_inference(spec: str, device: str | torch.device = "cpu"):
+def load_for_inference(spec: str, device: str | torch.device = "cpu", *, tasks: Sequence[str] = ("lm",)):
     """(model in eval mode, config, tokenizer) from a checkpoint, a checkpoint root, a mixture
-    (`hanlm mix`), or an ARPA file written by any tool (its words become the vocabulary; see `tokenizer_for`)."""
+    (`hanlm mix`), or an ARPA file written by any tool (its words become the vocabulary; see `tokenizer_for`).
+    A checkpoint whose model.task is not in `tasks` (a classifier, by default) is refused by name."""
     from hanlm.mix import is_mixture, load_mixture
 
     if is_mixture(spec):
@@ -399,17 +425,34 @@ def load_for_inference(spec: str, device: str | torch.device = "cpu"):
         model, words = read_arpa(spec)
         cfg = load_config(overrides=["model.arch=ngram", f"model.order={model.order}"])
         return model.eval(), cfg, tokenizer_for(words)
-    ckpt = load_checkpoint(resolve_checkpoint(spec), device)
+    ckpt = load_checkpoint(resolve_served(spec), device)
+    if ckpt.config.model.task not in tasks:
+        require_language_model(ckpt)
     return model_of(ckpt, device), ckpt.config, ckpt.tokenizer
 
 
+def require_language_model(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt`, or CheckpointError when it holds a classifier (`hanlm finetune`) instead of a language model."""
+    if ckpt.config.model.task != "lm":
+        raise CheckpointError(f"{ckpt.path} is a text classifier (model.task {ckpt.config.model.task}, labels "
+                              f"{', '.join(ckpt.config.finetune.labels)}), not a language model: use it with "
+                              "`hanlm classify` or `hanlm serve` (POST /v1/classify)")
+    return ckpt
+
+
 def model_of(ckpt: Checkpoint, device: str | torch.device = "cpu"):
-    """The loaded checkpoint's model in eval mode: its n-gram, or its network built and filled."""
+    """The loaded checkpoint's model in eval mode: its n-gram, or its network (a language model, or a
+    classifier when model.task is classify) built and filled."""
     from hanlm.models import build_model
 
     if ckpt.ngram is not None:
         return ckpt.ngram.eval()
-    model = build_model(_without_vectors(ckpt.config), ckpt.tokenizer.vocab_size)
+    if ckpt.config.model.task == "classify":
+        from hanlm.tasks.classifier import build_classifier
+
+        model = build_classifier(ckpt.config, ckpt.tokenizer.vocab_size)
+    else:
+        model = build_model(_without_vectors(ckpt.config), ckpt.tokenizer.vocab_size)
     load_weights(model, ckpt.weights, ckpt.path)
     return model.to(device).eval()
 

@@ -271,6 +271,17 @@ def _mean(values: Iterable[float]) -> float:
 
 def _plot_loss(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> None:
     """Plot train and val loss against tokens seen into the PNG `path`."""
+    series = {}
+    if train:
+        series["train"] = ([r["tokens"] for r in train], [r["loss"] for r in train], "-")
+    val = [r for r in evals if "loss" in r]
+    if val:
+        series["val"] = ([r["tokens"] for r in val], [r["loss"] for r in val], "o-")
+    line_plot(series, "tokens seen", "loss", path)
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float], str]], xlabel: str, ylabel: str, path: Path) -> None:
+    """One line per label, (x values, y values, matplotlib format), into the PNG `path`, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -278,13 +289,10 @@ def _plot_loss(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: P
 
     fig = Figure(figsize=(7, 4), layout="tight")
     ax = fig.add_subplot()
-    if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train")
-    val = [r for r in evals if "loss" in r]
-    if val:
-        ax.plot([r["tokens"] for r in val], [r["loss"] for r in val], "o-", label="val")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss")
+    for label, (x, y, style) in series.items():
+        ax.plot(x, y, style, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     with atomic_path(path) as tmp:

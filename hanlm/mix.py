@@ -29,7 +29,14 @@ import numpy as np
 import torch
 
 from hanlm.atomic import atomic_write_text
-from hanlm.checkpoint import Checkpoint, load_checkpoint, load_for_inference, model_of, resolve_checkpoint
+from hanlm.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_for_inference,
+    model_of,
+    require_language_model,
+    resolve_checkpoint,
+)
 from hanlm.config import Config
 from hanlm.data.prepare import prepare
 from hanlm.errors import CheckpointError, HanlmError
@@ -89,7 +96,7 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
     n-gram of `order` is first counted on the neural run's prepared data into `out`/ngram<order>."""
     _check_out(Path(out))
     neural_path = _part_path(neural_spec)
-    neural_ckpt = load_checkpoint(neural_path, device)
+    neural_ckpt = require_language_model(load_checkpoint(neural_path, device))
     ngram_path = _part_path(ngram_spec) if ngram_spec else count_ngram(neural_ckpt.config, order, Path(out), echo)
     ngram_ckpt = load_checkpoint(ngram_path)
     _check_parts(neural_ckpt, ngram_ckpt)

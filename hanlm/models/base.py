@@ -31,6 +31,11 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         """x, y: (B, T) int64. With y: the mean cross-entropy over positions where y != -1
         (float32 scalar). Without y: logits (B, T, V)."""
 
+    def hidden(self, x: Tensor) -> Tensor:
+        """The hidden states (B, T, C) the output head reads, for x (B, T) int64: what a task head
+        (hanlm.tasks) builds on. Networks override it; other models have none."""
+        raise TypeError(f"{type(self).__name__} has no hidden states for a task head; use a gpt or lstm model")
+
     @abstractmethod
     def initial_state(self, batch_size: int = 1) -> Any:
         """The state before any token (empty cache / zero hidden state), on the model's device."""

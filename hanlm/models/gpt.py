@@ -196,6 +196,11 @@ class GPT(LanguageModel):
         return torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[..., None, None, :]
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        h = self.hidden(x)
+        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The final normalised hidden states (B, T, C) of x (B, T): what the head reads."""
         T = x.size(1)
         self._check_length(T, "the input")
         rot = self._rotations(slice(0, T))
@@ -205,8 +210,7 @@ class GPT(LanguageModel):
                 h = checkpoint(block, h, rot, use_reentrant=False)
             else:
                 h = block(h, rot)
-        h = self.norm(h)
-        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
+        return self.norm(h)
 
     def initial_state(self, batch_size: int = 1) -> KVCache:
         """An empty cache for `batch_size` rows; the store grows on first use."""

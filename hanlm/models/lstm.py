@@ -39,8 +39,12 @@ class LSTMLM(LanguageModel):
         return self.dropout(h), state
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        h, _ = self._features(x, None)
+        h = self.hidden(x)
         return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The top layer's outputs (B, T, C) from the zero state: what the head reads."""
+        return self._features(x, None)[0]
 
     def initial_state(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
         """Zero (h, c), each (n_layer, batch_size, n_embd)."""

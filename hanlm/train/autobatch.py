@@ -51,8 +51,12 @@ class MemoryProbe:
     whether its peak memory stays within budget. `peaks` records each measurement in bytes."""
 
     def __init__(self, model: torch.nn.Module, block_size: int, vocab_size: int, fraction: float,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None,
+                 make_batch: Callable[[int], tuple[torch.Tensor, ...]] | None = None):
+        """`make_batch(b)`: the arguments of one forward of b sequences whose result is the loss (default:
+        random token ids x and targets y, each (b, block_size), for a language model)."""
         self.model, self.block_size, self.vocab_size = model, block_size, vocab_size
+        self.make_batch = make_batch or self._lm_batch
         self.device = next(model.parameters()).device
         # AdamW keeps two fp32 moments per parameter; the step must leave room for them.
         self.optimizer_bytes = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
@@ -65,22 +69,25 @@ class MemoryProbe:
             free, base = psutil.virtual_memory().available, psutil.Process().memory_info().rss
         self.budget = budget_bytes if budget_bytes is not None else base + int(fraction * free)
 
-    def __call__(self, b: int) -> bool:
+    def _lm_batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randint(0, self.vocab_size, (b, self.block_size), device=self.device)
-        y = torch.randint(0, self.vocab_size, (b, self.block_size), device=self.device)
+        return x, torch.randint(0, self.vocab_size, (b, self.block_size), device=self.device)
+
+    def __call__(self, b: int) -> bool:
+        batch = self.make_batch(b)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             reset_peak_rss()
         try:
-            self.model(x, y).backward()
+            self.model(*batch).backward()
         except torch.OutOfMemoryError:
             self.peaks[b] = -1
             return False
         finally:
             self.model.zero_grad(set_to_none=True)
-            del x, y
+            del batch
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()

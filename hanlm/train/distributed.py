@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hanlm.config import Config
-from hanlm.errors import ConfigError
+from hanlm.errors import ConfigError, HanlmError
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,42 @@ def shutdown(together: bool) -> None:
         dist.destroy_process_group()
 
 
+def run_worker(job: Callable[[], int]) -> int:
+    """Run one worker's `job` and leave the process group: together after success, at once after a
+    failure. A HanlmError is printed with the rank (exit code 2), not raised."""
+    try:
+        code = job()
+    except HanlmError as e:
+        print(f"hanlm: error (rank {env_info().rank}): {e}", file=sys.stderr)
+        shutdown(together=False)
+        return 2
+    except BaseException:
+        shutdown(together=False)
+        raise
+    shutdown(together=True)
+    return code
+
+
+def setup_worker(cfg: Config, info: DistInfo) -> torch.device:
+    """This worker's device (its own GPU by local rank under CUDA), joined to the process group, with
+    train.threads applied and the seed set (the same on every rank: identical initial weights)."""
+    from hanlm.train.loop import pick_device
+
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    init_process_group(cfg, device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    return device
+
+
 def torchrun_args(worker_args: list[str], *, nproc: int, nnodes: int, node_rank: int,
-                  rdzv_endpoint: str | None, max_restarts: int) -> list[str]:
-    """torchrun's command line that runs `python -m hanlm.train <worker_args>` on every worker."""
+                  rdzv_endpoint: str | None, max_restarts: int, module: str = "hanlm.train") -> list[str]:
+    """torchrun's command line that runs `python -m <module> <worker_args>` on every worker
+    (hanlm.train for training, hanlm.tasks for fine-tuning)."""
     if nnodes > 1 and not rdzv_endpoint:
         raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     args = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
@@ -121,7 +155,7 @@ def torchrun_args(worker_args: list[str], *, nproc: int, nnodes: int, node_rank:
     else:
         args += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
                  f"--rdzv-endpoint={rdzv_endpoint}"]
-    return [*args, "-m", "hanlm.train", *worker_args]
+    return [*args, "-m", module, *worker_args]
 
 
 def launch(worker_args: list[str], **launch_options: Any) -> int:

@@ -36,6 +36,7 @@ from hanlm.checkpoint import (
     load_checkpoint,
     load_weights,
     remove_stale,
+    require_language_model,
     resolve_checkpoint,
     save_checkpoint,
     scan,
@@ -59,7 +60,7 @@ from hanlm.train.distributed import (
     broadcast_from_main,
     env_info,
     gather_to_main,
-    init_process_group,
+    setup_worker,
 )
 from hanlm.train.optim import build_optimizer, lr_at, set_lr
 from hanlm.train.sync import build_sync
@@ -104,6 +105,40 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def find_resume(root: str, resume: str | None, device: torch.device, echo: Callable[[str], None], *,
+                restart_if_damaged: bool, main: bool) -> Checkpoint | None:
+    """The checkpoint a run continues from: none for `none`, the given path, or with `auto` the newest
+    whole one under `root`; newer damaged ones are moved aside (kept, never deleted) by the main rank.
+    When every one is damaged the run stops with the list, unless `restart_if_damaged` moves them all
+    aside and starts over."""
+    if resume in (None, "", "none"):
+        return None
+    if resume != "auto":
+        return load_checkpoint(resolve_checkpoint(resume), device)
+    found = scan(root, device, echo)
+    if found.checkpoint is None and found.damaged and not restart_if_damaged:
+        raise CheckpointError(f"every checkpoint in {root} is damaged, so there is nothing to resume:\n"
+                              f"{found.listing()}\nrepair or restore one, or rerun with --restart-if-damaged to "
+                              "move them aside and start over")
+    barrier()  # every rank has read them before rank 0 moves any
+    if found.damaged and main:
+        moved = set_aside(root, [name for name, _ in found.damaged], "damaged")
+        echo(f"damaged checkpoints, moved to {moved}:\n{found.listing()}")
+    if found.checkpoint is None and found.damaged:
+        echo("starting over from step 0 (--restart-if-damaged)")
+    return found.checkpoint
+
+
+def set_earlier_aside(root: str, echo: Callable[[str], None]) -> None:
+    """Move an earlier run's checkpoints out of a fresh run's way before its first save, so that its
+    saves and pruning cannot replace or delete them (not before: `init_from` may read one)."""
+    earlier = list_checkpoints(root)
+    if earlier:
+        moved = set_aside(root, earlier, "earlier")
+        echo(f"note: {root} held checkpoints of an earlier run; this run started afresh (resume one with "
+             f"--resume auto), so they were moved to {moved}")
+
+
 class Trainer:
     """One training run, set up from a resolved config and optionally resumed from a checkpoint."""
 
@@ -128,14 +163,7 @@ class Trainer:
         if self.info.main:
             for leftover in remove_stale(self.ckpt_root):
                 self.echo(f"removed {leftover}, left half-written by a run that died")
-        self.device = pick_device(cfg.train.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.info.local_rank)
-            torch.cuda.set_device(self.device)
-        init_process_group(cfg, self.device)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)  # the same on every rank: identical initial weights
+        self.device = setup_worker(cfg, self.info)
         self.prepared = self._prepare(cfg)
         self.tokenizer = Tokenizer.load(self.prepared.directory / "tokenizer.json")
 
@@ -154,7 +182,7 @@ class Trainer:
             if cfg.train.micro_batch == "auto":  # keep the size the run started with: resume stays exact
                 cfg = with_micro_batch(cfg, ckpt.config.train.micro_batch)
         elif cfg.train.init_from:
-            source = load_checkpoint(resolve_checkpoint(cfg.train.init_from), self.device)
+            source = require_language_model(load_checkpoint(resolve_checkpoint(cfg.train.init_from), self.device))
             load_weights(self.model, source.weights, source.path)
             self.echo(f"initialised from {source.path} (step {source.step})")
         # Measured on rank 0 and shared: every rank must run the same batch size.
@@ -199,28 +227,11 @@ class Trainer:
     # -- set-up helpers ------------------------------------------------------------------------
 
     def _find_resume(self, resume: str, restart_if_damaged: bool) -> Checkpoint | None:
-        """The checkpoint to continue from. With `auto`: the newest whole one; newer damaged ones are
-        moved aside (kept, never deleted); when every one is damaged the run stops with the list,
-        unless `restart_if_damaged` moves them all aside and starts over. A fresh start moves an
-        earlier run's checkpoints aside at its first save (see `_set_earlier_aside`)."""
+        """The checkpoint to continue from (see `find_resume`); a fresh start moves an earlier run's
+        checkpoints aside at its first save (see `_set_earlier_aside`)."""
         self._fresh = resume in (None, "", "none")
-        if self._fresh:
-            ckpt = None
-        elif resume == "auto":
-            found = scan(self.ckpt_root, self.device, self.echo)
-            if found.checkpoint is None and found.damaged and not restart_if_damaged:
-                raise CheckpointError(f"every checkpoint in {self.ckpt_root} is damaged, so there is nothing to "
-                                      f"resume:\n{found.listing()}\nrepair or restore one, or rerun with "
-                                      "--restart-if-damaged to move them aside and start over")
-            barrier()  # every rank has read them before rank 0 moves any
-            if found.damaged and self.info.main:
-                moved = set_aside(self.ckpt_root, [name for name, _ in found.damaged], "damaged")
-                self.echo(f"damaged checkpoints, moved to {moved}:\n{found.listing()}")
-            ckpt = found.checkpoint
-            if ckpt is None and found.damaged:
-                self.echo("starting over from step 0 (--restart-if-damaged)")
-        else:
-            ckpt = load_checkpoint(resolve_checkpoint(resume), self.device)
+        ckpt = find_resume(self.ckpt_root, resume, self.device, self.echo, restart_if_damaged=restart_if_damaged,
+                           main=self.info.main)
         if ckpt is not None and ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
             raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than the prepared data in "
                                   f"{self.prepared.directory}; resume with the config the run started with")
@@ -341,14 +352,11 @@ class Trainer:
         return path
 
     def _set_earlier_aside(self) -> None:
-        """A fresh run's first save moves an earlier run's checkpoints out of its way, so that its saves
-        and pruning cannot replace or delete them (not before: `train.init_from` may read one)."""
-        earlier = list_checkpoints(self.ckpt_root) if self._fresh else []
+        """A fresh run's first save moves an earlier run's checkpoints out of its way (see
+        `set_earlier_aside`)."""
+        if self._fresh:
+            set_earlier_aside(self.ckpt_root, self.echo)
         self._fresh = False
-        if earlier:
-            moved = set_aside(self.ckpt_root, earlier, "earlier")
-            self.echo(f"note: {self.ckpt_root} held checkpoints of an earlier run; this run started afresh (resume "
-                      f"one with --resume auto), so they were moved to {moved}")
 
     def request_stop(self) -> None:
         """Finish the current step, save and return from `run` (what SIGINT and SIGTERM do)."""
@@ -433,7 +441,7 @@ class Trainer:
         cfg, main, steps = self.cfg, self.info.main, 0
         # A sharded model's forward is a collective: every rank takes part in evaluation.
         evaluates = main or self.sharded
-        with logger, _stop_on_signals(self.request_stop):
+        with logger, stop_on_signals(self.request_stop):
             while (reason := self._stop_reason(started, steps, stop_after)) is None:
                 t0 = time.perf_counter()
                 out = self.train_step()
@@ -493,7 +501,7 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(request_stop: Callable[[], None]):
+def stop_on_signals(request_stop: Callable[[], None]):
     """Route SIGINT and SIGTERM to `request_stop` while training (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -100,18 +100,26 @@ def lr_at(step: int, cfg: Config, elapsed_s: float | None = None) -> float:
     still decays to the floor.
     """
     d, t = cfg.derived, cfg.train
-    peak, floor = d.lr, d.lr * t.min_lr_ratio
-    if step < d.warmup_steps:
-        return peak * (step + 1) / d.warmup_steps
-    progress = (step - d.warmup_steps) / max(1, d.max_steps - d.warmup_steps)
+    clock = 0.0
     if t.schedule_clock == "minutes" and t.max_minutes and elapsed_s is not None:
-        progress = max(progress, elapsed_s / (60 * t.max_minutes))
-    progress = min(progress, 1.0)
-    if t.schedule == "cosine":
+        clock = elapsed_s / (60 * t.max_minutes)
+    return scheduled_lr(step, peak=d.lr, warmup=d.warmup_steps, total=d.max_steps, floor=d.lr * t.min_lr_ratio,
+                        schedule=t.schedule, decay_frac=t.decay_frac, progress_at_least=clock)
+
+
+def scheduled_lr(step: int, *, peak: float, warmup: int, total: int, floor: float, schedule: str = "cosine",
+                 decay_frac: float = 0.2, progress_at_least: float = 0.0) -> float:
+    """The learning rate at optimizer step `step` (0-based) of `total`: linear warm-up over `warmup`
+    steps to `peak`, then cosine decay (or warmup-stable-decay with its last `decay_frac` linear) to
+    `floor`. The progress after warm-up is at least `progress_at_least` (a share of a time budget)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), progress_at_least))
+    if schedule == "cosine":
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if progress < 1 - t.decay_frac:
+    if progress < 1 - decay_frac:
         return peak
-    return peak - (peak - floor) * min(1.0, (progress - (1 - t.decay_frac)) / t.decay_frac)
+    return peak - (peak - floor) * min(1.0, (progress - (1 - decay_frac)) / decay_frac)
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:

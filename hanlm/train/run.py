@@ -7,11 +7,10 @@ of a distributed run through `run_training_worker` (`python -m hanlm.train`).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from hanlm.config import Config, config_options, load_config
-from hanlm.errors import ConfigError, HanlmError
+from hanlm.errors import ConfigError
 
 RESTART_HELP = ("with --resume auto: when checkpoints exist but none is usable, move them aside into "
                 "checkpoints/damaged-<time>/ and start over (without it the run stops and lists them)")
@@ -19,25 +18,15 @@ RESTART_HELP = ("with --resume auto: when checkpoints exist but none is usable, 
 
 def run_training_worker(argv: Sequence[str]) -> int:
     """One worker of a distributed run, as torchrun starts it (`python -m hanlm.train`)."""
-    from hanlm.train.distributed import env_info, shutdown
+    from hanlm.train.distributed import env_info, run_worker
 
     parser = argparse.ArgumentParser(prog="python -m hanlm.train", parents=[config_options()],
                                      description="A training worker: run it through torchrun or hanlm train --nproc.")
     parser.add_argument("--resume", metavar="auto|PATH")
     parser.add_argument("--restart-if-damaged", action="store_true", help=RESTART_HELP)
     args = parser.parse_args(argv)
-    try:
-        code = train(load_config(args.config, args.overrides, world_size=env_info().world_size), args.resume,
-                     restart_if_damaged=args.restart_if_damaged)
-    except HanlmError as e:
-        print(f"hanlm: error (rank {env_info().rank}): {e}", file=sys.stderr)
-        shutdown(together=False)
-        return 2
-    except BaseException:
-        shutdown(together=False)
-        raise
-    shutdown(together=True)
-    return code
+    return run_worker(lambda: train(load_config(args.config, args.overrides, world_size=env_info().world_size),
+                                    args.resume, restart_if_damaged=args.restart_if_damaged))
 
 
 def train(cfg: Config, resume: str | None, *, restart_if_damaged: bool = False) -> int:
