@@ -114,6 +114,44 @@ def cmd_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    overrides = [*([f"finetune.init_from={args.checkpoint}"] if args.checkpoint else []),
+                 *(["finetune.from_scratch=true"] if args.scratch else []), *args.overrides]
+    cfg = load_config(args.config, overrides)
+    if args.nproc <= 1:
+        from hanlm.tasks.finetune import Finetuner, print_result
+
+        print_result(Finetuner(cfg, resume=args.resume).run())
+        return 0
+    from hanlm.train.distributed import launch
+
+    worker_args = [*(["--config", args.config] if args.config else []),
+                   *(a for kv in overrides for a in ("--set", kv)),
+                   *(["--resume", args.resume] if args.resume else [])]
+    return launch(worker_args, nproc=args.nproc, nnodes=1, node_rank=0, rdzv_endpoint=None, max_restarts=0,
+                  module="hanlm.tasks")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from hanlm.tasks.predict import classify_file, load_classifier
+
+    if bool(args.text) == bool(args.data):
+        raise ConfigError("give the texts with --text (repeatable) or the file(s) with --data, one of the two")
+    if args.label_field and not args.data:
+        raise ConfigError("--label-field reads gold labels from --data files; it does not apply to --text")
+    classifier = load_classifier(args.checkpoint, args.device or "cpu")
+    scores = None
+    if args.text:
+        records = [{"text": t, **r} for t, r in zip(args.text, classifier.classify(args.text))]
+    else:
+        records, scores = classify_file(classifier, args.data, label_field=args.label_field)
+    for record in records:
+        print(json.dumps(record, ensure_ascii=False))
+    if scores is not None:
+        print(f"{scores.summary()}\n{scores.confusion_table()}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from hanlm.bench.harness import missing_peers, run
 
@@ -220,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("serve", parents=[common], help="serve a checkpoint over an OpenAI-compatible HTTP API",
                          description="Serve a checkpoint (or an ARPA file) with FastAPI and uvicorn: /v1/completions, "
                          "/v1/chat/completions, /v1/models, /v1/score, /tokenize, /detokenize, /health, /metrics "
-                         "and a playground page at /. Concurrent requests are decoded together (continuous "
-                         "batching). Defaults come from the serve.* keys.")
+                         "and a playground page at /; a classifier from hanlm finetune answers POST /v1/classify "
+                         "instead. Concurrent requests are decoded together (continuous batching). Defaults come "
+                         "from the serve.* keys.")
     p.add_argument("checkpoint", help="checkpoint path, checkpoint directory, mixture directory or ARPA file")
     p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
@@ -252,6 +291,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip scoring the parts and the mixture on the val split")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_mix)
+
+    p = verbs.add_parser("finetune", parents=[common], help="fine-tune a trained language model for text "
+                         "classification", description="Add a classification head to a gpt or lstm checkpoint and "
+                         "train it on labelled text (finetune.data: built-in chn-reviews, or .jsonl/.csv/.parquet "
+                         "with finetune.text_field and finetune.label_field), split train/dev/test by a hash of each "
+                         "distinct text. Evaluates the dev split every finetune.eval_every_steps steps and "
+                         "checkpoints there; at the end scores the best dev checkpoint on the test split and writes "
+                         "report.md and results.json in finetune.run_dir. Ctrl-C saves and exits; --resume auto "
+                         "continues exactly.")
+    p.add_argument("checkpoint", nargs="?", help="the pretrained checkpoint or run directory (sets "
+                   "finetune.init_from)")
+    p.add_argument("--scratch", action="store_true", help="the checkpoint's shape and tokenizer with random weights "
+                   "(sets finetune.from_scratch): the baseline that measures pretraining")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue this run from its latest good checkpoint (auto) "
+                   "or from a checkpoint path")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="workers on this machine, DDP (default 1)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = verbs.add_parser("classify", help="label texts with a fine-tuned classifier (JSON lines out)",
+                         description="Print one JSON line per text: the text, its label and every label's "
+                         "probability. With --data and --label-field, also compare with the gold labels and print "
+                         "accuracy, macro-F1 and the confusion matrix on stderr.")
+    p.add_argument("checkpoint", help="a checkpoint of hanlm finetune (step directory, checkpoints or run directory)")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to classify (repeatable)")
+    p.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="classify the texts of this file, directory, glob, URL or built-in corpus (repeatable)")
+    p.add_argument("--label-field", metavar="FIELD", help="with --data: the field holding gold labels, to score "
+                   "against")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.set_defaults(func=cmd_classify)
 
     p = verbs.add_parser("bench", help="measure speed and memory against the machine's limit and peer tools",
                          description="Run benchmark suites side by side with their peers (transformers, kenlm, "

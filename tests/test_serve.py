@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_helpers import AUTH, KEY, Gate, LiveServer, checkpoints, metric, serve, wait_for_metric  # noqa: F401
+from serve_helpers import AUTH, KEY, Gate, LiveServer, browser, checkpoints, metric, serve, wait_for_metric  # noqa: F401
 
 from hanlm.checkpoint import load_for_inference
 from hanlm.generate import SamplingParams, generate
@@ -227,22 +227,6 @@ def test_lstm_and_ngram_checkpoints_are_served_the_same_way(checkpoints, arch):
 
 
 # -- the playground ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    yield driver
-    driver.quit()
-
 
 def generate_in_page(driver, prompt="人民日报"):
     """Types a prompt, asks for 20 tokens, and returns the status line once the stream has ended."""

@@ -5,11 +5,14 @@
     POST /v1/completions         prompt (string or list), n, echo, logprobs, stream, …
     POST /v1/chat/completions    messages through `protocol.chat_prompt`
     POST /v1/score               per-token log-probabilities, NLL, perplexity and BPC of a text (hanlm)
+    POST /v1/classify            labels and label probabilities of texts (a `hanlm finetune` checkpoint)
     POST /tokenize, /detokenize
     GET  /metrics                Prometheus
     GET  /                       the playground page
 
-Every error has OpenAI's shape; bad input is a 4xx, never a 500. With an API key, every route but
+A language model answers the generation and scoring routes and refuses /v1/classify with a 400; a
+classifier answers /v1/classify and refuses the others the same way. Every error has OpenAI's
+shape; bad input is a 4xx, never a 500. With an API key, every route but
 /health and the page needs `Authorization: Bearer KEY`; /metrics too unless `metrics_public`.
 """
 
@@ -44,6 +47,7 @@ from hanlm.serve.metrics import Metrics
 from hanlm.serve.protocol import (
     APIError,
     ChatRequest,
+    ClassifyRequest,
     CompletionRequest,
     DetokenizeRequest,
     JSONAnswer,
@@ -69,11 +73,18 @@ class _Service:
     error: str | None = None  # why the model failed to load
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def ready(self) -> Loaded:
-        """The loaded model; 503 while it loads or when it failed to."""
+    def ready(self, task: str = "lm") -> Loaded:
+        """The loaded model; 503 while it loads or when it failed to, 400 when it does another task."""
         if self.loaded is None:
             message = f"the model failed to load: {self.error}" if self.error else "the model is still loading"
             raise APIError(503, message, type="server_error", code="model_not_ready")
+        served = self.loaded.config.model.task
+        if served != task:
+            message = (f"the model {self.model_name} is a text classifier: it answers POST /v1/classify only"
+                       if served == "classify" else
+                       f"the model {self.model_name} is a language model: /v1/classify needs a checkpoint written "
+                       "by hanlm finetune")
+            raise APIError(400, message, code="wrong_task")
         return self.loaded
 
     async def body(self, request: Request, schema: type[Schema]) -> Schema:
@@ -121,6 +132,22 @@ def score_text(loaded: Loaded, text: str) -> dict[str, Any]:
             "bpc": nll / math.log(2) / len(text), "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids)}}
 
 
+_classify_lock = threading.Lock()  # one batch at a time through the classifier: its threads are the machine's
+
+
+def classify_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
+    """/v1/classify's answer: each text's label and label probabilities, the texts run as one batch."""
+    from hanlm.tasks.predict import label_probabilities
+
+    ft = loaded.config.finetune
+    with _classify_lock:
+        probs = label_probabilities(loaded.model, loaded.tokenizer, texts, ft.max_length, batch_size=len(texts))
+    tokens = sum(min(len(ids), ft.max_length - 2) + 2 for ids in loaded.tokenizer.encode_batch(texts))
+    data = [{"index": i, "label": ft.labels[int(row.argmax())],
+             "probabilities": {label: float(p) for label, p in zip(ft.labels, row)}} for i, row in enumerate(probs)]
+    return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 def _error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -153,10 +180,20 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
 
     @app.get("/v1/models", dependencies=[keyed])
     async def models() -> JSONResponse:
-        loaded = s.ready()
+        loaded = s.ready(s.loaded.config.model.task if s.loaded is not None else "lm")
+        task = loaded.config.model.task
+        extra = {"labels": loaded.config.finetune.labels} if task == "classify" else {}
         return s.ok("/v1/models", {"object": "list", "data": [{
             "id": s.model_name, "object": "model", "created": s.created, "owned_by": "hanlm",
-            "max_model_len": loaded.model.context_length, "arch": loaded.config.model.arch}]})
+            "max_model_len": loaded.model.context_length, "arch": loaded.config.model.arch, "task": task, **extra}]})
+
+    @app.post("/v1/classify", dependencies=[keyed])
+    async def classify(request: Request) -> JSONResponse:
+        loaded = s.ready("classify")
+        req = await s.body(request, ClassifyRequest)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        answer = await run_in_threadpool(classify_texts, loaded, texts)  # off the event loop: it runs the model
+        return s.ok("/v1/classify", {**answer, "model": s.model_name})
 
     @app.post("/v1/completions", dependencies=[keyed])
     async def completions(request: Request) -> Response:
@@ -216,8 +253,10 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
     def load_model() -> None:
         try:
             model, cfg, tokenizer = load()
-            engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=s.metrics)
-            engine.start()
+            engine = None
+            if cfg.model.task == "lm":
+                engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=s.metrics)
+                engine.start()
             s.loaded = Loaded(model, cfg, tokenizer, engine)
         except Exception as e:  # reported by /health and every API call
             s.error = f"{type(e).__name__}: {e}"
@@ -228,7 +267,7 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
         loader.start()
         yield
         loader.join(timeout=60)
-        if s.loaded is not None:
+        if s.loaded is not None and s.loaded.engine is not None:
             s.loaded.engine.stop()
 
     app = FastAPI(title="hanlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -245,19 +284,20 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
     """Run the server until interrupted; the model loads while it already answers /health."""
     import uvicorn
 
-    from hanlm.checkpoint import ARPA_SUFFIXES, load_for_inference, resolve_checkpoint
+    from hanlm.checkpoint import ARPA_SUFFIXES, load_for_inference, resolve_served
     from hanlm.mix import is_mixture, read_mixture
 
     if is_mixture(spec):
         read_mixture(spec)  # fail fast on a damaged mixture.json
         path = spec
     else:
-        path = spec if spec.endswith(ARPA_SUFFIXES) else resolve_checkpoint(spec)  # fail fast on a wrong path
+        path = spec if spec.endswith(ARPA_SUFFIXES) else resolve_served(spec)  # fail fast on a wrong path
     parts = path.rstrip("/").split("/")
     # runs/NAME/checkpoints/step-… is served as NAME.
     default_name = parts[-3] if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]
-    app = create_app(lambda: load_for_inference(path, device), model_name=model_name or default_name,
-                     api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                     max_json_depth=max_json_depth, body_timeout_s=body_timeout_s, metrics_public=metrics_public)
+    app = create_app(lambda: load_for_inference(path, device, tasks=("lm", "classify")),
+                     model_name=model_name or default_name, api_key=api_key, max_batch=max_batch,
+                     max_queue=max_queue, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
+                     body_timeout_s=body_timeout_s, metrics_public=metrics_public)
     # Ctrl-C: finish what can finish in a few seconds, then cancel the rest (whose generations stop).
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -36,12 +36,13 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 @dataclass
 class Loaded:
-    """A model ready to serve, and the engine that decodes with it."""
+    """A model ready to serve, and the engine that decodes with it (None for a classifier, which only
+    answers /v1/classify)."""
 
     model: LanguageModel
     config: Config
     tokenizer: Tokenizer
-    engine: Engine
+    engine: Engine | None
 
 
 def sampling(req: SamplingFields, asked: int | None, ids: list[int], context: int | None, default_max: int,

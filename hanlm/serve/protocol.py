@@ -153,6 +153,18 @@ class ScoreRequest(BaseModel):
     text: str = Field(min_length=1)
 
 
+MAX_CLASSIFY_INPUTS = 256  # texts in one /v1/classify request
+
+
+class ClassifyRequest(BaseModel):
+    """/v1/classify: one text or a list of them, labelled in one batch (hanlm's own endpoint)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: Annotated[str, Field(min_length=1)] | Annotated[
+        list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CLASSIFY_INPUTS)]
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
