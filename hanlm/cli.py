@@ -32,6 +32,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_args(config: str | None, overrides: Sequence[str], resume: str | None) -> list[str]:
+    """The options a torchrun worker gets: the same config, overrides and resume as this command."""
+    return [*(["--config", config] if config else []), *(a for kv in overrides for a in ("--set", kv)),
+            *(["--resume", resume] if resume else [])]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     distributed = args.nproc > 1 or args.nnodes > 1 or args.max_restarts > 0
     if not distributed and args.launcher == "torchrun":
@@ -39,9 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return train(_load(args), args.resume, restart_if_damaged=args.restart_if_damaged)
     _load(args)  # report config mistakes here, once, not from every worker
-    worker_args = [*(["--config", args.config] if args.config else []),
-                   *(a for kv in args.overrides for a in ("--set", kv)),
-                   *(["--resume", args.resume] if args.resume else []),
+    worker_args = [*_worker_args(args.config, args.overrides, args.resume),
                    *(["--restart-if-damaged"] if args.restart_if_damaged else [])]
     if args.launcher == "spark":
         from hanlm.train.spark import launch_on_spark
@@ -125,11 +129,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     from hanlm.train.distributed import launch
 
-    worker_args = [*(["--config", args.config] if args.config else []),
-                   *(a for kv in overrides for a in ("--set", kv)),
-                   *(["--resume", args.resume] if args.resume else [])]
-    return launch(worker_args, nproc=args.nproc, nnodes=1, node_rank=0, rdzv_endpoint=None, max_restarts=0,
-                  module="hanlm.tasks")
+    return launch(_worker_args(args.config, overrides, args.resume), nproc=args.nproc, nnodes=1, node_rank=0,
+                  rdzv_endpoint=None, max_restarts=0, module="hanlm.tasks")
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

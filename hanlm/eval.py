@@ -163,18 +163,26 @@ def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | 
 
 
 def prepared_split(cfg: Config, tokenizer: Tokenizer, split: str) -> tuple[np.ndarray, int]:
-    """A run's `split` (train or val) encoded with the checkpoint's tokenizer, and its characters:
-    the prepared shards when their tokenizer is that one, else the data prepared anew with it."""
+    """A run's `split` (train or val) encoded with the checkpoint's tokenizer, and its characters."""
+    from hanlm.data.shards import open_split
+
+    directory, meta = prepared_for(cfg, tokenizer)
+    return open_split(directory, split), split_characters(meta, split)
+
+
+def prepared_for(cfg: Config, tokenizer: Tokenizer) -> tuple[Path, dict]:
+    """The directory and meta.json of a run's data encoded with the checkpoint's tokenizer: the prepared
+    shards when their tokenizer is that one, else the data prepared anew with it."""
     from hanlm.data.corpora import hanlm_home
     from hanlm.data.prepare import default_dir, prepare
-    from hanlm.data.shards import open_split, read_meta
+    from hanlm.data.shards import read_meta
 
     directory = Path(cfg.data.prepared_dir or default_dir(cfg))
     fingerprint = tokenizer.fingerprint()
     try:
         meta = read_meta(directory)
         if meta.get("tokenizer_hash") == fingerprint:
-            return open_split(directory, split), split_characters(meta, split)
+            return directory, meta
     except DataError:
         pass
     saved = hanlm_home() / "tokenizers" / f"{fingerprint}.json"
@@ -184,4 +192,4 @@ def prepared_split(cfg: Config, tokenizer: Tokenizer, split: str) -> tuple[np.nd
         cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(saved)),
         data=dataclasses.replace(cfg.data, prepared_dir=str(hanlm_home() / "prepared" / f"eval-{fingerprint[:16]}")))
     prepared = prepare(cfg, progress=False)
-    return open_split(prepared.directory, split), split_characters(prepared.meta, split)
+    return prepared.directory, prepared.meta

@@ -38,9 +38,8 @@ from hanlm.checkpoint import (
     resolve_checkpoint,
 )
 from hanlm.config import Config
-from hanlm.data.prepare import prepare
 from hanlm.errors import CheckpointError, HanlmError
-from hanlm.eval import EvalResult, evaluate, prepared_split, token_scores
+from hanlm.eval import EvalResult, evaluate, prepared_for, prepared_split, token_scores
 from hanlm.manifest import MANIFEST
 from hanlm.models.mixture import MixtureLM, fit_weights, mixed_nats
 from hanlm.models.ngram import NGramLM, estimate
@@ -127,7 +126,7 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
         f"{k}: {w:.3f} ({n:,} tokens)" for k, (w, n) in enumerate(zip(weights, counts))) if buckets
          else f"neural weight {weights[0]:.3f}")
     if evaluate_val:
-        report.unigram_bpc = prepare(cfg, progress=False).meta["splits"]["val"].get("unigram_bpc")
+        report.unigram_bpc = prepared_for(cfg, tokenizer)[1]["splits"]["val"].get("unigram_bpc")
         report.protocol = (f"the whole val split, each token scored once: {cfg.model.arch} and mixture in windows of "
                            f"{cfg.train.block_size} tokens" + (f" sliding by {cfg.eval.stride}" if cfg.eval.stride
                                                                else " side by side") +

@@ -73,13 +73,14 @@ class _Service:
     error: str | None = None  # why the model failed to load
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def ready(self, task: str = "lm") -> Loaded:
-        """The loaded model; 503 while it loads or when it failed to, 400 when it does another task."""
+    def ready(self, task: str | None = "lm") -> Loaded:
+        """The loaded model; 503 while it loads or when it failed to, 400 when it does another task
+        than `task` (None: any)."""
         if self.loaded is None:
             message = f"the model failed to load: {self.error}" if self.error else "the model is still loading"
             raise APIError(503, message, type="server_error", code="model_not_ready")
         served = self.loaded.config.model.task
-        if served != task:
+        if task is not None and served != task:
             message = (f"the model {self.model_name} is a text classifier: it answers POST /v1/classify only"
                        if served == "classify" else
                        f"the model {self.model_name} is a language model: /v1/classify needs a checkpoint written "
@@ -137,12 +138,14 @@ _classify_lock = threading.Lock()  # one batch at a time through the classifier:
 
 def classify_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
     """/v1/classify's answer: each text's label and label probabilities, the texts run as one batch."""
-    from hanlm.tasks.predict import label_probabilities
+    from hanlm.tasks.labelled import encode_texts
+    from hanlm.tasks.predict import rows_probabilities
 
     ft = loaded.config.finetune
+    rows = encode_texts(loaded.tokenizer, texts, ft.max_length)
     with _classify_lock:
-        probs = label_probabilities(loaded.model, loaded.tokenizer, texts, ft.max_length, batch_size=len(texts))
-    tokens = sum(min(len(ids), ft.max_length - 2) + 2 for ids in loaded.tokenizer.encode_batch(texts))
+        probs = rows_probabilities(loaded.model, rows, batch_size=len(rows))
+    tokens = sum(map(len, rows))
     data = [{"index": i, "label": ft.labels[int(row.argmax())],
              "probabilities": {label: float(p) for label, p in zip(ft.labels, row)}} for i, row in enumerate(probs)]
     return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -180,7 +183,7 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
 
     @app.get("/v1/models", dependencies=[keyed])
     async def models() -> JSONResponse:
-        loaded = s.ready(s.loaded.config.model.task if s.loaded is not None else "lm")
+        loaded = s.ready(None)
         task = loaded.config.model.task
         extra = {"labels": loaded.config.finetune.labels} if task == "classify" else {}
         return s.ok("/v1/models", {"object": "list", "data": [{

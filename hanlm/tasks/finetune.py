@@ -46,15 +46,18 @@ from hanlm.runlock import RunLock
 from hanlm.tasks.classifier import SequenceClassifier, build_classifier
 from hanlm.tasks.labelled import collate, encode_texts, read_labelled
 from hanlm.tasks.metrics import ClassificationScores
-from hanlm.tasks.predict import label_probabilities
+from hanlm.tasks.predict import rows_probabilities
 from hanlm.train.autobatch import MemoryProbe, largest_fitting
 from hanlm.train.distributed import (
+    agreed_reason,
     all_reduce_mean,
     barrier,
     broadcast_from_main,
     env_info,
     gather_to_main,
+    rng_state,
     run_worker,
+    set_rng_state,
     setup_worker,
 )
 from hanlm.train.loop import autocast_dtype, find_resume, set_earlier_aside, stop_on_signals
@@ -227,9 +230,7 @@ class Finetuner:
         try:
             mine = state["ranks"][self.info.rank]
             self.optimizer.load_state_dict(mine["optimizer"])
-            torch.set_rng_state(mine["rng"]["torch"].cpu())
-            if self.device.type == "cuda" and "cuda" in mine["rng"]:
-                torch.cuda.set_rng_state(mine["rng"]["cuda"].cpu(), self.device)
+            set_rng_state(mine["rng"], self.device)
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{ckpt.path}/{STATE_FILE} does not fit this run ({type(e).__name__}: {e})") from None
         self.step = int(state["step"])
@@ -237,10 +238,7 @@ class Finetuner:
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
 
     def _rank_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"optimizer": self.optimizer.state_dict(), "rng": rng}
+        return {"optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device)}
 
     def save(self, dev: ClassificationScores | None, elapsed_s: float) -> str:
         """Checkpoint on every rank's behalf (rank 0 writes). Its recorded val loss is the dev error
@@ -298,8 +296,8 @@ class Finetuner:
     def evaluate(self, split: str) -> tuple[ClassificationScores, float]:
         """Scores and mean cross-entropy (nats) of the current model on a split."""
         data = self.data.splits[split]
-        probs = label_probabilities(self.model, self.tokenizer, data.texts, self.cfg.finetune.max_length,
-                                    batch_size=2 * self.cfg.finetune.micro_batch, autocast_dtype=self.amp_dtype)
+        probs = rows_probabilities(self.model, self.rows[split], batch_size=2 * self.cfg.finetune.micro_batch,
+                                   autocast_dtype=self.amp_dtype)
         gold = torch.tensor(data.labels)
         loss = float(-probs[torch.arange(len(gold)), gold].clamp(min=1e-12).log().mean())
         return ClassificationScores.of(data.labels, probs.argmax(-1).tolist(), self.data.labels), loss
@@ -327,12 +325,7 @@ class Finetuner:
             reason = "end"
         elif stop_after is not None and steps >= stop_after:
             reason = "stop_after"
-        if self.info.distributed:
-            reasons = (None, "end", "stop_after", "signal")
-            code = torch.tensor([reasons.index(reason)])
-            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
-            reason = reasons[int(code)]
-        return reason
+        return agreed_reason(reason, ("end", "stop_after", "signal"))
 
     def _run(self, stop_after: int | None) -> FinetuneResult:
         cfg, main, ft = self.cfg, self.info.main, self.cfg.finetune

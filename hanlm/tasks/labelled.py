@@ -75,7 +75,7 @@ def read_labelled(cfg: Config, sources: list[str] | None = None) -> LabelledData
                         "or .jsonl / .csv / .parquet files)")
     reader = DocumentReader(sources, dataclasses.replace(cfg.data, text_field=ft.text_field),
                             text_key="finetune.text_field")
-    first: dict[str, tuple[str, str]] = {}  # text -> (its first label, the file it came from)
+    first: dict[str, str] = {}  # text -> the label it was first read with
     conflicting: set[str] = set()
     records = duplicates = 0
     for text, label in reader.labelled(ft.label_field):
@@ -84,13 +84,13 @@ def read_labelled(cfg: Config, sources: list[str] | None = None) -> LabelledData
             raise DataError(f"{reader.current}: label {label!r} (field {ft.label_field!r}) is not one of "
                             f"finetune.labels ({', '.join(ft.labels)})")
         if text not in first:
-            first[text] = (label, reader.current or "")
-        elif first[text][0] == label:
+            first[text] = label
+        elif first[text] == label:
             duplicates += 1
         else:
             conflicting.add(text)
     by_split = {name: [] for name in SPLITS}
-    for text, (label, _) in first.items():
+    for text, label in first.items():
         if text not in conflicting:
             by_split[split_of(text, ft.dev_fraction, ft.test_fraction)].append((text, label))
     labels = list(ft.labels) or sorted({label for _, label in by_split["train"]})

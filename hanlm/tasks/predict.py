@@ -40,20 +40,30 @@ class Classifier:
 
     def classify(self, texts: Sequence[str], batch_size: int = 64) -> list[dict]:
         """For each text: {"label": the most probable, "probabilities": {label: p}}."""
-        probs = self.probabilities(texts, batch_size)
+        return self.records(self.probabilities(texts, batch_size))
+
+    def records(self, probs: torch.Tensor) -> list[dict]:
+        """`classify`'s records from the probabilities (N, n_labels)."""
         return [{"label": self.labels[int(row.argmax())],
                  "probabilities": {label: round(float(p), 6) for label, p in zip(self.labels, row)}}
                 for row in probs]
 
 
-@torch.no_grad()
 def label_probabilities(model: SequenceClassifier, tokenizer: Tokenizer, texts: Sequence[str], max_length: int, *,
                         batch_size: int = 64, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax of the classifier's logits for each text, (N, n_labels) float32 on the CPU, in the
-    texts' order; texts of similar length are batched together so little is padding."""
+    texts' order."""
+    return rows_probabilities(model, encode_texts(tokenizer, list(texts), max_length), batch_size=batch_size,
+                              autocast_dtype=autocast_dtype)
+
+
+@torch.no_grad()
+def rows_probabilities(model: SequenceClassifier, rows: Sequence[list[int]], *, batch_size: int = 64,
+                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`label_probabilities` of texts already encoded by `encode_texts`; rows of similar length are
+    batched together so little is padding."""
     was_training = model.training
     model.eval()
-    rows = encode_texts(tokenizer, list(texts), max_length)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows), model.head.out_features)
     device = next(model.parameters()).device
@@ -106,10 +116,10 @@ def classify_file(classifier: Classifier, sources: list[str], *, label_field: st
                                 f"classifier knows ({', '.join(classifier.labels)})")
             texts.append(text)
             gold.append(index[label])
-    records = [{"text": text, **r} for text, r in zip(texts, classifier.classify(texts, batch_size))]
+    probs = classifier.probabilities(texts, batch_size)
+    records = [{"text": text, **r} for text, r in zip(texts, classifier.records(probs))]
     if gold is None:
         return records, None
     for record, g in zip(records, gold):
         record["gold"] = classifier.labels[g]
-    predicted = [classifier.labels.index(r["label"]) for r in records]
-    return records, ClassificationScores.of(gold, predicted, classifier.labels)
+    return records, ClassificationScores.of(gold, probs.argmax(-1).tolist(), classifier.labels)

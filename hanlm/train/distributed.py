@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -81,6 +81,31 @@ def all_reduce_mean(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def agreed_reason(reason: str | None, reasons: Sequence[str]) -> str | None:
+    """The reason to stop that every rank acts on: of those the ranks give, the one latest in `reasons`
+    (None when no rank has one), so that none is left waiting in a collective."""
+    if not dist.is_initialized():
+        return reason
+    code = torch.tensor([reasons.index(reason) + 1 if reason else 0])
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    return reasons[int(code) - 1] if int(code) else None
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random number generator states (torch's, and the device's on CUDA)."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(rng["torch"].cpu())
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

@@ -55,11 +55,14 @@ from hanlm.models import build_model
 from hanlm.runlock import RunLock
 from hanlm.train.autobatch import resolve_micro_batch
 from hanlm.train.distributed import (
+    agreed_reason,
     all_reduce_mean,
     barrier,
     broadcast_from_main,
     env_info,
     gather_to_main,
+    rng_state,
+    set_rng_state,
     setup_worker,
 )
 from hanlm.train.optim import build_optimizer, lr_at, set_lr
@@ -253,9 +256,7 @@ class Trainer:
                 self.optimizer.load_state_dict(mine["optimizer"])
             self.loader.load_state_dict(mine["loader"])
             self.sync.load_state_dict(mine["sync"])
-            torch.set_rng_state(mine["rng"]["torch"].cpu())
-            if self.device.type == "cuda" and "cuda" in mine["rng"]:
-                torch.cuda.set_rng_state(mine["rng"]["cuda"].cpu(), self.device)
+            set_rng_state(mine["rng"], self.device)
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{source}/{STATE_FILE} does not fit this run ({type(e).__name__}: {e})") from None
         except HanlmError as e:
@@ -272,11 +273,8 @@ class Trainer:
     def rank_state(self) -> dict:
         """This rank's part of an exact resume: optimizer (unless sharded: that is gathered whole),
         data position, sync state, RNG."""
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"optimizer": None if self.sharded else self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                "sync": self.sync.state_dict(), "rng": rng}
+                "sync": self.sync.state_dict(), "rng": rng_state(self.device)}
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -384,11 +382,7 @@ class Trainer:
             reason = "max_minutes"
         elif stop_after is not None and steps_this_call >= stop_after:
             reason = "stop_after"
-        if self.info.distributed:
-            code = torch.tensor([self._REASONS.index(reason) + 1 if reason else 0])
-            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
-            reason = self._REASONS[int(code) - 1] if int(code) else None
-        return reason
+        return agreed_reason(reason, self._REASONS)
 
     def run(self, stop_after: int | None = None) -> TrainResult:
         """Train to the end of the run (or `stop_after` more steps), then evaluate, save and report;
