@@ -332,10 +332,10 @@ def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
 
 
 def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
-    """`resolve_checkpoint`, except that a directory of classifier checkpoints (`hanlm finetune`) gives its
-    best by dev accuracy, the run's result, rather than its latest, which only a resume wants."""
+    """`resolve_checkpoint`, except that a directory of classifier or tagger checkpoints (`hanlm finetune`)
+    gives its best by dev score, the run's result, rather than its latest, which only a resume wants."""
     path = resolve_checkpoint(spec, note)
-    if path == spec or _task_of(path) != "classify":
+    if path == spec or _task_of(path) not in ("classify", "tag"):
         return path
     root = path.rstrip("/").rsplit("/", 1)[0]
     best = read_best(root, note)
@@ -432,7 +432,12 @@ def load_for_inference(spec: str, device: str | torch.device = "cpu", *, tasks: 
 
 
 def require_language_model(ckpt: Checkpoint) -> Checkpoint:
-    """`ckpt`, or CheckpointError when it holds a classifier (`hanlm finetune`) instead of a language model."""
+    """`ckpt`, or CheckpointError when it holds a classifier or tagger (`hanlm finetune`) instead of a
+    language model."""
+    if ckpt.config.model.task == "tag":
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.config.finetune.tagger} tagger for word segmentation "
+                              "(model.task tag), not a language model: use it with `hanlm segment` or `hanlm serve` "
+                              "(POST /v1/segment)")
     if ckpt.config.model.task != "lm":
         raise CheckpointError(f"{ckpt.path} is a text classifier (model.task {ckpt.config.model.task}, labels "
                               f"{', '.join(ckpt.config.finetune.labels)}), not a language model: use it with "
@@ -442,11 +447,15 @@ def require_language_model(ckpt: Checkpoint) -> Checkpoint:
 
 def model_of(ckpt: Checkpoint, device: str | torch.device = "cpu"):
     """The loaded checkpoint's model in eval mode: its n-gram, or its network (a language model, or a
-    classifier when model.task is classify) built and filled."""
+    classifier when model.task is classify) built and filled; for model.task tag, its `Tagger`."""
     from hanlm.models import build_model
 
     if ckpt.ngram is not None:
         return ckpt.ngram.eval()
+    if ckpt.config.model.task == "tag":
+        from hanlm.tasks.taggers import tagger_of
+
+        return tagger_of(ckpt, device)
     if ckpt.config.model.task == "classify":
         from hanlm.tasks.classifier import build_classifier
 

@@ -119,9 +119,22 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    flags = {"finetune.task": args.task, "finetune.tagger": args.tagger, "finetune.tag_scheme": args.scheme}
     overrides = [*([f"finetune.init_from={args.checkpoint}"] if args.checkpoint else []),
-                 *(["finetune.from_scratch=true"] if args.scratch else []), *args.overrides]
+                 *(["finetune.from_scratch=true"] if args.scratch else []),
+                 *(f"{k}={v}" for k, v in flags.items() if v), *args.overrides]
+    if args.tagger and not args.task:
+        overrides.insert(0, "finetune.task=tag")
     cfg = load_config(args.config, overrides)
+    if cfg.finetune.task == "tag" and cfg.finetune.tagger != "neural":
+        if args.nproc > 1 or args.resume:
+            raise ConfigError(f"finetune.tagger {cfg.finetune.tagger} trains in one process, in one pass: drop "
+                              "--nproc and --resume")
+        from hanlm.tasks.finetune import print_result
+        from hanlm.tasks.taggers import fit_counted
+
+        print_result(fit_counted(cfg))
+        return 0
     if args.nproc <= 1:
         from hanlm.tasks.finetune import Finetuner, print_result
 
@@ -150,6 +163,31 @@ def cmd_classify(args: argparse.Namespace) -> int:
         print(json.dumps(record, ensure_ascii=False))
     if scores is not None:
         print(f"{scores.summary()}\n{scores.confusion_table()}", file=sys.stderr)
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from hanlm.data.tagged import TaggedSentence, format_sentence
+    from hanlm.tasks.taggers import load_tagger, segment_file
+
+    if bool(args.text) == bool(args.data):
+        raise ConfigError("give the texts with --text (repeatable) or the file(s) with --data, one of the two")
+    if args.gold and not args.data:
+        raise ConfigError("--gold scores --data files that hold gold segmentation; it does not apply to --text")
+    loaded = load_tagger(args.checkpoint, args.device or "cpu")
+    out_format = args.format or ("slash" if loaded.tagger.with_pos else "words")
+    if out_format != "words" and not loaded.tagger.with_pos:
+        raise ConfigError(f"--format {out_format} writes POS tags, and {loaded.path} segments only "
+                          f"(tag_scheme {loaded.config.finetune.tag_scheme}); use --format words")
+    print(f"{loaded.path}: {loaded.description}", file=sys.stderr)
+    if args.text:
+        sentences, scores = iter(loaded.tagger.segment(args.text)), (lambda: None)
+    else:
+        sentences, scores = segment_file(loaded, args.data, args.gold_format, gold=args.gold)
+    for sentence in sentences:
+        print(format_sentence(TaggedSentence(sentence.words, sentence.tags), out_format))
+    if scores() is not None:
+        print(scores().summary(), file=sys.stderr)
     return 0
 
 
@@ -294,15 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mix)
 
     p = verbs.add_parser("finetune", parents=[common], help="fine-tune a trained language model for text "
-                         "classification", description="Add a classification head to a gpt or lstm checkpoint and "
-                         "train it on labelled text (finetune.data: built-in chn-reviews, or .jsonl/.csv/.parquet "
-                         "with finetune.text_field and finetune.label_field), split train/dev/test by a hash of each "
-                         "distinct text. Evaluates the dev split every finetune.eval_every_steps steps and "
-                         "checkpoints there; at the end scores the best dev checkpoint on the test split and writes "
-                         "report.md and results.json in finetune.run_dir. Ctrl-C saves and exits; --resume auto "
-                         "continues exactly.")
+                         "classification or word segmentation / POS tagging; train HMM and CRF taggers",
+                         description="classify (default): add a classification head to a gpt or lstm checkpoint "
+                         "and train it on labelled text (finetune.data: built-in chn-reviews, or .jsonl/.csv/.parquet "
+                         "with finetune.text_field and finetune.label_field). --task tag: train a character tagger "
+                         "for segmentation (and POS tags with --scheme bmes-pos) on tagged text (default the built-in "
+                         "people-daily-1998-tagged; finetune.tag_format): a neural head on the checkpoint, or with "
+                         "--tagger hmm|crf a traditional tagger that needs no checkpoint. The data is split "
+                         "train/dev/test by a hash of each distinct text. Evaluates the dev split every "
+                         "finetune.eval_every_steps steps and checkpoints there; at the end scores the best dev "
+                         "checkpoint on the test split and writes report.md and results.json in finetune.run_dir. "
+                         "Ctrl-C saves and exits; --resume auto continues exactly.")
     p.add_argument("checkpoint", nargs="?", help="the pretrained checkpoint or run directory (sets "
-                   "finetune.init_from)")
+                   "finetune.init_from); not for --tagger hmm|crf")
+    p.add_argument("--task", choices=["classify", "tag"], help="what to train for (sets finetune.task; default "
+                   "classify)")
+    p.add_argument("--tagger", choices=["neural", "hmm", "crf"], help="the tagger (sets finetune.tagger and implies "
+                   "--task tag)")
+    p.add_argument("--scheme", choices=["bmes", "bmes-pos"], help="character tags: segmentation only, or joint "
+                   "with POS (sets finetune.tag_scheme)")
     p.add_argument("--scratch", action="store_true", help="the checkpoint's shape and tokenizer with random weights "
                    "(sets finetune.from_scratch): the baseline that measures pretraining")
     p.add_argument("--resume", metavar="auto|PATH", help="continue this run from its latest good checkpoint (auto) "
@@ -322,6 +370,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "against")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_classify)
+
+    p = verbs.add_parser("segment", help="segment text into words (and POS-tag it) with a trained tagger",
+                         description="Print each text's words, separated by two spaces (--format words), or as "
+                         "word/TAG tokens (--format slash) or a token per line (--format conll) when the tagger "
+                         "tags POS. --data reads one text per line; with --gold the files hold gold segmentation "
+                         "(any format of finetune.tag_format), their text is segmented and SIGHAN precision, "
+                         "recall and F1 go to stderr.")
+    p.add_argument("checkpoint", help="a tagger from hanlm finetune --task tag (step directory, checkpoints or run "
+                   "directory: then its best by dev F1)")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to segment (repeatable)")
+    p.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="segment every line of this file, directory, glob, URL or built-in corpus (repeatable)")
+    p.add_argument("--format", choices=["words", "slash", "conll"], help="output format (default: slash for a POS "
+                   "tagger, else words)")
+    p.add_argument("--gold", action="store_true", help="--data holds gold words: segment their text and score")
+    p.add_argument("--gold-format", default="auto", choices=["auto", "words", "slash", "conll"],
+                   help="format of the --gold files (default auto)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.set_defaults(func=cmd_segment)
 
     p = verbs.add_parser("bench", help="measure speed and memory against the machine's limit and peer tools",
                          description="Run benchmark suites side by side with their peers (transformers, kenlm, "

@@ -75,6 +75,8 @@ class TokenizerConfig:
                         "characters.", min=1)
     split_digits: bool = key(True, "bpe: split numbers into single digits before merging.")
     path: str | None = key(None, "Load this tokenizer.json instead of training one.")
+    segmenter: str = key("jieba", "word: what splits text into words: jieba, or a tagger checkpoint (run directory) "
+                         "of `hanlm finetune --task tag`, saved with the vocabulary.")
 
 
 # Shapes of the model presets; explicit model.* keys override them.
@@ -108,9 +110,10 @@ class ModelConfig:
         "all; non-decreasing; the last repeats for higher orders), as lmplz --prune; empty keeps every n-gram.")
     vectors: str | None = key(None, "Pretrained word or character vectors (word2vec text or binary) for the "
                               "embedding.")
-    task: Literal["lm", "classify"] = key(
-        "lm", "What the network's output is: next-token probabilities (lm), or a label for the whole text "
-        "(classify: a checkpoint written by `hanlm finetune`, its labels in finetune.labels).")
+    task: Literal["lm", "classify", "tag"] = key(
+        "lm", "What the model's output is: next-token probabilities (lm), a label for the whole text (classify), "
+        "or a tag per character (tag: segmentation); classify and tag checkpoints are written by `hanlm "
+        "finetune`, their labels or tags in finetune.labels.")
 
 
 @dataclass
@@ -240,8 +243,12 @@ class FinetuneConfig:
                                 "model.*, tokenizer and data.* normalisation are used. `hanlm finetune CKPT` sets it.")
     from_scratch: bool = key(False, "Keep the checkpoint's shape and tokenizer but start from random weights: the "
                              "baseline that measures what pretraining is worth.")
-    data: list[str] = key(["chn-reviews"], "Labelled text: built-in corpus names, .jsonl/.csv/.parquet files, "
-                          "directories, globs or fsspec URLs (read with the checkpoint's data.* settings).")
+    task: Literal["classify", "tag"] = key("classify", "What to fine-tune for: a label per text (classify), or "
+                                           "word segmentation / POS tagging as a tag per character (tag).")
+    data: list[str] = key([], "Labelled text: built-in corpus names, files, directories, globs or fsspec URLs "
+                          "(read with the checkpoint's data.* settings): .jsonl/.csv/.parquet for classify, tagged "
+                          "text (finetune.tag_format) for tag. Empty: the built-in chn-reviews (classify) or "
+                          "people-daily-1998-tagged (tag).")
     text_field: str = key("text", "Field (.jsonl) or column (.csv, .parquet) that holds the text.")
     label_field: str = key("label", "Field or column that holds the label (a string or an integer).")
     labels: list[str] = key([], "The labels, in the order of the head's outputs; empty: every label found in "
@@ -250,6 +257,26 @@ class FinetuneConfig:
                               above=0.0, max=0.5)
     test_fraction: float = key(0.1, "Share of distinct texts for the test split, reported once at the end.",
                                above=0.0, max=0.5)
+    tagger: Literal["neural", "hmm", "crf"] = key(
+        "neural", "tag: the model. neural: a head on the pretrained network (hanlm finetune CKPT); hmm: a "
+        "first-order hidden Markov model; crf: a linear-chain CRF on character n-grams (python-crfsuite). hmm "
+        "and crf need no checkpoint.")
+    tag_scheme: Literal["bmes", "bmes-pos"] = key(
+        "bmes", "tag: character tags. bmes segments; bmes-pos segments and POS-tags in one pass (B-n, E-v, ...; "
+        "needs tagged data; not with crf).")
+    tag_format: Literal["auto", "words", "slash", "conll"] = key(
+        "auto", "tag: the files' format: words (space-separated), slash (word/TAG), conll (a token per line); "
+        "auto: conll for .conll/.conllu/.tsv, else slash when the first line is word/TAG tokens, else words.")
+    tag_head: Literal["bilstm", "lookahead", "causal"] = key(
+        "bilstm", "neural tagger: how a character sees the text to its right, which a causal model does not: a "
+        "BiLSTM over the network's states (bilstm), the state finetune.tag_lookahead characters ahead joined "
+        "to its own (lookahead), or nothing (causal).")
+    tag_lookahead: int = key(2, "lookahead head: characters to the right whose state is joined.", min=1)
+    hmm_smoothing: float = key(0.1, "hmm: add-δ smoothing of the counts.", above=0.0)
+    crf_c1: float = key(0.1, "crf: L1 regularisation (OWL-QN): it zeroes most feature weights, so the model is "
+                        "small.", min=0.0)
+    crf_c2: float = key(0.1, "crf: L2 regularisation.", min=0.0)
+    crf_iterations: int = key(120, "crf: L-BFGS iterations at most.", min=1)
     pooling: Literal["last", "mean"] = key("last", "The text's vector: the last token's hidden state (it has "
                                            "seen the whole text), or the mean over its tokens.")
     max_length: int = key(128, "Tokens kept per text (the first ones); at most the model's context_length.", min=2)
@@ -543,11 +570,15 @@ def check(cfg: Config) -> None:
                               f"({m.context_length}); lower train.block_size or raise model.context_length")
     if m.arch == "ngram":
         _check_ngram(cfg)
-    if m.task != "lm" and m.arch not in ("gpt", "lstm"):
+    neural_task = m.task == "classify" or (m.task == "tag" and cfg.finetune.tagger == "neural")
+    if neural_task and m.arch not in ("gpt", "lstm"):
         raise ConfigError(f"model.task {m.task} needs a neural network (model.arch gpt or lstm), not {m.arch}")
     if cfg.finetune.dev_fraction + cfg.finetune.test_fraction >= 1:
         raise ConfigError(f"finetune.dev_fraction ({cfg.finetune.dev_fraction}) + finetune.test_fraction "
                           f"({cfg.finetune.test_fraction}) leave no train split; keep their sum below 1")
+    if cfg.finetune.tagger == "crf" and cfg.finetune.tag_scheme == "bmes-pos":
+        raise ConfigError("finetune.tagger crf supports tag_scheme bmes only: with ~170 joint BMES-POS tags "
+                          "its training is quadratic in them; use hmm or neural for bmes-pos")
     if len(set(cfg.finetune.labels)) != len(cfg.finetune.labels):
         raise ConfigError(f"finetune.labels names a label twice: {cfg.finetune.labels}")
     if m.arch == "mix":

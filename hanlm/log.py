@@ -209,8 +209,8 @@ class RunLogger:
         lines = [f"# {title}", ""]
         if train or evals:
             lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary(train, evals).items()]
-            _plot_loss(train, evals, self.run_dir / "loss.png")
-            lines += ["", "![loss](loss.png)"]
+            if _plot_loss(train, evals, self.run_dir / "loss.png"):
+                lines += ["", "![loss](loss.png)"]
         else:
             lines.append("No steps were logged.")
         for heading, body in (sections or {}).items():
@@ -269,15 +269,17 @@ def _mean(values: Iterable[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-def _plot_loss(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> None:
-    """Plot train and val loss against tokens seen into the PNG `path`."""
+def _plot_loss(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> bool:
+    """Plot train and val loss against tokens seen into the PNG `path`; False when no loss was logged."""
     series = {}
     if train:
         series["train"] = ([r["tokens"] for r in train], [r["loss"] for r in train], "-")
     val = [r for r in evals if "loss" in r]
     if val:
         series["val"] = ([r["tokens"] for r in val], [r["loss"] for r in val], "o-")
-    line_plot(series, "tokens seen", "loss", path)
+    if series:
+        line_plot(series, "tokens seen", "loss", path)
+    return bool(series)
 
 
 def line_plot(series: dict[str, tuple[list[float], list[float], str]], xlabel: str, ylabel: str, path: Path) -> None:

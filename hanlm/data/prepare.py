@@ -137,7 +137,8 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
         else:
             tokenizer = train_tokenizer(cfg.tokenizer.kind, _read_docs(tmp / "train.docs"),
                                         vocab_size=cfg.tokenizer.vocab_size, min_freq=cfg.tokenizer.min_freq,
-                                        split_digits=cfg.tokenizer.split_digits)
+                                        split_digits=cfg.tokenizer.split_digits,
+                                        segmenter=cfg.tokenizer.segmenter)
         tokenizer.save(tmp / "tokenizer.json")
         dtype = token_dtype(tokenizer.vocab_size)
         workers = cfg.data.num_workers or os.cpu_count() or 1

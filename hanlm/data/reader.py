@@ -241,6 +241,19 @@ class DocumentReader:
             raise DataError(f"no documents left in {names} after filtering ({self.stats.summary()}); "
                             f"check data.min_chars (now {self.cfg.min_chars}) and the sources")
 
+    def lines(self) -> Iterator[tuple[SourceFile, int, str]]:
+        """(source, line number, normalised line) for every line of every source, blank ones included,
+        for line-oriented formats (tagged text): a built-in corpus gives the text field of each record."""
+        self.stats = ReadStats(files=len(self.files))
+        for src in self.files:
+            self.current = src.url
+            with _open_binary(src) as f:
+                lines = self._decoded_lines(src, io.BufferedReader(f) if not hasattr(f, "peek") else f)
+                if src.builtin:
+                    lines = ((n, json.loads(line)["text"]) for n, line in lines)
+                for number, line in lines:
+                    yield src, number, self.normalise(line)
+
     def _keys(self, label_field: str | None) -> str:
         return self.text_key + (" or finetune.label_field" if label_field is not None else "")
 

@@ -1,4 +1,7 @@
-"""Tokenizers: one interface, three kinds (char, byte-level BPE, jieba words).
+"""Tokenizers: one interface, three kinds (char, byte-level BPE, words).
+
+Words come from jieba, or from one of hanlm's own taggers (`tokenizer.segmenter: CKPT`, a
+checkpoint of `hanlm finetune --task tag`), whose path is saved with the vocabulary.
 
 Every kind reserves ids 0..3 for SPECIAL_TOKENS, saves to one JSON file and has a
 fingerprint (sha256 of its canonical JSON) that is recorded with the shards it encoded.
@@ -13,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +34,7 @@ from hanlm.errors import ConfigError, DataError
 jieba.setLogLevel(logging.WARNING)  # it logs dictionary loading at INFO on first use
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+JIEBA = "jieba"  # the default word segmenter
 FORMAT = 1
 UNK_CHAR = "\ufffd"  # one character, so decoded text stays aligned char-for-char with the input
 _MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
@@ -57,6 +62,11 @@ class Tokenizer(ABC):
         """Ids of each text, as `encode` would give them."""
         return [self.encode(t) for t in texts]
 
+    @abstractmethod
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode`'s ids with the (start, end) character span of `text` each came from; tokens that split
+        one character (byte-level BPE) share its span."""
+
     def encode_array(self, text: str) -> np.ndarray:
         """Ids of `text` as a 1-D int64 array (the path data preparation uses)."""
         return np.asarray(self.encode(text), dtype=np.int64)
@@ -65,6 +75,14 @@ class Tokenizer(ABC):
         """`docs` encoded one after another, each followed by <eos>: the packed form shards store."""
         eos = np.array([self.eos_id], dtype=np.int64)
         return np.concatenate([eos[:0], *(part for d in docs for part in (self.encode_array(d), eos))])
+
+    def _packed_batch(self, docs: Sequence[str]) -> np.ndarray:
+        """`encode_documents` through one `encode_batch` call, for kinds whose batches beat single calls."""
+        packed: list[int] = []
+        for ids in self.encode_batch(docs):
+            packed += ids
+            packed.append(self.eos_id)
+        return np.asarray(packed, dtype=np.int64)
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
@@ -178,6 +196,9 @@ class CharTokenizer(_ListTokenizer):
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        return self.encode(text), [(i, i + 1) for i in range(len(text))]
+
     @classmethod
     def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> CharTokenizer:
         counts: Counter[str] = Counter()
@@ -187,30 +208,72 @@ class CharTokenizer(_ListTokenizer):
 
 
 class WordTokenizer(_ListTokenizer):
-    """jieba words; a word outside the vocabulary falls back to its characters, then to <unk>."""
+    """Words (jieba's, or a hanlm tagger's); a word outside the vocabulary falls back to its characters,
+    then to <unk>."""
 
     kind = "word"
 
+    def __init__(self, vocab: Sequence[str], segmenter: str = JIEBA):
+        super().__init__(vocab)
+        self.segmenter = segmenter
+
     def encode(self, text: str) -> list[int]:
-        ids = []
-        for w in _segment(text):
+        return self.encode_spans(text)[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self._ids(words)[0] for words in segment_words(list(texts), self.segmenter)]
+
+    def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
+        return self._packed_batch(docs)  # one batch through the segmenter: a tagger decodes many at once
+
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        return self._ids(segment_words([text], self.segmenter)[0])
+
+    def _ids(self, words: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, spans, at = [], [], 0
+        for w in words:
             i = self.stoi.get(w)
             if i is None:
                 ids.extend(self.stoi.get(c, self.unk_id) for c in w)
+                spans.extend((at + k, at + k + 1) for k in range(len(w)))
             else:
                 ids.append(i)
-        return ids
+                spans.append((at, at + len(w)))
+            at += len(w)
+        return ids, spans
+
+    def _payload(self) -> dict[str, Any]:
+        # jieba is left unnamed, so tokenizers saved before segmenters existed keep their fingerprints.
+        return {"vocab": self.vocab, **({"segmenter": self.segmenter} if self.segmenter != JIEBA else {})}
 
     @classmethod
-    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> WordTokenizer:
+    def _from_payload(cls, data: dict[str, Any]) -> Tokenizer:
+        segmenter = data.get("segmenter", JIEBA)
+        if not isinstance(segmenter, str):
+            raise DataError(f"segmenter must be a string (jieba or a tagger checkpoint), got {segmenter!r}")
+        return cls(data["vocab"], segmenter)
+
+    @classmethod
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool,
+               segmenter: str = JIEBA) -> WordTokenizer:
         chars: Counter[str] = Counter()
         words: Counter[str] = Counter()
+        batch: list[str] = []
+
+        def count(batch: list[str]) -> None:
+            for t, ws in zip(batch, segment_words(batch, segmenter)):
+                chars.update(t)
+                words.update(w for w in ws if len(w) > 1 and w not in SPECIAL_TOKENS)
+
         for t in texts:
-            chars.update(t)
-            words.update(w for w in _segment(t) if len(w) > 1 and w not in SPECIAL_TOKENS)
+            batch.append(t)
+            if len(batch) == 1024:
+                count(batch)
+                batch = []
+        count(batch)
         vocab = [*SPECIAL_TOKENS, *_frequent(chars, min_freq)]
         # Every character stays even past vocab_size, so any known text remains encodable.
-        return cls(vocab + _frequent(words, min_freq)[: max(0, vocab_size - len(vocab))])
+        return cls(vocab + _frequent(words, min_freq)[: max(0, vocab_size - len(vocab))], segmenter)
 
 
 class BpeTokenizer(Tokenizer):
@@ -236,13 +299,12 @@ class BpeTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        e = self.hf.encode(text, add_special_tokens=False)
+        return e.ids, list(e.offsets)
+
     def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
-        # encode_batch runs in parallel in Rust; per-document calls would not.
-        packed: list[int] = []
-        for ids in self.encode_batch(docs):
-            packed += ids
-            packed.append(self.eos_id)
-        return np.asarray(packed, dtype=np.int64)
+        return self._packed_batch(docs)  # encode_batch runs in parallel in Rust; per-document calls would not
 
     def decode(self, ids: Iterable[int]) -> str:
         # Decode the runs between <unk>s separately so each <unk> shows as exactly one U+FFFD.
@@ -289,13 +351,15 @@ _KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BpeTokenizer
 
 
 def train_tokenizer(
-    kind: str, texts: Iterable[str], *, vocab_size: int = 8000, min_freq: int = 1, split_digits: bool = True
+    kind: str, texts: Iterable[str], *, vocab_size: int = 8000, min_freq: int = 1, split_digits: bool = True,
+    segmenter: str = "jieba",
 ) -> Tokenizer:
     """Train a tokenizer of `kind` ("char", "bpe" or "word") on `texts`, read once.
 
     vocab_size counts the specials. It is the exact size for bpe, a cap on words for word
     (all characters with count >= min_freq are kept even beyond it), and ignored for char,
-    whose vocabulary is every character with count >= min_freq. split_digits applies to bpe.
+    whose vocabulary is every character with count >= min_freq. split_digits applies to bpe,
+    segmenter (jieba, or a tagger checkpoint) to word.
     """
     if kind not in _KINDS:
         raise ConfigError(f"tokenizer.kind={kind!r} is unknown; valid kinds: {', '.join(sorted(_KINDS))}")
@@ -309,7 +373,12 @@ def train_tokenizer(
             n_chars += len(t)
             yield t
 
-    tok = _KINDS[kind]._train(counted(), vocab_size, min_freq, split_digits)
+    if segmenter != JIEBA and kind != "word":
+        raise ConfigError(f"tokenizer.segmenter {segmenter!r} applies to tokenizer.kind word, not {kind}")
+    if kind == "word":
+        tok = WordTokenizer._train(counted(), vocab_size, min_freq, split_digits, segmenter)
+    else:
+        tok = _KINDS[kind]._train(counted(), vocab_size, min_freq, split_digits)
     if n_chars == 0:
         raise DataError("tokenizer training texts are empty; check the corpus and its filters")
     if tok.vocab_size == len(SPECIAL_TOKENS):
@@ -322,5 +391,26 @@ def _frequent(counts: Counter[str], min_freq: int) -> list[str]:
     return [s for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_freq]
 
 
-def _segment(text: str) -> list[str]:
-    return jieba.lcut(text, HMM=True)
+_SPACES = re.compile(r"(\s+)")
+
+
+@functools.lru_cache(maxsize=4)
+def _tagger(spec: str):
+    from hanlm.errors import CheckpointError
+    from hanlm.tasks.taggers import load_tagger
+
+    try:
+        return load_tagger(spec).tagger
+    except CheckpointError as e:
+        raise DataError(f"tokenizer.segmenter {spec!r} is not a usable tagger: {e}") from None
+
+
+def segment_words(texts: list[str], segmenter: str = JIEBA) -> list[list[str]]:
+    """The words of each text, which spell it exactly (whitespace runs are words of their own): jieba's,
+    or those of the tagger checkpoint `segmenter`, all texts through it in one batch."""
+    if segmenter == JIEBA:
+        return [jieba.lcut(t, HMM=True) for t in texts]
+    parts = [[p for p in _SPACES.split(t) if p] for t in texts]
+    runs = [p for ps in parts for p in ps if not p.isspace()]
+    segmented = iter(_tagger(segmenter).segment(runs))
+    return [[w for p in ps for w in ([p] if p.isspace() else next(segmented).words)] for ps in parts]

@@ -6,12 +6,14 @@
     POST /v1/chat/completions    messages through `protocol.chat_prompt`
     POST /v1/score               per-token log-probabilities, NLL, perplexity and BPC of a text (hanlm)
     POST /v1/classify            labels and label probabilities of texts (a `hanlm finetune` checkpoint)
+    POST /v1/segment             words (and POS tags) of texts (a tagger from `hanlm finetune --task tag`)
     POST /tokenize, /detokenize
     GET  /metrics                Prometheus
     GET  /                       the playground page
 
-A language model answers the generation and scoring routes and refuses /v1/classify with a 400; a
-classifier answers /v1/classify and refuses the others the same way. Every error has OpenAI's
+A language model answers the generation and scoring routes and refuses /v1/classify and /v1/segment
+with a 400; a classifier answers /v1/classify and a tagger /v1/segment, and each refuses the
+others the same way. Every error has OpenAI's
 shape; bad input is a 4xx, never a 500. With an API key, every route but
 /health and the page needs `Authorization: Bearer KEY`; /metrics too unless `metrics_public`.
 """
@@ -52,6 +54,7 @@ from hanlm.serve.protocol import (
     DetokenizeRequest,
     JSONAnswer,
     ScoreRequest,
+    SegmentRequest,
     TokenizeRequest,
 )
 from hanlm.serve.streaming import CLIENT_GONE, ClientGone
@@ -81,11 +84,14 @@ class _Service:
             raise APIError(503, message, type="server_error", code="model_not_ready")
         served = self.loaded.config.model.task
         if task is not None and served != task:
-            message = (f"the model {self.model_name} is a text classifier: it answers POST /v1/classify only"
-                       if served == "classify" else
-                       f"the model {self.model_name} is a language model: /v1/classify needs a checkpoint written "
-                       "by hanlm finetune")
-            raise APIError(400, message, code="wrong_task")
+            answers = {"classify": "a text classifier: it answers POST /v1/classify only",
+                       "tag": "a word segmenter: it answers POST /v1/segment only",
+                       "lm": "a language model: it answers the generation and scoring routes"}
+            needs = {"classify": "/v1/classify needs a classifier written by hanlm finetune",
+                     "tag": "/v1/segment needs a tagger written by hanlm finetune --task tag",
+                     "lm": "this route needs a language model"}
+            raise APIError(400, f"the model {self.model_name} is {answers[served]}; {needs[task]}",
+                           code="wrong_task")
         return self.loaded
 
     async def body(self, request: Request, schema: type[Schema]) -> Schema:
@@ -151,6 +157,26 @@ def classify_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
     return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
+_segment_lock = threading.Lock()  # one batch at a time through the tagger, as through the classifier
+
+
+def segment_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
+    """/v1/segment's answer: each text's words (and tags, from a POS tagger), the texts run as one batch."""
+    with _segment_lock:
+        sentences = loaded.model.segment(texts)
+    data = [{"index": i, "words": s.words, **({"tags": s.tags} if s.tags is not None else {})}
+            for i, s in enumerate(sentences)]
+    characters = sum(map(len, texts))
+    return {"object": "list", "data": data, "usage": {"characters": characters,
+                                                      "words": sum(len(s.words) for s in sentences)}}
+
+
+def _arch(cfg: Config) -> str:
+    """What the model is: model.arch, or the traditional tagger (hmm, crf) that has no network."""
+    counted = cfg.model.task == "tag" and cfg.finetune.tagger != "neural"
+    return cfg.finetune.tagger if counted else cfg.model.arch
+
+
 def _error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -185,10 +211,12 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
     async def models() -> JSONResponse:
         loaded = s.ready(None)
         task = loaded.config.model.task
-        extra = {"labels": loaded.config.finetune.labels} if task == "classify" else {}
+        extra = ({"labels": loaded.config.finetune.labels} if task == "classify" else
+                 {"tagger": loaded.config.finetune.tagger, "tag_scheme": loaded.config.finetune.tag_scheme}
+                 if task == "tag" else {})
         return s.ok("/v1/models", {"object": "list", "data": [{
             "id": s.model_name, "object": "model", "created": s.created, "owned_by": "hanlm",
-            "max_model_len": loaded.model.context_length, "arch": loaded.config.model.arch, "task": task, **extra}]})
+            "max_model_len": loaded.model.context_length, "arch": _arch(loaded.config), "task": task, **extra}]})
 
     @app.post("/v1/classify", dependencies=[keyed])
     async def classify(request: Request) -> JSONResponse:
@@ -197,6 +225,14 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
         texts = [req.input] if isinstance(req.input, str) else req.input
         answer = await run_in_threadpool(classify_texts, loaded, texts)  # off the event loop: it runs the model
         return s.ok("/v1/classify", {**answer, "model": s.model_name})
+
+    @app.post("/v1/segment", dependencies=[keyed])
+    async def segment(request: Request) -> JSONResponse:
+        loaded = s.ready("tag")
+        req = await s.body(request, SegmentRequest)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        answer = await run_in_threadpool(segment_texts, loaded, texts)  # off the event loop: it runs the tagger
+        return s.ok("/v1/segment", {**answer, "model": s.model_name})
 
     @app.post("/v1/completions", dependencies=[keyed])
     async def completions(request: Request) -> Response:
@@ -298,7 +334,7 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
     parts = path.rstrip("/").split("/")
     # runs/NAME/checkpoints/step-… is served as NAME.
     default_name = parts[-3] if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]
-    app = create_app(lambda: load_for_inference(path, device, tasks=("lm", "classify")),
+    app = create_app(lambda: load_for_inference(path, device, tasks=("lm", "classify", "tag")),
                      model_name=model_name or default_name, api_key=api_key, max_batch=max_batch,
                      max_queue=max_queue, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
                      body_timeout_s=body_timeout_s, metrics_public=metrics_public)

@@ -36,8 +36,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 @dataclass
 class Loaded:
-    """A model ready to serve, and the engine that decodes with it (None for a classifier, which only
-    answers /v1/classify)."""
+    """A model ready to serve, and the engine that decodes with it (None for a classifier or a tagger,
+    which only answer /v1/classify or /v1/segment; a tagger's `model` is its `Tagger`)."""
 
     model: LanguageModel
     config: Config

@@ -165,6 +165,20 @@ class ClassifyRequest(BaseModel):
         list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CLASSIFY_INPUTS)]
 
 
+MAX_SEGMENT_INPUTS = 256  # texts in one /v1/segment request
+MAX_SEGMENT_CHARS = 100_000  # characters in one text of it
+
+
+class SegmentRequest(BaseModel):
+    """/v1/segment: one text or a list of them, segmented (and POS-tagged, by a bmes-pos tagger) in one batch."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: Annotated[str, Field(min_length=1, max_length=MAX_SEGMENT_CHARS)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_SEGMENT_CHARS)]],
+        Field(min_length=1, max_length=MAX_SEGMENT_INPUTS)]
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None

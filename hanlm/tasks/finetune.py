@@ -1,11 +1,13 @@
-"""`hanlm finetune`: train a classification head (and the whole network under it) on labelled text.
+"""`hanlm finetune`: train a task head (and the network under it): a label per text, or a tag per character.
 
-The run starts from a pretrained gpt or lstm checkpoint (finetune.init_from), whose model.*,
-tokenizer and data.* normalisation it keeps; with finetune.from_scratch the same shape and
-tokenizer start from random weights instead. It reads and splits the labelled data
-(`hanlm.tasks.labelled`), trains with AdamW on a warm-up + cosine schedule, evaluates the dev
-split every finetune.eval_every_steps steps and checkpoints there; the checkpoint with the best
-dev accuracy is the result, and only it is scored on the test split, once, at the end.
+The task (finetune.task: classify or tag, `hanlm.tasks.objectives`) brings its data, head,
+batches and scores; everything else is shared. The run starts from a pretrained gpt or lstm
+checkpoint (finetune.init_from), whose model.*, tokenizer and data.* normalisation it keeps;
+with finetune.from_scratch the same shape and tokenizer start from random weights instead. It
+reads and splits the task's data, trains with AdamW on a warm-up + cosine schedule, evaluates
+the dev split every finetune.eval_every_steps steps and checkpoints there; the checkpoint with
+the best dev score (accuracy, or word F1) is the result, and only it is scored on the test
+split, once, at the end. (The hmm and crf taggers train without a network: `hanlm.tasks.taggers`.)
 
 Distributed like training: `--nproc N` runs DDP (dist.sync full), each worker taking its share
 of every global batch. A resumed run is exact: the batch order follows from the seed and the
@@ -43,10 +45,7 @@ from hanlm.config import Config, config_options, derive, load_config
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
 from hanlm.log import METRICS_FILE, RunLogger, line_plot, read_metrics
 from hanlm.runlock import RunLock
-from hanlm.tasks.classifier import SequenceClassifier, build_classifier
-from hanlm.tasks.labelled import collate, encode_texts, read_labelled
-from hanlm.tasks.metrics import ClassificationScores
-from hanlm.tasks.predict import rows_probabilities
+from hanlm.tasks.objectives import TASKS, headline_table
 from hanlm.train.autobatch import MemoryProbe, largest_fitting
 from hanlm.train.distributed import (
     agreed_reason,
@@ -64,28 +63,33 @@ from hanlm.train.loop import autocast_dtype, find_resume, set_earlier_aside, sto
 from hanlm.train.optim import _roles, scheduled_lr, set_lr
 
 RESULTS_FILE = "results.json"
+DEV_PLOT = "dev_curve.png"
 BUCKET_BATCHES = 50  # batches whose texts are sorted by length together: little padding, order still random
 
 
 @dataclass
 class FinetuneResult:
     run_dir: Path
-    checkpoint: str  # the best checkpoint by dev accuracy
+    checkpoint: str  # the best checkpoint by dev score
     step: int
     stopped_by: str  # end | signal | stop_after
-    dev: ClassificationScores | None = None
-    test: ClassificationScores | None = None
+    dev: object | None = None  # the task's scores (ClassificationScores or SegmentationScores)
+    test: object | None = None
     report: Path | None = None
 
 
 def finetune_config(cfg: Config, source: Checkpoint) -> Config:
-    """The run's config: `cfg` with the pretrained checkpoint's model (task classify), tokenizer and
-    data normalisation, which the classifier must share with it."""
+    """The run's config: `cfg` with the pretrained checkpoint's model (task finetune.task), tokenizer and
+    data normalisation, which the task's network must share with it."""
     if source.ngram is not None:
         raise ConfigError(f"finetune.init_from {source.path} is an n-gram model, which has no hidden states to "
-                          "classify from; start from a gpt or lstm checkpoint")
+                          "fine-tune; start from a gpt or lstm checkpoint")
     require_language_model(source)
-    model = dataclasses.replace(source.config.model, vectors=None, task="classify", dropout=cfg.finetune.dropout)
+    if cfg.finetune.task == "tag" and cfg.finetune.tagger != "neural":
+        raise ConfigError(f"finetune.tagger {cfg.finetune.tagger} is trained without a network: run hanlm finetune "
+                          "without a checkpoint")
+    model = dataclasses.replace(source.config.model, vectors=None, task=cfg.finetune.task,
+                                dropout=cfg.finetune.dropout)
     run = dataclasses.replace(cfg, model=model, tokenizer=source.config.tokenizer, data=source.config.data)
     limit = model.context_length if model.arch == "gpt" else None
     if limit is not None and cfg.finetune.max_length > limit:
@@ -113,12 +117,15 @@ def epoch_batches(lengths: Sequence[int], batch: int, epoch: int, seed: int) -> 
     return [batches[i] for i in order]
 
 
-def _optimizer(model: SequenceClassifier, cfg: Config) -> torch.optim.AdamW:
-    """AdamW, decaying the backbone's matrices and the head's weight (never embeddings, norms, biases)."""
+def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW, decaying the backbone's matrices and the head's (never embeddings, norms, biases)."""
     hidden, decayed, plain = _roles(model.backbone)
-    groups = [{"params": hidden + decayed + [model.head.weight], "weight_decay": cfg.finetune.weight_decay},
-              {"params": plain + [model.head.bias], "weight_decay": 0.0}]
-    cuda = model.head.weight.device.type == "cuda"
+    head = [(n, p) for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    head_decayed = [p for n, p in head if p.dim() >= 2 and "emb" not in n]
+    head_plain = [p for n, p in head if not (p.dim() >= 2 and "emb" not in n)]
+    groups = [{"params": hidden + decayed + head_decayed, "weight_decay": cfg.finetune.weight_decay},
+              {"params": plain + head_plain, "weight_decay": 0.0}]
+    cuda = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.finetune.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                              **({"fused": True} if cuda else {"foreach": True}))
 
@@ -151,13 +158,12 @@ class Finetuner:
         source = load_checkpoint(resolve_checkpoint(cfg.finetune.init_from), self.device)
         cfg = finetune_config(cfg, source)
         self.tokenizer = source.tokenizer
-        self.data = read_labelled(cfg)
-        cfg.finetune.labels = self.data.labels
-        self.echo(f"labelled data: {self.data.summary()}")
+        self.task = TASKS[cfg.finetune.task]()
+        self.task.prepare(cfg, self.tokenizer)
+        cfg.finetune.labels = self.task.labels
+        self.echo(f"{cfg.finetune.task} data: {self.task.summary()}")
         ft = cfg.finetune
-        self.rows = {name: encode_texts(self.tokenizer, split.texts, ft.max_length)
-                     for name, split in self.data.splits.items()}
-        self.model = build_classifier(cfg, self.tokenizer.vocab_size).to(self.device)
+        self.model = self.task.build(cfg, self.tokenizer.vocab_size).to(self.device)
         self._fresh = resume in (None, "", "none")
         ckpt = find_resume(self.ckpt_root, resume, self.device, self.echo, restart_if_damaged=False,
                            main=self.info.main)
@@ -179,9 +185,9 @@ class Finetuner:
         self.step_model = DDP(self.model) if self.info.distributed else self.model
         self.optimizer = _optimizer(self.model, cfg)
         self.global_batch = ft.micro_batch * self.info.world_size
-        train_size = len(self.rows["train"])
+        train_size = len(self.task.train_lengths())
         if train_size < self.global_batch:
-            raise ConfigError(f"the train split has {train_size} texts, fewer than one global batch "
+            raise ConfigError(f"the train split has {train_size} examples, fewer than one global batch "
                               f"({ft.micro_batch} × {self.info.world_size} workers); lower finetune.micro_batch")
         self.steps_per_epoch = train_size // self.global_batch
         self.total_steps = max(1, math.ceil(ft.epochs * self.steps_per_epoch))
@@ -195,9 +201,10 @@ class Finetuner:
         self._stop_requested = False
 
     def _check_resumable(self, ckpt: Checkpoint, cfg: Config) -> None:
-        if ckpt.config.model.task != "classify":
-            raise CheckpointError(f"{ckpt.path} is not a fine-tuning checkpoint (model.task "
-                                  f"{ckpt.config.model.task}); resume a run of hanlm finetune")
+        if ckpt.config.model.task != cfg.model.task:
+            raise CheckpointError(f"{ckpt.path} is not a checkpoint of this fine-tuning task (model.task "
+                                  f"{ckpt.config.model.task}, this run {cfg.model.task}); resume a run of the same "
+                                  "hanlm finetune command")
         if ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
             raise CheckpointError(f"{ckpt.path} was fine-tuned from a model with another tokenizer than "
                                   f"{cfg.finetune.init_from}; resume with the command the run started with")
@@ -206,13 +213,11 @@ class Finetuner:
                                   f"now gives {cfg.finetune.labels}; resume with the data the run started with")
 
     def _measure_micro_batch(self, cfg: Config) -> int:
-        """`finetune.micro_batch: auto`: the largest batch of max_length texts whose step fits memory."""
-        n_labels, length = len(cfg.finetune.labels), cfg.finetune.max_length
+        """`finetune.micro_batch: auto`: the largest batch of max_length examples whose step fits memory."""
+        length = cfg.finetune.max_length
 
         def batch(b: int) -> tuple[torch.Tensor, ...]:
-            x = torch.randint(0, self.tokenizer.vocab_size, (b, length), device=self.device)
-            full = torch.full((b,), length, device=self.device)
-            return x, full, torch.randint(0, n_labels, (b,), device=self.device)
+            return self.task.probe_batch(b, length, self.tokenizer.vocab_size, self.device)
 
         probe = MemoryProbe(self.model, length, self.tokenizer.vocab_size, cfg.train.memory_fraction,
                             make_batch=batch)
@@ -240,9 +245,9 @@ class Finetuner:
     def _rank_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device)}
 
-    def save(self, dev: ClassificationScores | None, elapsed_s: float) -> str:
-        """Checkpoint on every rank's behalf (rank 0 writes). Its recorded val loss is the dev error
-        rate, so the `best` pointer names the checkpoint with the best dev accuracy."""
+    def save(self, dev, elapsed_s: float) -> str:
+        """Checkpoint on every rank's behalf (rank 0 writes). Its recorded val loss is 1 − the dev score,
+        so the `best` pointer names the checkpoint with the best dev score."""
         ranks = gather_to_main(self._rank_state())
         path = ""
         if self.info.main:
@@ -251,7 +256,7 @@ class Finetuner:
                 self._fresh = False
             state = {"step": self.step, "best_dev": self.best_dev, "elapsed_s": elapsed_s, "ranks": ranks}
             path = save_checkpoint(self.ckpt_root, self.model, self.cfg, self.tokenizer, state,
-                                   val_loss=None if dev is None else 1.0 - dev.accuracy,
+                                   val_loss=None if dev is None else 1.0 - dev.primary,
                                    protect=[self.resumed_from] if self.resumed_from else [], note=self.echo)
         barrier()
         return path
@@ -262,8 +267,8 @@ class Finetuner:
         """This rank's share of global batch `step` (0-based), as indices into the train split."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            lengths = [len(r) for r in self.rows["train"]]
-            self._epoch_cache = (epoch, epoch_batches(lengths, self.global_batch, epoch, self.cfg.train.seed))
+            self._epoch_cache = (epoch, epoch_batches(self.task.train_lengths(), self.global_batch, epoch,
+                                                      self.cfg.train.seed))
         return self._epoch_cache[1][index][self.info.rank::self.info.world_size]
 
     def _amp(self) -> contextlib.AbstractContextManager:
@@ -275,12 +280,10 @@ class Finetuner:
         lr = scheduled_lr(self.step, peak=ft.lr, warmup=self.warmup, total=self.total_steps,
                           floor=ft.lr * self.cfg.train.min_lr_ratio)
         set_lr(self.optimizer, lr)
-        picked = self._batch(self.step)
-        x, lengths = collate([self.rows["train"][i] for i in picked], self.tokenizer.pad_id)
-        y = torch.tensor([self.data.splits["train"].labels[i] for i in picked])
+        inputs, n_tokens = self.task.batch(self._batch(self.step))
         self.model.train()
         with self._amp():
-            loss = self.step_model(x.to(self.device), lengths.to(self.device), y.to(self.device))
+            loss = self.step_model(*(t.to(self.device) for t in inputs))
         loss.backward()
         if not math.isfinite(loss.item()):
             raise HanlmError(f"the loss became {loss.item()} at step {self.step + 1}; lower finetune.lr "
@@ -291,16 +294,11 @@ class Finetuner:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": all_reduce_mean(loss.item()), "lr": lr, "grad_norm": grad_norm,
-                "tokens": int(lengths.sum()) * self.info.world_size}
+                "tokens": n_tokens * self.info.world_size}
 
-    def evaluate(self, split: str) -> tuple[ClassificationScores, float]:
-        """Scores and mean cross-entropy (nats) of the current model on a split."""
-        data = self.data.splits[split]
-        probs = rows_probabilities(self.model, self.rows[split], batch_size=2 * self.cfg.finetune.micro_batch,
-                                   autocast_dtype=self.amp_dtype)
-        gold = torch.tensor(data.labels)
-        loss = float(-probs[torch.arange(len(gold)), gold].clamp(min=1e-12).log().mean())
-        return ClassificationScores.of(data.labels, probs.argmax(-1).tolist(), self.data.labels), loss
+    def evaluate(self, split: str):
+        """The task's scores and mean loss (None when it has none) of the current model on a split."""
+        return self.task.evaluate(self.model, split, 2 * self.cfg.finetune.micro_batch, self.amp_dtype)
 
     def request_stop(self) -> None:
         self._stop_requested = True
@@ -329,10 +327,12 @@ class Finetuner:
 
     def _run(self, stop_after: int | None) -> FinetuneResult:
         cfg, main, ft = self.cfg, self.info.main, self.cfg.finetune
-        self.echo(f"model: {cfg.model.arch} + {ft.pooling}-pooled head over {len(ft.labels)} labels, "
+        head = (f"{ft.pooling}-pooled head over {len(ft.labels)} labels" if ft.task == "classify"
+                else f"{ft.tag_head} tagging head over {len(ft.labels)} tags")
+        self.echo(f"model: {cfg.model.arch} + {head}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {self.device}, "
                   f"{'bf16 autocast' if self.amp_dtype else 'fp32'}")
-        self.echo(f"batch: {ft.micro_batch} × {self.info.world_size} texts per step, {self.steps_per_epoch:,} steps "
+        self.echo(f"batch: {ft.micro_batch} × {self.info.world_size} examples per step, {self.steps_per_epoch:,} steps "
                   f"per epoch, {self.total_steps:,} steps ({ft.epochs:g} epochs)")
         logger = RunLogger(self.run_dir, cfg.log, total_steps=self.total_steps, start_step=self.step, enabled=main)
         started, steps, tokens = time.monotonic(), 0, 0
@@ -365,8 +365,8 @@ class Finetuner:
         dev = None
         if self.info.main:
             dev, loss = self.evaluate("dev")
-            self.best_dev = max(self.best_dev, dev.accuracy)
-            logger.eval(self.step, tokens, {"loss": loss, "accuracy": dev.accuracy, "macro_f1": dev.macro_f1})
+            self.best_dev = max(self.best_dev, dev.primary)
+            logger.eval(self.step, tokens, {**({"loss": loss} if loss is not None else {}), **dev.headline})
         self.save(dev, elapsed)
 
     def _load_best(self) -> str:
@@ -378,42 +378,53 @@ class Finetuner:
         load_weights(self.model, load_checkpoint(path, self.device).weights, path)
         return path
 
-    def _write_results(self, logger: RunLogger, best: str, dev: ClassificationScores, test: ClassificationScores,
-                       elapsed: float) -> Path:
+    def _write_results(self, logger: RunLogger, best: str, dev, test, elapsed: float) -> Path:
         ft = self.cfg.finetune
-        results = {"init_from": ft.init_from, "from_scratch": ft.from_scratch, "pooling": ft.pooling,
+        sizes = self.task.split_sizes()
+        results = {"task": ft.task, "init_from": ft.init_from, "from_scratch": ft.from_scratch,
+                   **({"pooling": ft.pooling} if ft.task == "classify" else {"tag_head": ft.tag_head}),
                    "best_checkpoint": best, "steps": self.step, "seconds": elapsed,
-                   "data": {"summary": self.data.summary(),
-                            **{name: len(s) for name, s in self.data.splits.items()}},
+                   "data": {"summary": self.task.summary(), **sizes},
                    "dev": dev.as_dict(), "test": test.as_dict()}
-        atomic_write_text(self.run_dir / RESULTS_FILE, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
-        plot_dev_curves({self.run_dir.name: self.run_dir}, self.run_dir / "dev_accuracy.png")
-        table = ("| split | texts | accuracy | macro-F1 |\n|---|---|---|---|\n"
-                 + "\n".join(f"| {name} | {s.total:,} | {s.accuracy:.4f} | {s.macro_f1:.4f} |"
-                             for name, s in (("dev", dev), ("test", test))))
-        sections = {"Result (best checkpoint by dev accuracy)": f"{table}\n\nbest checkpoint: `{best}`",
-                    "Confusion matrix (test)": test.confusion_table(),
-                    "Dev accuracy": "![dev accuracy](dev_accuracy.png)",
-                    "Data": self.data.summary(), "Config": f"```yaml\n{self.cfg.to_yaml()}```"}
-        return logger.write_report(f"hanlm finetune: {self.run_dir}", sections)
+        return write_results(logger, self.run_dir, results, {"dev": dev, "test": test}, sizes,
+                             self.task.report_sections(test), self.cfg)
 
 
-def plot_dev_curves(runs: dict[str, Path], path: Path) -> None:
-    """Dev accuracy against steps for each named run directory, in one PNG."""
+def write_results(logger: RunLogger, run_dir: Path, results: dict, scores: dict, sizes: dict[str, int],
+                  extra_sections: dict[str, str], cfg: Config) -> Path:
+    """results.json, the dev curve and report.md of a finished run (any task, any tagger); the report's path."""
+    atomic_write_text(run_dir / RESULTS_FILE, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    metric = "accuracy" if cfg.finetune.task == "classify" else "f1"
+    sections = {"Result (best checkpoint by dev score)":
+                f"{headline_table(scores, sizes, 'examples')}\n\nbest checkpoint: `{results['best_checkpoint']}`",
+                **extra_sections}
+    if plot_dev_curves({run_dir.name: run_dir}, run_dir / DEV_PLOT, metric):
+        sections[f"Dev {metric}"] = f"![dev {metric}]({DEV_PLOT})"
+    sections.update({"Data": results["data"]["summary"], "Config": f"```yaml\n{cfg.to_yaml()}```"})
+    return logger.write_report(f"hanlm finetune: {run_dir}", sections)
+
+
+def plot_dev_curves(runs: dict[str, Path], path: Path, metric: str = "accuracy") -> bool:
+    """The dev `metric` against steps for each named run directory, in one PNG; False when no run has
+    more than one evaluation to draw."""
     series = {}
     for name, run_dir in runs.items():
-        evals = [r for r in read_metrics(Path(run_dir) / METRICS_FILE) if r.get("kind") == "eval" and "accuracy" in r]
-        if evals:
-            series[name] = ([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-")
-    line_plot(series, "optimizer step", "dev accuracy", path)
+        evals = [r for r in read_metrics(Path(run_dir) / METRICS_FILE) if r.get("kind") == "eval" and metric in r]
+        if len(evals) > 1:
+            series[name] = ([r["step"] for r in evals], [r[metric] for r in evals], "o-")
+    if series:
+        line_plot(series, "optimizer step", f"dev {metric}", path)
+    return bool(series)
 
 
 def print_result(result: FinetuneResult) -> None:
     if result.test is None:
         print(f"stopped at step {result.step} ({result.stopped_by}); resume with: hanlm finetune ... --resume auto")
         return
-    print(f"\nbest checkpoint (dev accuracy): {result.checkpoint}")
-    print(f"dev:  {result.dev.summary()}\ntest: {result.test.summary()}\n\n{result.test.confusion_table()}")
+    print(f"\nbest checkpoint (dev score): {result.checkpoint}")
+    print(f"dev:  {result.dev.summary()}\ntest: {result.test.summary()}")
+    if hasattr(result.test, "confusion_table"):
+        print(f"\n{result.test.confusion_table()}")
     print(f"report: {result.report}")
 
 

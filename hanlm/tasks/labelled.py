@@ -24,6 +24,7 @@ from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import DataError
 
 SPLITS = ("train", "dev", "test")
+REVIEWS_CORPUS = "chn-reviews"  # the default labelled data
 
 
 @dataclass
@@ -65,14 +66,12 @@ def split_of(text: str, dev_fraction: float, test_fraction: float) -> str:
 
 
 def read_labelled(cfg: Config, sources: list[str] | None = None) -> LabelledData:
-    """Read `sources` (default finetune.data) with the data.* normalisation of `cfg`, keep each distinct
+    """Read `sources` (default finetune.data, or chn-reviews when it is empty) with the data.* normalisation
+    of `cfg`, keep each distinct
     text once, and split it. The labels are finetune.labels when set (a record with another label is an
     error naming its file), else every label of the train split, sorted."""
     ft = cfg.finetune
-    sources = sources if sources is not None else ft.data
-    if not sources:
-        raise DataError("finetune.data is empty: name the labelled data (a built-in corpus such as chn-reviews, "
-                        "or .jsonl / .csv / .parquet files)")
+    sources = sources if sources is not None else (list(ft.data) or [REVIEWS_CORPUS])
     reader = DocumentReader(sources, dataclasses.replace(cfg.data, text_field=ft.text_field),
                             text_key="finetune.text_field")
     first: dict[str, str] = {}  # text -> the label it was first read with

@@ -1,0 +1,216 @@
+"""The neural tagger: a character-tag head on a pretrained gpt or lstm network (the backbone).
+
+The backbone reads the text's tokens (<eos> first, as pretraining put it between documents). A
+character's state is the hidden state of the token that completes it (byte-level BPE may split a
+rare character over several tokens), plus an embedding of where the character sits in its token
+(S, B, M, E) — a BPE token is often a word, so its edges are evidence — plus an embedding of the
+character itself (its code point hashed into CHAR_BUCKETS rows, so no vocabulary is needed): the
+characters inside one multi-character token share its state, and only this tells them apart. A
+causal backbone has not seen the text to the right of a character, which decides where its word
+ends, so the head adds it
+(finetune.tag_head): `bilstm` runs a bidirectional LSTM over the character states, `lookahead`
+joins the state finetune.tag_lookahead characters ahead, `causal` adds nothing (the baseline).
+The emissions are decoded by Viterbi under the tag grammar, so every output is a valid segmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hanlm.config import Config
+from hanlm.data.tokenizer import Tokenizer
+from hanlm.errors import ConfigError
+from hanlm.models import build_model
+from hanlm.models.base import LanguageModel
+from hanlm.tasks.bmes import POSITIONS, allowed_transitions, text_pieces
+from hanlm.tasks.tagging import Tagger
+from hanlm.tasks.viterbi import batched_by_length, mask_scores, viterbi
+
+IGNORE = -100  # the target of padding characters
+CHAR_BUCKETS = 16_384  # rows of the character embedding: code points modulo this (CJK's 20,992 mostly distinct)
+
+
+@dataclass
+class TaggerRow:
+    """One text as the tagger reads it: token ids (with the leading <eos>), for each character the
+    position of the token that completes it and its place in that token, and its gold tag ids."""
+
+    ids: list[int]
+    char_token: list[int]
+    char_piece: list[int]
+    char_ids: list[int]
+    targets: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.char_token)
+
+
+def encode_row(tokenizer: Tokenizer, text: str, targets: list[int] | None = None) -> TaggerRow:
+    ids, spans = tokenizer.encode_spans(text)
+    char_token = [0] * len(text)
+    char_piece = [0] * len(text)
+    for position, (a, b) in enumerate(spans, start=1):  # position 0 is the leading <eos>
+        for i in range(a, b):
+            char_token[i] = position  # the last token touching a character completes it
+            char_piece[i] = POSITIONS.index("S" if b - a == 1 else "B" if i == a else "E" if i == b - 1 else "M")
+    return TaggerRow([tokenizer.eos_id, *ids], char_token, char_piece, [ord(c) % CHAR_BUCKETS for c in text], targets)
+
+
+def collate_rows(rows: Sequence[TaggerRow], pad_id: int = 0) -> tuple[Tensor, ...]:
+    """(ids (B, T), char_token (B, N), char_piece (B, N), char_ids (B, N), char lengths (B,), targets (B, N)
+    or None)."""
+    tokens = max(len(r.ids) for r in rows)
+    chars = max(len(r) for r in rows)
+    ids = torch.full((len(rows), tokens), pad_id, dtype=torch.long)
+    char_token = torch.zeros(len(rows), chars, dtype=torch.long)
+    char_piece = torch.zeros(len(rows), chars, dtype=torch.long)
+    char_ids = torch.zeros(len(rows), chars, dtype=torch.long)
+    targets = torch.full((len(rows), chars), IGNORE, dtype=torch.long)
+    for k, r in enumerate(rows):
+        ids[k, :len(r.ids)] = torch.tensor(r.ids)
+        char_token[k, :len(r)] = torch.tensor(r.char_token)
+        char_piece[k, :len(r)] = torch.tensor(r.char_piece)
+        char_ids[k, :len(r)] = torch.tensor(r.char_ids)
+        if r.targets is not None:
+            targets[k, :len(r)] = torch.tensor(r.targets)
+    lengths = torch.tensor([len(r) for r in rows])
+    has_targets = all(r.targets is not None for r in rows)
+    return ids, char_token, char_piece, char_ids, lengths, (targets if has_targets else None)
+
+
+class SequenceTagger(nn.Module):
+    """backbone → character states → head (bilstm | lookahead | causal) → emissions (B, N, n_tags)."""
+
+    def __init__(self, backbone: LanguageModel, n_tags: int, head: str, lookahead: int, dropout: float):
+        super().__init__()
+        self.backbone, self.head_kind, self.lookahead = backbone, head, lookahead
+        width = backbone.tok_emb.weight.size(1)
+        self.piece_emb = nn.Embedding(len(POSITIONS), width)
+        self.char_emb = nn.Embedding(CHAR_BUCKETS, width)
+        for emb in (self.piece_emb, self.char_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+        if head == "bilstm":
+            self.context = nn.LSTM(width, width // 2, batch_first=True, bidirectional=True)
+            out_width = 2 * (width // 2)
+        else:
+            out_width = 2 * width if head == "lookahead" else width
+        self.out = nn.Linear(out_width, n_tags)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+        if not backbone.tied:
+            backbone.lm_head.weight.requires_grad_(False)  # unused by tagging (as in the classifier)
+
+    @property
+    def context_length(self) -> int | None:
+        return self.backbone.context_length
+
+    def forward(self, ids: Tensor, char_token: Tensor, char_piece: Tensor, char_ids: Tensor, lengths: Tensor,
+                targets: Tensor | None = None) -> Tensor:
+        """Emission logits (B, N, n_tags) in float32; with targets, their mean cross-entropy instead."""
+        h = self.backbone.hidden(ids)
+        states = (h.gather(1, char_token.unsqueeze(-1).expand(-1, -1, h.size(-1))) + self.piece_emb(char_piece)
+                  + self.char_emb(char_ids))
+        states = self.dropout(states)
+        if self.head_kind == "bilstm":
+            packed = nn.utils.rnn.pack_padded_sequence(states.float(), lengths.cpu(), batch_first=True,
+                                                       enforce_sorted=False)
+            states, _ = nn.utils.rnn.pad_packed_sequence(self.context(packed)[0], batch_first=True,
+                                                         total_length=states.size(1))
+            states = self.dropout(states)
+        elif self.head_kind == "lookahead":
+            ahead = torch.arange(states.size(1), device=states.device)[None, :] + self.lookahead
+            ahead = torch.minimum(ahead, (lengths.to(states.device) - 1).clamp(min=0)[:, None])
+            states = torch.cat([states, states.gather(1, ahead.unsqueeze(-1).expand(-1, -1, states.size(-1)))], -1)
+        logits = self.out(states).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def build_tagger_network(cfg: Config, vocab_size: int) -> SequenceTagger:
+    """A tagger network for a resolved config whose model.task is tag (its tags in finetune.labels)."""
+    if cfg.model.task != "tag" or cfg.finetune.tagger != "neural":
+        raise ConfigError(f"model.task {cfg.model.task} / finetune.tagger {cfg.finetune.tagger} is not a neural tagger")
+    model_cfg = dataclasses.replace(cfg.model, vectors=None, dropout=cfg.finetune.dropout)
+    ft = cfg.finetune
+    return SequenceTagger(build_model(model_cfg, vocab_size), len(ft.labels), ft.tag_head, ft.tag_lookahead,
+                          ft.dropout)
+
+
+def fitted_pieces(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[tuple[int, int]]:
+    """Character spans of `text` whose rows hold at most `max_tokens` ids (the <eos> included): cut at
+    sentence ends first, then in halves wherever a piece still encodes to too many tokens."""
+    out = []
+    pending = list(text_pieces(text, max_tokens - 1))
+    while pending:
+        a, b = pending.pop(0)
+        if b - a > 1 and len(tokenizer.encode(text[a:b])) + 1 > max_tokens:
+            mid = (a + b) // 2
+            pending[:0] = [(a, mid), (mid, b)]
+        else:
+            out.append((a, b))
+    return out
+
+
+class NeuralTagger(Tagger):
+    """A SequenceTagger with its tokenizer, decoding under the tag grammar."""
+
+    def __init__(self, model: SequenceTagger, tokenizer: Tokenizer, tags: Sequence[str], max_length: int, *,
+                 batch_size: int = 64, autocast_dtype: torch.dtype | None = None):
+        self.model, self.tokenizer, self.tags = model, tokenizer, list(tags)
+        self.max_length, self.batch_size, self.autocast_dtype = max_length, batch_size, autocast_dtype
+        start, trans, end = allowed_transitions(self.tags)
+        self._grammar = mask_scores(start), mask_scores(trans), mask_scores(end)
+
+    def tag(self, texts: Sequence[str]) -> list[list[str]]:
+        pieces = [(k, a, b) for k, t in enumerate(texts) for a, b in fitted_pieces(self.tokenizer, t, self.max_length)]
+        rows = [encode_row(self.tokenizer, texts[k][a:b]) for k, a, b in pieces]
+        paths = self.decode(rows)
+        out: list[list[str]] = [[] for _ in texts]
+        for (k, _, _), path in zip(pieces, paths):
+            out[k] += [self.tags[s] for s in path]
+        return out
+
+    @torch.no_grad()
+    def emissions(self, rows: Sequence[TaggerRow]) -> list[Tensor]:
+        """Log-probabilities (N_i, n_tags) of each row's characters, on the CPU."""
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        amp = (torch.autocast(device.type, self.autocast_dtype) if self.autocast_dtype
+               else contextlib.nullcontext())
+        out: list[Tensor] = [torch.empty(0)] * len(rows)
+        try:
+            for chunk in batched_by_length(len(rows), [len(r.ids) for r in rows], self.batch_size):
+                ids, char_token, char_piece, char_ids, lengths, _ = collate_rows([rows[i] for i in chunk],
+                                                                                 self.tokenizer.pad_id)
+                with amp:
+                    logits = self.model(ids.to(device), char_token.to(device), char_piece.to(device),
+                                        char_ids.to(device), lengths)
+                logp = logits.float().log_softmax(-1).cpu()
+                for j, i in enumerate(chunk):
+                    out[i] = logp[j, :len(rows[i])]
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def decode(self, rows: Sequence[TaggerRow]) -> list[list[int]]:
+        """The best grammatical tag ids of each row."""
+        emissions = self.emissions(rows)
+        paths: list[list[int]] = [[] for _ in rows]
+        for chunk in batched_by_length(len(rows), [len(r) for r in rows], 256):
+            live = [i for i in chunk if len(rows[i])]
+            if not live:
+                continue
+            padded = nn.utils.rnn.pad_sequence([emissions[i] for i in live], batch_first=True)
+            for i, path in zip(live, viterbi(padded, [len(rows[i]) for i in live], *self._grammar)):
+                paths[i] = path
+        return paths
