@@ -200,3 +200,21 @@ def browser():
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     yield driver
     driver.quit()
+
+
+def ask_the_playground(browser, url: str, model_name: str, button: str, text: str, done: str) -> str:
+    """Open the playground at `url`, wait for it to show `model_name`, check that only `button` of the
+    task buttons shows, type `text`, press `button` and wait for `done` in the status line; the output."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == model_name)
+    assert browser.find_element(By.ID, button).is_displayed()
+    assert not browser.find_element(By.ID, "generate").is_displayed()
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, button).click()
+    WebDriverWait(browser, 30).until(lambda d: done in d.find_element(By.ID, "status").text)
+    return browser.find_element(By.ID, "output").text

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 import torch
-from serve_helpers import AUTH, KEY, LiveServer, browser, checkpoints, error_of  # noqa: F401
+from serve_helpers import AUTH, KEY, LiveServer, ask_the_playground, browser, checkpoints, error_of  # noqa: F401
 
 from hanlm.checkpoint import load_checkpoint, load_for_inference
 from hanlm.config import load_config
@@ -253,24 +253,13 @@ def test_v1_classify_through_http_and_each_model_refuses_the_others_task(finetun
 
 
 def test_the_playground_labels_text_for_a_classifier(finetuned, browser):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     _, result = finetuned
     app = create_app(lambda: load_for_inference(str(result.run_dir), tasks=("lm", "classify")), model_name="reviews")
     with LiveServer(app) as server:
         server.wait_ready()
-        browser.get(server.url + "/")
-        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == "reviews")
-        assert browser.find_element(By.ID, "classify").is_displayed()
-        assert not browser.find_element(By.ID, "generate").is_displayed()
-        box = browser.find_element(By.ID, "prompt")
-        box.clear()
-        box.send_keys("这本书很好看，推荐")
-        browser.find_element(By.ID, "classify").click()
-        WebDriverWait(browser, 30).until(lambda d: "tokens in" in d.find_element(By.ID, "status").text)
+        output = ask_the_playground(browser, server.url, "reviews", "classify", "这本书很好看，推荐", "tokens in")
         expected = load_classifier(str(result.run_dir)).classify(["这本书很好看，推荐"])[0]["label"]
-        assert browser.find_element(By.ID, "output").text.splitlines()[0] == expected
+        assert output.splitlines()[0] == expected
 
 
 def test_an_lstm_checkpoint_fine_tunes_with_mean_pooling(checkpoints, sample, tmp_path):

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 import torch
-from serve_helpers import AUTH, KEY, LiveServer, browser, checkpoints, error_of  # noqa: F401
+from serve_helpers import AUTH, KEY, LiveServer, ask_the_playground, browser, checkpoints, error_of  # noqa: F401
 
 from hanlm.checkpoint import load_for_inference
 from hanlm.config import load_config
@@ -319,21 +319,9 @@ def test_a_tagger_can_be_the_word_tokenizers_segmenter(hmm, paragraphs, tmp_path
 
 
 def test_the_playground_segments_text_for_a_tagger(hmm, browser):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     app = create_app(lambda: load_for_inference(str(hmm.run_dir), tasks=("lm", "classify", "tag")), model_name="pd")
     with LiveServer(app) as server:
         server.wait_ready()
-        browser.get(server.url + "/")
-        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == "pd")
-        assert browser.find_element(By.ID, "segment").is_displayed()
-        assert not browser.find_element(By.ID, "generate").is_displayed()
-        box = browser.find_element(By.ID, "prompt")
-        box.clear()
-        box.send_keys("迈向充满希望的新世纪")
-        browser.find_element(By.ID, "segment").click()
-        WebDriverWait(browser, 30).until(lambda d: "words," in d.find_element(By.ID, "status").text)
+        output = ask_the_playground(browser, server.url, "pd", "segment", "迈向充满希望的新世纪", "words,")
         (expected,) = load_tagger(str(hmm.run_dir)).tagger.segment(["迈向充满希望的新世纪"])
-        shown = browser.find_element(By.ID, "output").text.split()
-        assert shown == [f"{w}/{t}" for w, t in zip(expected.words, expected.tags)]
+        assert output.split() == [f"{w}/{t}" for w, t in zip(expected.words, expected.tags)]

@@ -98,6 +98,16 @@ class _Service:
         return await parse_body(request, schema, max_bytes=self.max_body_bytes, timeout_s=self.body_timeout_s,
                                 max_depth=self.max_json_depth)
 
+    async def texts_route(self, request: Request, task: str, schema: type[Schema], endpoint: str,
+                          answer: Callable[[Loaded, list[str]], dict[str, Any]]) -> JSONResponse:
+        """A route over a batch of texts (/v1/classify, /v1/segment): the model of `task`, the body's
+        `input` as a list, and `answer` run off the event loop, since it runs the model."""
+        loaded = self.ready(task)
+        req = await self.body(request, schema)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        body = await run_in_threadpool(answer, loaded, texts)
+        return self.ok(endpoint, {**body, "model": self.model_name})
+
     def counter(self, endpoint: str) -> Callable[[str], None]:
         """Counts one request to `endpoint` under the status it is given."""
         return lambda status: self.metrics.requests.labels(endpoint, status).inc()
@@ -220,19 +230,11 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
 
     @app.post("/v1/classify", dependencies=[keyed])
     async def classify(request: Request) -> JSONResponse:
-        loaded = s.ready("classify")
-        req = await s.body(request, ClassifyRequest)
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        answer = await run_in_threadpool(classify_texts, loaded, texts)  # off the event loop: it runs the model
-        return s.ok("/v1/classify", {**answer, "model": s.model_name})
+        return await s.texts_route(request, "classify", ClassifyRequest, "/v1/classify", classify_texts)
 
     @app.post("/v1/segment", dependencies=[keyed])
     async def segment(request: Request) -> JSONResponse:
-        loaded = s.ready("tag")
-        req = await s.body(request, SegmentRequest)
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        answer = await run_in_threadpool(segment_texts, loaded, texts)  # off the event loop: it runs the tagger
-        return s.ok("/v1/segment", {**answer, "model": s.model_name})
+        return await s.texts_route(request, "tag", SegmentRequest, "/v1/segment", segment_texts)
 
     @app.post("/v1/completions", dependencies=[keyed])
     async def completions(request: Request) -> Response:
