@@ -146,11 +146,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                   rdzv_endpoint=None, max_restarts=0, module="hanlm.tasks")
 
 
+def _texts_or_data(args: argparse.Namespace) -> None:
+    """`hanlm classify` and `hanlm segment` read texts from --text or from --data, exactly one of them."""
+    if bool(args.text) == bool(args.data):
+        raise ConfigError("give the texts with --text (repeatable) or the file(s) with --data, one of the two")
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from hanlm.tasks.predict import classify_file, load_classifier
 
-    if bool(args.text) == bool(args.data):
-        raise ConfigError("give the texts with --text (repeatable) or the file(s) with --data, one of the two")
+    _texts_or_data(args)
     if args.label_field and not args.data:
         raise ConfigError("--label-field reads gold labels from --data files; it does not apply to --text")
     classifier = load_classifier(args.checkpoint, args.device or "cpu")
@@ -170,8 +175,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from hanlm.data.tagged import TaggedSentence, format_sentence
     from hanlm.tasks.taggers import load_tagger, segment_file
 
-    if bool(args.text) == bool(args.data):
-        raise ConfigError("give the texts with --text (repeatable) or the file(s) with --data, one of the two")
+    _texts_or_data(args)
     if args.gold and not args.data:
         raise ConfigError("--gold scores --data files that hold gold segmentation; it does not apply to --text")
     loaded = load_tagger(args.checkpoint, args.device or "cpu")

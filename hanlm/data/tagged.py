@@ -138,15 +138,20 @@ def _format_of(src: SourceFile, fmt: str, first_line: str) -> str:
     return "slash" if _looks_tagged(first_line) else "words"
 
 
+def text_lines(sources: list[str], cfg: DataConfig) -> Iterator[tuple[SourceFile, int, str]]:
+    """(source, line number, normalised line) of every line of `sources`, read as text whatever their
+    suffix (`.conll`, `.tsv`, …): how tagged files and raw text to segment are read."""
+    return DocumentReader(sources, dataclasses.replace(cfg, format="txt")).lines()
+
+
 def read_tagged(sources: list[str], cfg: DataConfig, fmt: str = "auto") -> Iterator[TaggedSentence]:
     """Every sentence of `sources`, in order; blank lines (outside CoNLL) are skipped."""
     if fmt not in FORMATS:
         raise DataError(f"finetune.tag_format {fmt!r} is unknown; formats: {', '.join(FORMATS)}")
-    reader = DocumentReader(sources, dataclasses.replace(cfg, format="txt"))  # any suffix: tagged files are text
     current: SourceFile | None = None
     file_format = ""
     rows: list[tuple[int, list[str]]] = []
-    for src, number, line in reader.lines():
+    for src, number, line in text_lines(sources, cfg):
         if src is not current:
             if rows:
                 yield _conll_sentence(rows, current.url)

@@ -105,7 +105,7 @@ class _Service:
         loaded = self.ready(task)
         req = await self.body(request, schema)
         texts = [req.input] if isinstance(req.input, str) else req.input
-        body = await run_in_threadpool(answer, loaded, texts)
+        body = await run_in_threadpool(_one_batch_at_a_time, answer, loaded, texts)
         return self.ok(endpoint, {**body, "model": self.model_name})
 
     def counter(self, endpoint: str) -> Callable[[str], None]:
@@ -149,9 +149,6 @@ def score_text(loaded: Loaded, text: str) -> dict[str, Any]:
             "bpc": nll / math.log(2) / len(text), "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids)}}
 
 
-_classify_lock = threading.Lock()  # one batch at a time through the classifier: its threads are the machine's
-
-
 def classify_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
     """/v1/classify's answer: each text's label and label probabilities, the texts run as one batch."""
     from hanlm.tasks.labelled import encode_texts
@@ -159,26 +156,30 @@ def classify_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
 
     ft = loaded.config.finetune
     rows = encode_texts(loaded.tokenizer, texts, ft.max_length)
-    with _classify_lock:
-        probs = rows_probabilities(loaded.model, rows, batch_size=len(rows))
+    probs = rows_probabilities(loaded.model, rows, batch_size=len(rows))
     tokens = sum(map(len, rows))
     data = [{"index": i, "label": ft.labels[int(row.argmax())],
              "probabilities": {label: float(p) for label, p in zip(ft.labels, row)}} for i, row in enumerate(probs)]
     return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-_segment_lock = threading.Lock()  # one batch at a time through the tagger, as through the classifier
-
-
 def segment_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
     """/v1/segment's answer: each text's words (and tags, from a POS tagger), the texts run as one batch."""
-    with _segment_lock:
-        sentences = loaded.model.segment(texts)
+    sentences = loaded.model.segment(texts)
     data = [{"index": i, "words": s.words, **({"tags": s.tags} if s.tags is not None else {})}
             for i, s in enumerate(sentences)]
     characters = sum(map(len, texts))
     return {"object": "list", "data": data, "usage": {"characters": characters,
                                                       "words": sum(len(s.words) for s in sentences)}}
+
+
+_task_lock = threading.Lock()  # one batch at a time through a classifier or tagger: its threads are the machine's
+
+
+def _one_batch_at_a_time(answer: Callable[[Loaded, list[str]], dict[str, Any]], loaded: Loaded,
+                         texts: list[str]) -> dict[str, Any]:
+    with _task_lock:
+        return answer(loaded, texts)
 
 
 def _arch(cfg: Config) -> str:

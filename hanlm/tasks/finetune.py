@@ -120,9 +120,10 @@ def epoch_batches(lengths: Sequence[int], batch: int, epoch: int, seed: int) -> 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     """AdamW, decaying the backbone's matrices and the head's (never embeddings, norms, biases)."""
     hidden, decayed, plain = _roles(model.backbone)
-    head = [(n, p) for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    head_decayed = [p for n, p in head if p.dim() >= 2 and "emb" not in n]
-    head_plain = [p for n, p in head if not (p.dim() >= 2 and "emb" not in n)]
+    head_decayed, head_plain = [], []
+    for name, p in model.named_parameters():
+        if not name.startswith("backbone."):
+            (head_decayed if p.dim() >= 2 and "emb" not in name else head_plain).append(p)
     groups = [{"params": hidden + decayed + head_decayed, "weight_decay": cfg.finetune.weight_decay},
               {"params": plain + head_plain, "weight_decay": 0.0}]
     cuda = next(model.parameters()).device.type == "cuda"

@@ -21,7 +21,7 @@ from hanlm.data.tagged import TaggedSentence
 from hanlm.data.tokenizer import Tokenizer, train_tokenizer
 from hanlm.tasks.bmes import allowed_transitions, char_tags
 from hanlm.tasks.tagging import Tagger
-from hanlm.tasks.viterbi import batched_by_length, viterbi
+from hanlm.tasks.viterbi import decode_rows
 
 BATCH = 256
 
@@ -61,17 +61,10 @@ class HMMTagger(nn.Module, Tagger):
         return model
 
     def tag(self, texts: Sequence[str]) -> list[list[str]]:
-        out: list[list[str]] = [[] for _ in texts]
-        for chunk in batched_by_length(len(texts), [len(t) for t in texts], BATCH):
-            rows = [torch.as_tensor(self.tokenizer.encode_array(texts[i])) for i in chunk]
-            lengths = [len(r) for r in rows]
-            if not max(lengths, default=0):
-                continue
-            ids = nn.utils.rnn.pad_sequence(rows, batch_first=True)
-            emissions = self.log_emit.t()[ids]  # (B, T, S)
-            for i, path in zip(chunk, viterbi(emissions, lengths, self.log_start, self.log_trans, self.log_end)):
-                out[i] = [self.tags[s] for s in path]
-        return out
+        by_char = self.log_emit.t()  # (vocabulary, S): a character's emission scores, one row per id
+        emissions = [by_char[torch.as_tensor(self.tokenizer.encode_array(t))] for t in texts]
+        paths = decode_rows(emissions, self.log_start, self.log_trans, self.log_end, BATCH)
+        return [[self.tags[s] for s in path] for path in paths]
 
 
 def _normalise(counts: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from hanlm.models import build_model
 from hanlm.models.base import LanguageModel
 from hanlm.tasks.bmes import POSITIONS, allowed_transitions, text_pieces
 from hanlm.tasks.tagging import Tagger
-from hanlm.tasks.viterbi import batched_by_length, mask_scores, viterbi
+from hanlm.tasks.viterbi import batched_by_length, decode_rows, mask_scores
 
 IGNORE = -100  # the target of padding characters
 CHAR_BUCKETS = 16_384  # rows of the character embedding: code points modulo this (CJK's 20,992 mostly distinct)
@@ -204,13 +204,4 @@ class NeuralTagger(Tagger):
 
     def decode(self, rows: Sequence[TaggerRow]) -> list[list[int]]:
         """The best grammatical tag ids of each row."""
-        emissions = self.emissions(rows)
-        paths: list[list[int]] = [[] for _ in rows]
-        for chunk in batched_by_length(len(rows), [len(r) for r in rows], 256):
-            live = [i for i in chunk if len(rows[i])]
-            if not live:
-                continue
-            padded = nn.utils.rnn.pad_sequence([emissions[i] for i in live], batch_first=True)
-            for i, path in zip(live, viterbi(padded, [len(rows[i]) for i in live], *self._grammar)):
-                paths[i] = path
-        return paths
+        return decode_rows(self.emissions(rows), *self._grammar)

@@ -20,7 +20,7 @@ import torch
 
 from hanlm.checkpoint import Checkpoint, load_checkpoint, load_weights, resolve_served, save_checkpoint
 from hanlm.config import Config, derive
-from hanlm.data.tagged import TaggedSentence, read_tagged
+from hanlm.data.tagged import TaggedSentence, read_tagged, text_lines
 from hanlm.data.tokenizer import Tokenizer, train_tokenizer
 from hanlm.errors import CheckpointError, ConfigError
 from hanlm.log import RunLogger
@@ -149,10 +149,7 @@ def segment_file(loaded: LoadedTagger, sources: list[str], fmt: str = "words", *
         if gold:
             yield from read_tagged(sources, loaded.config.data, fmt)
             return
-        from hanlm.data.reader import DocumentReader
-
-        data_cfg = dataclasses.replace(loaded.config.data, format="txt")
-        for src, number, line in DocumentReader(sources, data_cfg).lines():
+        for src, number, line in text_lines(sources, loaded.config.data):
             if line.strip():
                 yield TaggedSentence([line], None, f"{src.url}:{number}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def mask_scores(allowed: Tensor) -> Tensor:
@@ -41,6 +41,20 @@ def viterbi(emissions: Tensor, lengths: Sequence[int] | Tensor, start: Tensor, t
         state = pointers[t - 1].gather(1, state.unsqueeze(1)).squeeze(1)
         path[:, t - 1] = state
     return [row[:n].tolist() for row, n in zip(path.cpu(), lengths.tolist())]
+
+
+def decode_rows(emissions: Sequence[Tensor], start: Tensor, transitions: Tensor, end: Tensor,
+                batch: int = 256) -> list[list[int]]:
+    """`viterbi` of each row's emissions (N_i, S), rows of similar length padded and decoded together;
+    an empty row gives an empty path."""
+    paths: list[list[int]] = [[] for _ in emissions]
+    for chunk in batched_by_length(len(emissions), [len(e) for e in emissions], batch):
+        live = [i for i in chunk if len(emissions[i])]
+        if live:
+            padded = nn.utils.rnn.pad_sequence([emissions[i] for i in live], batch_first=True)
+            for i, path in zip(live, viterbi(padded, [len(emissions[i]) for i in live], start, transitions, end)):
+                paths[i] = path
+    return paths
 
 
 def batched_by_length(n: int, lengths: Sequence[int], batch: int) -> list[list[int]]:
