@@ -61,8 +61,11 @@ class DataConfig:
         "error", "Invalid UTF-8: stop with the file and byte offset, replace the bad bytes with U+FFFD, or "
         "skip the line that holds them; replace and skip report the damage.")
     prepared_dir: str | None = key(None, "Where `hanlm prepare` writes shards; default "
-                                   "`$HANLM_HOME/prepared/<sources>-<tokenizer kind>`.")
+                                   "`$HANLM_HOME/prepared/<sources>-<tokenizer kind>-<hash of every setting that "
+                                   "changes the shards>`.")
     num_workers: int = key(0, "Processes that encode documents; 0 means one per CPU core.", min=0)
+    shard_tokens: int = key(1 << 28, "Most tokens in one shard file: a bigger split is written as several files "
+                            "listed in meta.json, which the loader memory-maps together.", min=1024)
 
 
 @dataclass
@@ -77,6 +80,11 @@ class TokenizerConfig:
     path: str | None = key(None, "Load this tokenizer.json instead of training one.")
     segmenter: str = key("jieba", "word: what splits text into words: jieba, or a tagger checkpoint (run directory) "
                          "of `hanlm finetune --task tag`, saved with the vocabulary.")
+    byte_fallback: bool = key(True, "char, word: a character outside the vocabulary becomes its UTF-8 bytes (256 "
+                              "reserved ids), so any text is encoded and decoded back exactly; false: `<unk>`.")
+    train_chars: int = key(20_000_000, "bpe, word: train on at most this many characters of the train split, a "
+                           "deterministic sample spread over all of it (char counts every character); 0: all.",
+                           min=0)
 
 
 # Shapes of the model presets; explicit model.* keys override them.

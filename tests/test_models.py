@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hanlm.config import ModelConfig, load_config
-from hanlm.data.tokenizer import train_tokenizer
+from hanlm.data.tokenizer import BYTE_BASE, train_tokenizer
 from hanlm.errors import ConfigError, DataError
 from hanlm.models import build_model, load_vectors
 
@@ -297,7 +297,7 @@ N_CHARS, OOV_WORDS, DIM = 50, ["人民日报", "改革开放", "社会主义", "
 def vector_entries(tok) -> list[tuple[str, np.ndarray]]:
     """50 characters of the vocabulary and 5 words outside it (a char vocabulary has no words)."""
     rng = np.random.default_rng(0)
-    tokens = tok.vocab[4 : 4 + N_CHARS]
+    tokens = tok.vocab[BYTE_BASE + 256 : BYTE_BASE + 256 + N_CHARS]  # past the specials and the byte ids
     tokens = tokens[:20] + OOV_WORDS[:3] + tokens[20:] + OOV_WORDS[3:]
     return [(t, rng.standard_normal(DIM).astype(np.float32)) for t in tokens]
 

@@ -5,14 +5,25 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hanlm.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from hanlm.data.tokenizer import (
+    BYTE_BASE,
+    BYTE_TOKENS,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    char_tokenizer_from_counts,
+    train_tokenizer,
+)
 from hanlm.errors import ConfigError, DataError
 
 KINDS = ("char", "bpe", "word")
 HARD_TEXT = (
     "１９９８年，GDP增长8.8%！😀 emoji 👨‍👩‍👧\n\ttabs  two spaces\r\n한국어 العربية e\u0301 末尾 "
 )
+FIRST_TEXT_ID = BYTE_BASE + len(BYTE_TOKENS)  # under byte fallback, the first character's id
+PROMPT = "GPT模型 2024"  # ASCII letters, a space and half-width digits: none is in People's Daily
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +60,9 @@ def test_bpe_vocab_size_is_the_requested_size(trained):
     assert trained["bpe"].vocab_size == 2000
 
 
-def test_char_round_trip_replaces_exactly_the_rare_chars_with_fffd(docs):
+def test_char_round_trip_without_byte_fallback_replaces_exactly_the_rare_chars_with_fffd(docs):
     text = "".join(docs)
-    tok = train_tokenizer("char", docs, min_freq=2)
+    tok = train_tokenizer("char", docs, min_freq=2, byte_fallback=False)
     counts = Counter(text)
     rare = {c for c, n in counts.items() if n < 2}
     assert rare, "the corpus should have characters seen once"
@@ -59,6 +70,16 @@ def test_char_round_trip_replaces_exactly_the_rare_chars_with_fffd(docs):
     ids = tok.encode_array(text)
     assert int((ids == tok.unk_id).sum()) == len(rare)
     assert tok.decode(ids.tolist()) == text.translate({ord(c): "\ufffd" for c in rare})
+
+
+def test_char_byte_fallback_round_trips_the_rare_chars_exactly(docs):
+    text = "".join(docs)
+    tok = train_tokenizer("char", docs, min_freq=2)
+    rare = {c for c, n in Counter(text).items() if n < 2}
+    ids = tok.encode_array(text)
+    assert tok.unk_id not in ids and tok.vocab_size == FIRST_TEXT_ID + len(set(text)) - len(rare)
+    assert len(ids) == len(text) + sum(len(c.encode()) - 1 for c in rare)
+    assert tok.decode(ids.tolist()) == text
 
 
 def test_char_encoding_keeps_the_count_of_every_character(docs, trained):
@@ -72,16 +93,33 @@ def test_char_encoding_keeps_the_count_of_every_character(docs, trained):
     np.testing.assert_array_equal(np.bincount(ids, minlength=tok.vocab_size), expected)
 
 
-def test_char_lookup_table_agrees_with_a_plain_dict_lookup(docs, trained):
-    tok = trained["char"]
-    text = "".join(docs[:2000]) + HARD_TEXT + "\ud800"  # unseen chars and a lone surrogate -> <unk>
-    stoi = {c: i for i, c in enumerate(tok.to_dict()["vocab"]) if i >= len(SPECIAL_TOKENS)}
-    assert tok.encode(text) == [stoi.get(c, tok.unk_id) for c in text]
+def plain_ids(tok: Tokenizer, text: str) -> list[int]:
+    """What a char tokenizer should give, one dict lookup per character: its id, else its UTF-8 bytes
+    (byte fallback; a lone surrogate has none), else <unk>."""
+    vocab = tok.to_dict()["vocab"]
+    byte_fallback = tok.to_dict().get("byte_fallback", False)
+    stoi = {c: i for i, c in enumerate(vocab) if i >= (FIRST_TEXT_ID if byte_fallback else BYTE_BASE)}
+    ids = []
+    for c in text:
+        if c in stoi:
+            ids.append(stoi[c])
+        elif byte_fallback and not "\ud800" <= c <= "\udfff":
+            ids.extend(BYTE_BASE + b for b in c.encode("utf-8"))
+        else:
+            ids.append(tok.unk_id)
+    return ids
+
+
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_char_lookup_table_agrees_with_a_plain_dict_lookup(docs, byte_fallback):
+    tok = train_tokenizer("char", docs[:2000], byte_fallback=byte_fallback)
+    text = "".join(docs[2000:2500]) + HARD_TEXT + "\ud800" + "\U0010ffff"  # unseen chars, a lone surrogate
+    assert tok.encode(text) == plain_ids(tok, text)
 
 
 def test_char_vocab_is_ordered_by_frequency_then_codepoint(docs, trained):
     counts = Counter("".join(docs))
-    vocab = trained["char"].to_dict()["vocab"][len(SPECIAL_TOKENS) :]
+    vocab = trained["char"].to_dict()["vocab"][FIRST_TEXT_ID:]
     assert vocab == sorted(counts, key=lambda c: (-counts[c], c))
 
 
@@ -96,23 +134,31 @@ def test_word_vocab_fills_vocab_size_with_words_after_all_chars(docs, trained):
     vocab = word.to_dict()["vocab"]
     n_chars = len(set("".join(docs[:3000])))
     assert word.vocab_size == 8000
-    assert all(len(v) == 1 for v in vocab[len(SPECIAL_TOKENS) : len(SPECIAL_TOKENS) + n_chars])
-    assert all(len(v) > 1 for v in vocab[len(SPECIAL_TOKENS) + n_chars :])
+    assert tuple(vocab[BYTE_BASE:FIRST_TEXT_ID]) == BYTE_TOKENS
+    assert all(len(v) == 1 for v in vocab[FIRST_TEXT_ID : FIRST_TEXT_ID + n_chars])
+    assert all(len(v) > 1 for v in vocab[FIRST_TEXT_ID + n_chars :])
 
 
 def test_word_keeps_every_char_even_past_vocab_size(docs):
     word = train_tokenizer("word", docs[:300], vocab_size=100)
-    assert word.vocab_size == len(SPECIAL_TOKENS) + len(set("".join(docs[:300]))) > 100
+    assert word.vocab_size == FIRST_TEXT_ID + len(set("".join(docs[:300]))) > 100
 
 
-def test_word_out_of_vocabulary_word_falls_back_to_its_chars():
-    small = train_tokenizer("word", ["我爱北京天安门"], vocab_size=len(SPECIAL_TOKENS) + 7)  # chars only
-    big = train_tokenizer("word", ["我爱北京天安门"], vocab_size=100)
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_word_out_of_vocabulary_word_falls_back_to_its_chars_then_bytes(byte_fallback):
+    first = FIRST_TEXT_ID if byte_fallback else BYTE_BASE
+    small = train_tokenizer("word", ["我爱北京天安门"], vocab_size=first + 7, byte_fallback=byte_fallback)  # chars
+    big = train_tokenizer("word", ["我爱北京天安门"], vocab_size=first + 100, byte_fallback=byte_fallback)
     assert len(big.encode("天安门")) == 1
     ids = small.encode("天安门")
     assert len(ids) == 3 and small.unk_id not in ids
     assert small.decode(ids) == "天安门"
-    assert small.decode(small.encode("天安门广场")) == "天安门\ufffd\ufffd"
+    ids, spans = small.encode_spans("天安门广场")
+    if byte_fallback:
+        assert ids[3:] == [BYTE_BASE + b for b in "广场".encode()] and small.decode(ids) == "天安门广场"
+        assert spans[3:] == [(3, 4)] * 3 + [(4, 5)] * 3
+    else:
+        assert small.decode(ids) == "天安门\ufffd\ufffd" and spans[3:] == [(3, 4), (4, 5)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -150,6 +196,15 @@ def test_fingerprint_is_reproducible_and_changes_with_the_vocab(docs, kind):
         ('{"kind": "char", "format": 1}', "malformed char"),
         ('{"kind": "char", "format": 1, "vocab": ["a"]}', "must start with"),
         ('{"kind": "bpe", "format": 1, "hf": {"model": 3}}', "malformed bpe"),
+        ('{"kind": "char", "format": 1, "vocab": ["<pad>", "<unk>", "<bos>", "<eos>", "ab"]}', "single characters"),
+        (json.dumps({"kind": "char", "format": 1, "vocab": [*SPECIAL_TOKENS, *BYTE_TOKENS], "byte_fallback": "yes"}),
+         "byte_fallback must be true or false"),
+        (json.dumps({"kind": "word", "format": 1, "vocab": [*SPECIAL_TOKENS, "中"], "byte_fallback": True}),
+         r"id 4 must be the byte token <0x00>, not '中'"),
+        (json.dumps({"kind": "char", "format": 1, "vocab": [*SPECIAL_TOKENS, *BYTE_TOKENS[:255], "<0xff>", "中"],
+                     "byte_fallback": True}), r"id 259 must be the byte token <0xFF>, not '<0xff>'"),
+        (json.dumps({"kind": "char", "format": 1, "vocab": [*SPECIAL_TOKENS, *BYTE_TOKENS[:100]],
+                     "byte_fallback": True}), r"id 104 must be the byte token <0x64>, not None"),
     ],
 )
 def test_load_of_a_bad_file_raises_data_error_naming_it(tmp_path, content, complaint):
@@ -231,3 +286,140 @@ def test_bpe_splits_digits_only_when_asked(docs):
     joined = train_tokenizer("bpe", docs[:500] + ["1998年"] * 2000, vocab_size=1000, split_digits=False)
     assert len(split.encode("1998")) == 4
     assert len(joined.encode("1998")) < 4
+
+
+# --- byte fallback (char, word): any text is encodable -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(docs) -> dict[str, Tokenizer]:
+    """Byte-fallback tokenizers from a few hundred documents, so ordinary text has unknown characters."""
+    return {"char": train_tokenizer("char", docs[:300]), "word": train_tokenizer("word", docs[:300], vocab_size=3000)}
+
+
+MIXED = st.text(st.one_of(st.sampled_from("人民日报中国的了GPT模型 2024\n"), st.sampled_from("😀👨‍👩‍👧🀄é"),
+                          st.characters(codec="utf-8")))  # no lone surrogates: they have no UTF-8 and stay <unk>
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(text=st.one_of(st.text(), MIXED))
+def test_byte_fallback_round_trips_any_text_exactly(small, kind, text):
+    tok = small[kind]
+    ids, spans = tok.encode_spans(text)
+    assert tok.unk_id not in ids and all(BYTE_BASE <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text and tok.encode(text) == ids and len(spans) == len(ids)
+    if kind == "char":
+        assert tok.encode_array(text).tolist() == ids == plain_ids(tok, text)
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_a_prompt_with_ascii_round_trips_without_unk(trained, kind):
+    tok = trained[kind]
+    ids = tok.encode(PROMPT)
+    assert any(BYTE_BASE <= i < FIRST_TEXT_ID for i in ids), "the prompt should have characters outside the corpus"
+    assert tok.unk_id not in ids and tok.decode(ids) == PROMPT
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_the_byte_tokens_of_a_character_share_its_span(small, kind):
+    tok = small[kind]
+    ids, spans = tok.encode_spans("人😀A")
+    assert ids[-5:] == [BYTE_BASE + b for b in "😀A".encode()]
+    assert spans[-5:] == [(1, 2)] * 4 + [(2, 3)]
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_text_spelling_a_byte_token_is_characters(docs, small, kind):
+    tok = train_tokenizer(kind, docs[:200] + ["<0x41>"], vocab_size=1000)
+    assert tok.decode(tok.encode("<0x41>")) == "<0x41>"
+    assert not [i for i in tok.encode("<0x41>") if i < FIRST_TEXT_ID]  # its characters are known
+    ids = small[kind].encode("<0x41>")  # unknown characters: six byte tokens, never the byte A
+    assert ids == [BYTE_BASE + b for b in b"<0x41>"]
+    assert "<0x41>" not in tok.stoi and tok.token_strings()[BYTE_BASE + 0x41] == "<0x41>"
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_decode_of_invalid_byte_runs_gives_fffd(small, kind):
+    tok = small[kind]
+    b = [BYTE_BASE + x for x in (0xE4, 0xB8)]  # the first two bytes of 中
+    assert tok.decode([*b, *tok.encode("人"), BYTE_BASE + 0xFF, BYTE_BASE + 0x80, *b]) == "\ufffd人\ufffd\ufffd\ufffd"
+    assert tok.decode([*b, tok.eos_id, BYTE_BASE + 0xAD]) == "\ufffd\ufffd"  # only adjacent bytes join
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_without_byte_fallback_unknown_chars_are_unk(docs, kind):
+    tok = train_tokenizer(kind, docs[:300], vocab_size=3000, byte_fallback=False)
+    assert "byte_fallback" not in tok.to_dict() and BYTE_TOKENS[0] not in tok.token_strings()
+    unknown = [c for c in PROMPT if c not in tok.stoi]
+    assert unknown, "the prompt should have characters outside the corpus"
+    ids = tok.encode(PROMPT)
+    assert ids.count(tok.unk_id) == len(unknown) and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == "".join("\ufffd" if c in unknown else c for c in PROMPT)
+
+
+# Files written before byte fallback existed, with the fingerprints and ids the code of that time gave.
+OLD_FILES = {
+    "char": ({"kind": "char", "format": 1, "vocab": [*SPECIAL_TOKENS, "的", "人", "民", "A"]},
+             "33fef94b46eb43af9cec4eec20512068c7d4b1621ca3c1576e34d919484f8790", "人民B<0x41>",
+             [5, 6, 1, 1, 1, 1, 1, 1, 1]),
+    "word": ({"kind": "word", "format": 1, "vocab": [*SPECIAL_TOKENS, "的", "人", "民", "A", "人民"]},
+             "33ea771a61f7b4fc3e6c8d1000e1640a1eb7d9775d63e96a5d647f29a71e7dc7", "人民B的", [8, 1, 4]),
+}
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_a_file_from_before_byte_fallback_loads_unchanged(tmp_path, kind):
+    payload, fingerprint, text, ids = OLD_FILES[kind]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
+    tok = Tokenizer.load(path)
+    assert tok.fingerprint() == fingerprint and tok.to_dict() == payload
+    assert tok.encode(text) == ids and tok.decode(ids) == text.replace("B", "\ufffd").replace("<0x41>", "\ufffd" * 6)
+
+
+def test_byte_fallback_is_saved_and_loaded(small, tmp_path):
+    for tok in small.values():
+        tok.save(tmp_path / "t.json")
+        loaded = Tokenizer.load(tmp_path / "t.json")
+        assert loaded.to_dict()["byte_fallback"] is True and loaded.fingerprint() == tok.fingerprint()
+        assert loaded.encode(PROMPT) == tok.encode(PROMPT)
+
+
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_char_encode_documents_equals_encoding_each_then_eos(docs, byte_fallback):
+    tok = train_tokenizer("char", docs[:300], byte_fallback=byte_fallback)
+    sample = ["", *docs[300:340], PROMPT, "", HARD_TEXT, "\ud800😀", "", "<eos>"]
+    expected = [i for d in sample for i in (*tok.encode_array(d).tolist(), tok.eos_id)]
+    assert tok.encode_documents(sample).tolist() == expected
+    assert tok.encode_documents([]).tolist() == []
+
+
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_char_tokenizer_from_counts_equals_training_on_the_texts(docs, byte_fallback):
+    texts = docs[:500]
+    trained = train_tokenizer("char", texts, min_freq=2, byte_fallback=byte_fallback)
+    counts = Counter("".join(texts))
+    as_numpy = {c: np.int64(n) for c, n in counts.items()}  # how data preparation counts
+    for c in (counts, as_numpy):
+        built = char_tokenizer_from_counts(c, min_freq=2, byte_fallback=byte_fallback)
+        assert built.to_dict() == trained.to_dict() and built.fingerprint() == trained.fingerprint()
+
+
+def test_streamed_text_never_shows_half_a_character(small):
+    from hanlm.generate import TextStream
+
+    for tok in small.values():
+        text = "人民😀模型 GPT\u0301"
+        stream = TextStream(tok)
+        pieces = [stream.push(i) for i in tok.encode(text)]
+        assert "".join(pieces) + stream.finish() == text and "\ufffd" not in "".join(pieces)
+        assert "😀" in pieces  # its four byte tokens come out as one piece
+
+
+def test_byte_tokens_are_distinct_arpa_words(small):
+    from hanlm.models.arpa import arpa_words
+
+    for tok in small.values():
+        words = arpa_words(tok.token_strings())
+        assert words[BYTE_BASE:FIRST_TEXT_ID] == list(BYTE_TOKENS) and len(set(words)) == len(words)

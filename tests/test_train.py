@@ -17,6 +17,7 @@ from hanlm.checkpoint import list_checkpoints, load_checkpoint, load_for_inferen
 from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.data.prepare import prepare
+from hanlm.data.tokenizer import BYTE_BASE
 from hanlm.errors import CheckpointError
 from hanlm.eval import evaluate
 from hanlm.generate import Generation, SamplingParams, generate
@@ -250,7 +251,7 @@ def test_init_from_a_checkpoint_continues_from_its_weights(tmp_path, gpt_run):
 
 def test_pretrained_vectors_fill_the_embedding_and_report_coverage(tmp_path, gpt_run):
     tok = load_checkpoint(gpt_run.checkpoint).tokenizer
-    chars = tok.vocab[4:104]
+    chars = tok.vocab[BYTE_BASE + 256:BYTE_BASE + 356]  # after the specials and the byte-fallback ids
     vec = tmp_path / "chars.vec"
     rows = [f"{c} " + " ".join(["0.5"] * 64) for c in chars] + ["不存在的词 " + " ".join(["0.1"] * 64)]
     vec.write_text(f"{len(rows)} 64\n" + "\n".join(rows) + "\n", encoding="utf-8")
@@ -258,4 +259,4 @@ def test_pretrained_vectors_fill_the_embedding_and_report_coverage(tmp_path, gpt
     trainer = Trainer(tiny(tmp_path / "run", f"model.vectors={vec}"), echo=messages.append)
     assert any("100 of" in m and "chars.vec" in m for m in messages), messages
     emb = trainer.model.tok_emb.weight
-    assert torch.all(emb[tok.stoi[chars[0]]] == 0.5) and not torch.all(emb[tok.stoi[tok.vocab[200]]] == 0.5)
+    assert torch.all(emb[tok.stoi[chars[0]]] == 0.5) and not torch.all(emb[tok.stoi[tok.vocab[BYTE_BASE + 456]]] == 0.5)

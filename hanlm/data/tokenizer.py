@@ -7,19 +7,27 @@ Every kind reserves ids 0..3 for SPECIAL_TOKENS, saves to one JSON file and has 
 fingerprint (sha256 of its canonical JSON) that is recorded with the shards it encoded.
 Text that merely spells a special token ("<eos>") is encoded as ordinary text, so data
 can never inject control tokens.
+
+Byte fallback (char and word, on for new tokenizers): ids 4..259 are the 256 bytes, spelled
+`<0x00>` … `<0xFF>` as sentencepiece does, and a character outside the vocabulary becomes the
+byte tokens of its UTF-8 encoding, so any text is encoded and decoded back exactly. Like the
+specials, byte tokens are never looked up as text: "<0x41>" in text is six characters. A lone
+surrogate (from surrogateescape decoding) has no UTF-8 encoding and stays <unk>. Tokenizers
+saved before byte fallback have no "byte_fallback" field and load unchanged, without it.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +46,11 @@ JIEBA = "jieba"  # the default word segmenter
 FORMAT = 1
 UNK_CHAR = "\ufffd"  # one character, so decoded text stays aligned char-for-char with the input
 _MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # byte b is id BYTE_BASE + b under byte fallback
+BYTE_BASE = len(SPECIAL_TOKENS)
+# Never learned as words: a word spelled like a special or a byte would share its token string (ARPA export).
+_RESERVED = frozenset(SPECIAL_TOKENS) | frozenset(BYTE_TOKENS)
+_DOC_END = 0x110000  # one past Unicode: the codepoint CharTokenizer.encode_documents puts after each document
 
 
 class Tokenizer(ABC):
@@ -65,7 +78,7 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """`encode`'s ids with the (start, end) character span of `text` each came from; tokens that split
-        one character (byte-level BPE) share its span."""
+        one character (byte-level BPE, byte fallback) share its span."""
 
     def encode_array(self, text: str) -> np.ndarray:
         """Ids of `text` as a 1-D int64 array (the path data preparation uses)."""
@@ -86,11 +99,13 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`: <pad>/<bos>/<eos> are dropped, <unk> becomes U+FFFD."""
+        """Text of `ids`: <pad>/<bos>/<eos> are dropped, <unk> becomes U+FFFD, byte tokens are read as UTF-8
+        (an invalid or cut sequence becomes U+FFFD)."""
 
     @abstractmethod
     def token_strings(self) -> list[str]:
-        """The vocabulary entry of every id, specials included (bpe: its byte-level spelling)."""
+        """The vocabulary entry of every id, specials included (bpe: its byte-level spelling; byte fallback:
+        `<0xNN>`), all distinct."""
 
     @abstractmethod
     def _payload(self) -> dict[str, Any]:
@@ -144,18 +159,28 @@ class Tokenizer(ABC):
 
     @classmethod
     @abstractmethod
-    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> Tokenizer:
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool,
+               byte_fallback: bool) -> Tokenizer:
         """Learn a vocabulary from `texts`; see `train_tokenizer`."""
 
 
 class _ListTokenizer(Tokenizer):
-    """A tokenizer whose vocabulary is a list of strings; id = index, specials first."""
+    """A tokenizer whose vocabulary is a list of strings; id = index, specials first, then (byte fallback)
+    the 256 byte tokens."""
 
-    def __init__(self, vocab: Sequence[str]):
+    def __init__(self, vocab: Sequence[str], byte_fallback: bool = False):
         if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise DataError(f"vocabulary must start with {list(SPECIAL_TOKENS)}")
+        if byte_fallback:
+            for b, want in enumerate(BYTE_TOKENS):
+                got = vocab[BYTE_BASE + b] if BYTE_BASE + b < len(vocab) else None
+                if got != want:
+                    raise DataError(f"with byte_fallback, id {BYTE_BASE + b} must be the byte token {want}, "
+                                    f"not {got!r}")
         self.vocab = list(vocab)
-        self.stoi = {s: i for i, s in enumerate(self.vocab) if i >= len(SPECIAL_TOKENS)}
+        self.byte_fallback = byte_fallback
+        first_text = BYTE_BASE + (len(BYTE_TOKENS) if byte_fallback else 0)
+        self.stoi = {s: i for i, s in enumerate(self.vocab) if i >= first_text}  # specials and bytes: never text
         self._itos = ["", UNK_CHAR, "", ""] + self.vocab[len(SPECIAL_TOKENS) :]
 
     @property
@@ -163,58 +188,145 @@ class _ListTokenizer(Tokenizer):
         return len(self.vocab)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(map(self._itos.__getitem__, ids))
+        if not self.byte_fallback:
+            return "".join(map(self._itos.__getitem__, ids))
+        # Adjacent byte tokens spell characters together; "replace" because a model may sample any bytes.
+        pieces: list[str] = []
+        for is_byte, run in itertools.groupby(ids, _is_byte_id):
+            if is_byte:
+                pieces.append(bytes(i - BYTE_BASE for i in run).decode("utf-8", "replace"))
+            else:
+                pieces.extend(map(self._itos.__getitem__, run))
+        return "".join(pieces)
+
+    def _char_ids(self, c: str) -> list[int]:
+        """Ids of one character: its own, else (byte fallback) its UTF-8 bytes, else <unk>."""
+        i = self.stoi.get(c)
+        if i is not None:
+            return [i]
+        if self.byte_fallback and not "\ud800" <= c <= "\udfff":
+            return [BYTE_BASE + b for b in c.encode("utf-8")]
+        return [self.unk_id]
 
     def token_strings(self) -> list[str]:
         return list(self.vocab)
 
     def _payload(self) -> dict[str, Any]:
-        return {"vocab": self.vocab}
+        # Written only when on, so files saved before byte fallback keep their fingerprints.
+        return {"vocab": self.vocab, **({"byte_fallback": True} if self.byte_fallback else {})}
+
+    @staticmethod
+    def _byte_fallback_of(data: dict[str, Any]) -> bool:
+        byte_fallback = data.get("byte_fallback", False)
+        if not isinstance(byte_fallback, bool):
+            raise DataError(f"byte_fallback must be true or false, got {byte_fallback!r}")
+        return byte_fallback
 
     @classmethod
     def _from_payload(cls, data: dict[str, Any]) -> Tokenizer:
-        return cls(data["vocab"])
+        return cls(data["vocab"], cls._byte_fallback_of(data))
+
+
+def _is_byte_id(i: int) -> bool:
+    return BYTE_BASE <= i < BYTE_BASE + len(BYTE_TOKENS)
+
+
+def _codepoints(text: str) -> np.ndarray:
+    # surrogatepass: a lone surrogate (from surrogateescape decoding) is a codepoint, not an exception.
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
 class CharTokenizer(_ListTokenizer):
-    """One id per Unicode character; characters not in the vocabulary become <unk>."""
+    """One id per Unicode character in the vocabulary; any other character becomes its UTF-8 byte tokens
+    (byte fallback) or <unk>."""
 
     kind = "char"
 
+    def __init__(self, vocab: Sequence[str], byte_fallback: bool = False):
+        super().__init__(vocab, byte_fallback)
+        for c in self.stoi:
+            if not isinstance(c, str) or len(c) != 1:
+                raise DataError(f"a char vocabulary holds single characters, not {c!r}")
+
     @functools.cached_property
     def _table(self) -> np.ndarray:
-        # A codepoint -> id table (4.5 MB) turns encoding into one numpy gather; built on first use.
-        table = np.full(0x110000, self.unk_id, dtype=np.int64)
-        for ch, i in self.stoi.items():
-            table[ord(ch)] = i
+        # A codepoint -> id table (9 MB) turns encoding into one numpy gather; built on first use. Its one
+        # entry past Unicode, _DOC_END, is <eos>, so encode_documents gathers all documents at once.
+        table = np.full(_DOC_END + 1, self.unk_id, dtype=np.int64)
+        table[[ord(c) for c in self.stoi]] = list(self.stoi.values())
+        table[_DOC_END] = self.eos_id
         return table
 
+    def _encode_codepoints(self, cps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids of codepoints (_DOC_END: <eos>), the indices of the codepoints that became byte tokens and
+        how many byte tokens each became (both empty when none did)."""
+        ids = self._table[cps]
+        none = np.zeros(0, dtype=np.int64)
+        # Every codepoint maps to <unk> or above it, so one min() (no temporary array) finds the common
+        # case, text whose characters are all known.
+        if not self.byte_fallback or not len(ids) or ids.min() > self.unk_id:
+            return ids, none, none
+        unknown = np.flatnonzero(ids == self.unk_id)
+        cp = cps[unknown]
+        keep = (cp < 0xD800) | (cp > 0xDFFF)  # a lone surrogate has no UTF-8 encoding: it stays <unk>
+        unknown, cp = unknown[keep], cp[keep]
+        # The unknown characters' bytes, in order, through the codecs rather than a loop per character.
+        utf8 = np.frombuffer(cp.astype("<u4").tobytes().decode("utf-32-le").encode("utf-8"), dtype=np.uint8)
+        byte_ids = utf8.astype(np.int64) + BYTE_BASE
+        lengths = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)  # of each character's UTF-8
+        # Each character's first byte takes its place, the others go in after it: one np.insert, whose
+        # cost is a copy of ids, not a pass per character.
+        first = np.cumsum(lengths) - lengths
+        ids[unknown] = byte_ids[first]
+        others = np.ones(len(byte_ids), dtype=bool)
+        others[first] = False
+        return np.insert(ids, np.repeat(unknown + 1, lengths - 1), byte_ids[others]), unknown, lengths
+
     def encode_array(self, text: str) -> np.ndarray:
-        # surrogatepass: a lone surrogate (from surrogateescape decoding) becomes <unk>, not an exception.
-        return self._table[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")]
+        return self._encode_codepoints(_codepoints(text))[0]
+
+    def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
+        # One string, one gather: _DOC_END goes in after each document and is gathered as <eos>.
+        ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))
+        return self._encode_codepoints(np.insert(_codepoints("".join(docs)), ends, _DOC_END))[0]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
     def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        return self.encode(text), [(i, i + 1) for i in range(len(text))]
+        ids, unknown, lengths = self._encode_codepoints(_codepoints(text))
+        counts = np.ones(len(text), dtype=np.int64)
+        counts[unknown] = lengths  # a character's byte tokens share its span
+        starts = np.repeat(np.arange(len(text)), counts)
+        return ids.tolist(), list(zip(starts.tolist(), (starts + 1).tolist()))
 
     @classmethod
-    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> CharTokenizer:
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool,
+               byte_fallback: bool) -> CharTokenizer:
         counts: Counter[str] = Counter()
         for t in texts:
             counts.update(t)
-        return cls([*SPECIAL_TOKENS, *_frequent(counts, min_freq)])
+        return char_tokenizer_from_counts(counts, min_freq, byte_fallback)
+
+
+def char_tokenizer_from_counts(counts: Mapping[str, int], min_freq: int = 1,
+                               byte_fallback: bool = True) -> CharTokenizer:
+    """The char tokenizer that training on texts with these character counts gives: every character
+    counted at least `min_freq` (>= 1) times, most frequent first, ties by codepoint."""
+    if min_freq < 1:
+        raise ConfigError(f"tokenizer.min_freq={min_freq} must be at least 1")
+    prefix = [*SPECIAL_TOKENS, *(BYTE_TOKENS if byte_fallback else ())]
+    return CharTokenizer(prefix + _frequent(counts, min_freq), byte_fallback)
 
 
 class WordTokenizer(_ListTokenizer):
     """Words (jieba's, or a hanlm tagger's); a word outside the vocabulary falls back to its characters,
-    then to <unk>."""
+    then to their UTF-8 bytes (byte fallback) or <unk>."""
 
     kind = "word"
 
-    def __init__(self, vocab: Sequence[str], segmenter: str = JIEBA):
-        super().__init__(vocab)
+    def __init__(self, vocab: Sequence[str], segmenter: str = JIEBA, byte_fallback: bool = False):
+        super().__init__(vocab, byte_fallback)
         self.segmenter = segmenter
 
     def encode(self, text: str) -> list[int]:
@@ -234,8 +346,10 @@ class WordTokenizer(_ListTokenizer):
         for w in words:
             i = self.stoi.get(w)
             if i is None:
-                ids.extend(self.stoi.get(c, self.unk_id) for c in w)
-                spans.extend((at + k, at + k + 1) for k in range(len(w)))
+                for k, c in enumerate(w):
+                    char_ids = self._char_ids(c)
+                    ids.extend(char_ids)
+                    spans.extend([(at + k, at + k + 1)] * len(char_ids))  # a character's bytes share its span
             else:
                 ids.append(i)
                 spans.append((at, at + len(w)))
@@ -244,18 +358,18 @@ class WordTokenizer(_ListTokenizer):
 
     def _payload(self) -> dict[str, Any]:
         # jieba is left unnamed, so tokenizers saved before segmenters existed keep their fingerprints.
-        return {"vocab": self.vocab, **({"segmenter": self.segmenter} if self.segmenter != JIEBA else {})}
+        return {**super()._payload(), **({"segmenter": self.segmenter} if self.segmenter != JIEBA else {})}
 
     @classmethod
     def _from_payload(cls, data: dict[str, Any]) -> Tokenizer:
         segmenter = data.get("segmenter", JIEBA)
         if not isinstance(segmenter, str):
             raise DataError(f"segmenter must be a string (jieba or a tagger checkpoint), got {segmenter!r}")
-        return cls(data["vocab"], segmenter)
+        return cls(data["vocab"], segmenter, cls._byte_fallback_of(data))
 
     @classmethod
     def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool,
-               segmenter: str = JIEBA) -> WordTokenizer:
+               byte_fallback: bool, segmenter: str = JIEBA) -> WordTokenizer:
         chars: Counter[str] = Counter()
         words: Counter[str] = Counter()
         batch: list[str] = []
@@ -263,7 +377,7 @@ class WordTokenizer(_ListTokenizer):
         def count(batch: list[str]) -> None:
             for t, ws in zip(batch, segment_words(batch, segmenter)):
                 chars.update(t)
-                words.update(w for w in ws if len(w) > 1 and w not in SPECIAL_TOKENS)
+                words.update(w for w in ws if len(w) > 1 and w not in _RESERVED)
 
         for t in texts:
             batch.append(t)
@@ -271,9 +385,9 @@ class WordTokenizer(_ListTokenizer):
                 count(batch)
                 batch = []
         count(batch)
-        vocab = [*SPECIAL_TOKENS, *_frequent(chars, min_freq)]
+        vocab = [*SPECIAL_TOKENS, *(BYTE_TOKENS if byte_fallback else ()), *_frequent(chars, min_freq)]
         # Every character stays even past vocab_size, so any known text remains encodable.
-        return cls(vocab + _frequent(words, min_freq)[: max(0, vocab_size - len(vocab))], segmenter)
+        return cls(vocab + _frequent(words, min_freq)[: max(0, vocab_size - len(vocab))], segmenter, byte_fallback)
 
 
 class BpeTokenizer(Tokenizer):
@@ -327,7 +441,8 @@ class BpeTokenizer(Tokenizer):
         return cls(HFTokenizer.from_str(json.dumps(data["hf"])))
 
     @classmethod
-    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool) -> BpeTokenizer:
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool,
+               byte_fallback: bool) -> BpeTokenizer:  # byte_fallback: byte-level BPE needs none
         if vocab_size < _MIN_BPE_VOCAB:
             raise ConfigError(f"tokenizer.vocab_size={vocab_size} is too small for bpe; use at least {_MIN_BPE_VOCAB}")
         hf = HFTokenizer(models.BPE())
@@ -352,14 +467,15 @@ _KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BpeTokenizer
 
 def train_tokenizer(
     kind: str, texts: Iterable[str], *, vocab_size: int = 8000, min_freq: int = 1, split_digits: bool = True,
-    segmenter: str = "jieba",
+    segmenter: str = "jieba", byte_fallback: bool = True,
 ) -> Tokenizer:
     """Train a tokenizer of `kind` ("char", "bpe" or "word") on `texts`, read once.
 
-    vocab_size counts the specials. It is the exact size for bpe, a cap on words for word
-    (all characters with count >= min_freq are kept even beyond it), and ignored for char,
+    vocab_size counts the specials (and byte tokens). It is the exact size for bpe, a cap on words
+    for word (all characters with count >= min_freq are kept even beyond it), and ignored for char,
     whose vocabulary is every character with count >= min_freq. split_digits applies to bpe,
-    segmenter (jieba, or a tagger checkpoint) to word.
+    segmenter (jieba, or a tagger checkpoint) to word, byte_fallback to char and word (bpe is
+    byte-level already): other characters become their UTF-8 bytes, not <unk>.
     """
     if kind not in _KINDS:
         raise ConfigError(f"tokenizer.kind={kind!r} is unknown; valid kinds: {', '.join(sorted(_KINDS))}")
@@ -376,17 +492,17 @@ def train_tokenizer(
     if segmenter != JIEBA and kind != "word":
         raise ConfigError(f"tokenizer.segmenter {segmenter!r} applies to tokenizer.kind word, not {kind}")
     if kind == "word":
-        tok = WordTokenizer._train(counted(), vocab_size, min_freq, split_digits, segmenter)
+        tok = WordTokenizer._train(counted(), vocab_size, min_freq, split_digits, byte_fallback, segmenter)
     else:
-        tok = _KINDS[kind]._train(counted(), vocab_size, min_freq, split_digits)
+        tok = _KINDS[kind]._train(counted(), vocab_size, min_freq, split_digits, byte_fallback)
     if n_chars == 0:
         raise DataError("tokenizer training texts are empty; check the corpus and its filters")
-    if tok.vocab_size == len(SPECIAL_TOKENS):
+    if isinstance(tok, _ListTokenizer) and not tok.stoi:
         raise DataError(f"no character occurs at least tokenizer.min_freq={min_freq} times; lower min_freq")
     return tok
 
 
-def _frequent(counts: Counter[str], min_freq: int) -> list[str]:
+def _frequent(counts: Mapping[str, int], min_freq: int) -> list[str]:
     """Keys with count >= min_freq, most frequent first, ties by codepoint so training is deterministic."""
     return [s for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_freq]
 

@@ -27,7 +27,7 @@ import numpy as np
 from numpy.dtypes import StringDType
 
 from hanlm.atomic import atomic_write_text
-from hanlm.data.tokenizer import SPECIAL_TOKENS, CharTokenizer, Tokenizer, WordTokenizer
+from hanlm.data.tokenizer import BYTE_TOKENS, SPECIAL_TOKENS, CharTokenizer, Tokenizer, WordTokenizer
 from hanlm.errors import DataError
 from hanlm.models.ngram import BOS, EOS, PAD, UNK, NGramLM
 
@@ -294,5 +294,9 @@ def tokenizer_for(words: Sequence[str]) -> Tokenizer:
     """A tokenizer over an ARPA file's own vocabulary: characters when every word is one
     character (a char model), else words (jieba segmentation, falling back to characters)."""
     tokens = [unescape(w) for w in words[len(SPECIAL_TOKENS):]]
+    byte_fallback = tuple(tokens[:len(BYTE_TOKENS)]) == BYTE_TOKENS  # written by a byte-fallback tokenizer
     vocab = [*SPECIAL_TOKENS, *tokens]
-    return CharTokenizer(vocab) if all(len(t) == 1 for t in tokens) else WordTokenizer(vocab)
+    text = tokens[len(BYTE_TOKENS):] if byte_fallback else tokens
+    if all(len(t) == 1 for t in text):
+        return CharTokenizer(vocab, byte_fallback)
+    return WordTokenizer(vocab, byte_fallback=byte_fallback)

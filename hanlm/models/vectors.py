@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, Tokenizer
+from hanlm.data.tokenizer import BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, Tokenizer
 from hanlm.errors import ConfigError, DataError
 
 _SNIFF_BYTES = 4096
@@ -91,7 +91,8 @@ def load_vectors(path: str | Path, tokenizer: Tokenizer, embedding: nn.Embedding
 def _token_ids(tokenizer: Tokenizer) -> dict[bytes, list[int]]:
     """UTF-8 text of each non-special token → its ids (bpe: " 中国" and "中国" share a vector)."""
     wanted: dict[bytes, list[int]] = {}
-    for i in range(len(SPECIAL_TOKENS), tokenizer.vocab_size):
+    first = len(SPECIAL_TOKENS) + (len(BYTE_TOKENS) if getattr(tokenizer, "byte_fallback", False) else 0)
+    for i in range(first, tokenizer.vocab_size):  # byte-fallback ids spell no word: they get no vector
         if isinstance(tokenizer, BpeTokenizer):
             # A byte-level token can be part of a character; that decodes to U+FFFD and has no vector.
             text = tokenizer.decode([i]).strip()

@@ -40,7 +40,8 @@ class HMMTagger(nn.Module, Tagger):
     def fit(cls, sentences: Sequence[TaggedSentence], tags: Sequence[str], scheme: str,
             smoothing: float = 0.1) -> HMMTagger:
         """Count and normalise the gold tags of `sentences`."""
-        tokenizer = train_tokenizer("char", (s.text for s in sentences), min_freq=2)
+        # One emission per character: an unseen character is <unk>, never several byte tokens.
+        tokenizer = train_tokenizer("char", (s.text for s in sentences), min_freq=2, byte_fallback=False)
         model = cls(tags, tokenizer)
         index = {t: i for i, t in enumerate(model.tags)}
         n, v = len(model.tags), tokenizer.vocab_size
