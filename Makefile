@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip from resolving the pyproject range to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install browser clean
+.PHONY: demo test install browser sshd clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,15 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
-test: install browser
-	$(BIN)/python -m pytest -q
+# The remote-storage tests (tests/test_remote.py) start their own OpenSSH sshd on a loopback port;
+# install Debian's openssh-server (sshd and sftp-server) when it is missing.
+sshd:
+	@test -x /usr/sbin/sshd && test -x /usr/lib/openssh/sftp-server || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; }
+
+# HANLM_REQUIRE_SERVERS=1: a test whose server (sshd, moto's S3) is missing fails instead of skipping.
+test: install browser sshd
+	HANLM_REQUIRE_SERVERS=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,12 +15,14 @@ It is assembled in a temporary directory and renamed (uploaded, manifest last, f
 before the `latest` pointer moves to it, so a crash mid-save never leaves a checkpoint that
 loads. Every load checks the manifest first. Loading never unpickles: safetensors for tensors,
 JSON and YAML for the rest (`torch.load(weights_only=True)` only for the train_state.pt of
-checkpoints from before the manifest).
+checkpoints from before the manifest). `probe_writable` checks a root before a run spends time on
+steps it could not save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -35,10 +37,12 @@ from typing import Any
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file, save_file, save_model
 
 from hanlm.atomic import atomic_dir, owner_tag, remove_stale_temporaries
 from hanlm.config import Config, ModelConfig, load_config
+from hanlm.data.reader import filesystem
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError
 from hanlm.manifest import MANIFEST, verify, write_manifest
@@ -75,7 +79,32 @@ class Checkpoint:
 
 
 def _fs(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(root)
+    """The filesystem of a checkpoint root; CheckpointError saying what to install or fix when its
+    driver is missing, cannot start (HDFS without a JVM) or cannot reach the server."""
+    return filesystem(root, CheckpointError)
+
+
+def probe_writable(root: str) -> None:
+    """Make the checkpoint root and write, read back and remove a small file in it, so that a root
+    that cannot be written (a path under a file, no permission, an unreachable host, a missing
+    driver) stops a run before its first step rather than at its first save. The probe file is
+    named like every temporary (writer's host and pid), so one left by a killed run is cleaned up."""
+    fs, base = _fs(root)
+    probe = _join(base, f".probe.{owner_tag()}.w.tmp")
+    try:
+        fs.makedirs(base, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"hanlm")
+        with fs.open(probe, "rb") as f:
+            if f.read() != b"hanlm":
+                raise OSError("the probe file read back differs from what was written")
+        fs.rm(probe)
+    # Drivers raise their own types (PermissionError, NotADirectoryError, paramiko's SFTPError-as-IOError,
+    # botocore's ClientError): whichever it is, the message names the root and the cause.
+    except Exception as e:
+        raise CheckpointError(f"checkpoint directory {root} cannot be written ({type(e).__name__}: "
+                              f"{str(e).strip() or 'no message'}); set checkpoint.dir to a directory this run "
+                              "may write") from None
 
 
 def _join(root: str, name: str) -> str:
@@ -216,6 +245,7 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def _list(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    fs.invalidate_cache(base)  # object stores cache listings; another writer may have saved or pruned since
     try:
         entries = fs.ls(base, detail=False)
     except (FileNotFoundError, NotADirectoryError):
@@ -400,12 +430,26 @@ def set_aside(root: str, names: Sequence[str], label: str) -> str:
         dest = _join(base, f"{label}-{stamp}-{k}")
     fs.makedirs(dest, exist_ok=True)
     for name in names:
-        fs.mv(_join(base, name), _join(dest, name), recursive=True)
+        _move_tree(fs, _join(base, name), _join(dest, name))
     for pointer in ("latest", "best"):
         text = _read_pointer(fs, base, pointer, lambda _: None)
         if text is not None and text.partition(" ")[0] in names:
             fs.mv(_join(base, pointer), _join(dest, pointer))
     return _join(root, dest.rsplit("/", 1)[-1])
+
+
+def _move_tree(fs: fsspec.AbstractFileSystem, source: str, dest: str) -> None:
+    """Move a directory: a rename where the filesystem has one (local; sftp, whose `mv` is a rename that
+    takes no `recursive` argument), else file by file: fsspec's generic recursive `mv` also copies the
+    directory entry itself, which an object store (S3) has no object for, and fails on it."""
+    if isinstance(fs, LocalFileSystem) or "recursive" not in inspect.signature(fs.mv).parameters:
+        fs.mv(source, dest)
+        return
+    files = fs.find(source)
+    if files:
+        fs.mv(files, [dest + f[len(source):] for f in files])
+    if fs.exists(source):  # a directory left empty (memory://, HDFS): object stores have none
+        fs.rm(source, recursive=True)
 
 
 def remove_stale(root: str) -> list[Path]:

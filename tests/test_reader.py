@@ -1,20 +1,24 @@
-"""The data reader on real text: local formats, compression, HTTP with caching, bad input."""
+"""The data reader on real text: local formats, compression, bad input (remote sources: test_remote.py)."""
 
 import bz2
 import gzip
-import http.server
 import json
-import threading
+import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from hanlm.config import DataConfig
+from hanlm.config import DataConfig, load_config
 from hanlm.data.corpora import corpus_file, strip_pos_tags
+from hanlm.data.prepare import prepare
 from hanlm.data.reader import DocumentReader
+from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import DataError
 
 
@@ -162,47 +166,78 @@ def test_unknown_extension_asks_for_data_format(tmp_path):
     assert read([path], format="txt") == ["文本"]
 
 
-class _CountingHandler(http.server.SimpleHTTPRequestHandler):
-    bodies_sent: Counter = Counter()
-
-    def do_GET(self):
-        if "Range" not in self.headers:
-            type(self).bodies_sent[self.path] += 1
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
+def test_concatenated_zstd_frames_are_all_read(tmp_path, sample):
+    path = tmp_path / "frames.txt.zst"
+    path.write_bytes(b"".join(zstandard.ZstdCompressor().compress(("\n".join(part) + "\n").encode())
+                              for part in (sample[:100], sample[100:])))
+    assert read([path]) == sample
 
 
-@pytest.fixture
-def http_dir(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = lambda *a, **k: _CountingHandler(*a, directory=str(root), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _CountingHandler.bodies_sent.clear()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+# -- damaged compressed files: a DataError naming the file and how far it got ----------------------------
+
+def write_compressed(path: Path, docs: list[str]) -> None:
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".zst": zstandard.open}[path.suffix]
+    lines = [json.dumps({"text": d}, ensure_ascii=False) for d in docs] if ".jsonl" in path.name else docs
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
-def test_http_source_is_read_once_then_served_from_the_cache(http_dir, sample, monkeypatch, tmp_path):
-    monkeypatch.setenv("HANLM_HOME", str(tmp_path / "home"))
-    root, base = http_dir
-    with gzip.open(root / "pd.txt.gz", "wt", encoding="utf-8") as f:
-        f.write("\n".join(sample) + "\n")
-    url = f"{base}/pd.txt.gz"
-    assert read([url]) == sample
-    downloads = _CountingHandler.bodies_sent["/pd.txt.gz"]
-    assert downloads >= 1
-    assert read([url]) == sample
-    assert _CountingHandler.bodies_sent["/pd.txt.gz"] == downloads, "the second read downloaded again"
-    assert any((tmp_path / "home" / "cache").iterdir())
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] if how == "truncated" else data[:middle] + b"\x55" * 64 + data[middle + 64:])
 
 
-def test_missing_url_is_a_clear_error(http_dir):
-    _, base = http_dir
-    with pytest.raises(DataError, match=r"not found"):
-        list(DocumentReader([f"{base}/nope.txt"], DataConfig()))
+DAMAGED = [("pd.txt.gz", "gzip", "truncated"), ("pd.txt.gz", "gzip", "corrupt"), ("pd.txt.bz2", "bz2", "truncated"),
+           ("pd.txt.zst", "zstd", "truncated"), ("pd.jsonl.gz", "gzip", "truncated")]
+
+
+@pytest.mark.parametrize("name, compression, how", DAMAGED)
+def test_a_damaged_compressed_file_names_the_file_and_the_offset(tmp_path, sample, name, compression, how):
+    path = tmp_path / name
+    write_compressed(path, sample)
+    damage(path, how)
+    size = path.stat().st_size
+    message = (rf"{re.escape(name)}: damaged {compression} data, "
+               + ("the file ends early" if how == "truncated" else "bad bytes in the stream")
+               + rf".*: [\d,]+ decompressed bytes were read, the decompressor stopped at compressed byte offset "
+               rf"[\d,]+ of {size:,}")
+    # replace: bytes a corrupt stream decodes to before the decompressor notices are no UTF-8 error
+    with pytest.raises(DataError, match=message):
+        read([path], on_decode_error="replace")
+    with pytest.raises(DataError, match=message):
+        list(DocumentReader([str(path)], DataConfig(on_decode_error="replace")).lines())
+
+
+def test_prepare_on_a_truncated_file_is_a_one_line_error(tmp_path, sample):
+    path = tmp_path / "pd.jsonl.gz"
+    write_compressed(path, sample)
+    damage(path, "truncated")
+    proc = subprocess.run([sys.executable, "-m", "hanlm.cli", "prepare", "--set", f"data.source=[{path}]",
+                           "--set", "tokenizer.kind=char", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"hanlm: error: {path}: damaged gzip data, the file ends early" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- byte-order marks --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, body", [
+    ("bom.txt", "人民日报\n新华社\n"),
+    ("bom.jsonl", '{"text": "人民日报"}\n{"text": "新华社"}\n'),
+    ("bom.csv", "text\n人民日报\n新华社\n"),
+])
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert read([path]) == ["人民日报", "新华社"]
+
+
+def test_a_byte_order_mark_never_reaches_the_vocabulary(tmp_path, sample):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(sample) + "\n").encode())
+    result = prepare(load_config(None, [f"data.source=[{path}]", "tokenizer.kind=char"]), tmp_path / "out",
+                     progress=False)
+    vocabulary = Tokenizer.load(result.directory / "tokenizer.json").token_strings()
+    assert "\ufeff" not in "".join(vocabulary)

@@ -35,6 +35,7 @@ from hanlm.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_weights,
+    probe_writable,
     remove_stale,
     require_language_model,
     resolve_checkpoint,
@@ -164,6 +165,7 @@ class Trainer:
 
     def _build(self, cfg: Config, resume: str | None, restart_if_damaged: bool) -> None:
         if self.info.main:
+            probe_writable(self.ckpt_root)  # an unwritable checkpoint.dir stops the run here, before any step
             for leftover in remove_stale(self.ckpt_root):
                 self.echo(f"removed {leftover}, left half-written by a run that died")
         self.device = setup_worker(cfg, self.info)
