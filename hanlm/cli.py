@@ -21,9 +21,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from hanlm.data.prepare import prepare
+    from hanlm.data.prepared_dirs import manage
 
     cfg = _load(args)
-    result = prepare(cfg, args.out, force=args.force, progress=not args.no_progress and cfg.log.progress)
+    if args.list or args.clean:
+        print(manage(cfg, clean=args.clean or [], show=args.list))
+        return 0
+    result = prepare(cfg, args.out, force=args.force, progress=not args.no_progress and cfg.log.progress,
+                     launcher=args.launcher)
     if args.json:
         print(json.dumps({"directory": str(result.directory), "reused": result.reused, **result.meta},
                          ensure_ascii=False, indent=2))
@@ -239,8 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "(tokenizer.*) or load tokenizer.path, and write train/val token shards with meta.json. "
                          "Reuses existing shards when sources and settings are unchanged.")
     p.add_argument("--out", metavar="DIR", help="output directory (default: data.prepared_dir, else "
-                   "$HANLM_HOME/prepared/<sources>-<tokenizer>)")
+                   "$HANLM_HOME/prepared/<sources>-<tokenizer>-<settings hash>)")
     p.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
+    p.add_argument("--list", action="store_true", help="list the directories under $HANLM_HOME/prepared with their "
+                   "size, tokenizer and tokens (* marks the one this config uses), and prepare nothing")
+    p.add_argument("--clean", nargs="+", metavar="NAME", help="delete these directories under "
+                   "$HANLM_HOME/prepared (names as --list shows them), `stale` for unfinished ones, or `all`; "
+                   "prepares nothing")
+    p.add_argument("--launcher", choices=("local", "spark"), default="local", help="spark: read the source files "
+                   "and encode in Spark tasks (under spark-submit: the cluster's; else local mode), for corpora "
+                   "beyond one machine; the shards are byte for byte those of a local prepare")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print meta.json and the directory as JSON")
     p.set_defaults(func=cmd_prepare)

@@ -1,5 +1,6 @@
 """`hanlm prepare`: shards that decode back to the corpus, idempotence, atomicity."""
 
+import gzip
 import json
 import os
 import signal
@@ -14,9 +15,9 @@ from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.data import prepare as prepare_module
 from hanlm.data.prepare import is_val, prepare
-from hanlm.data.shards import ShardWriter, open_split, read_meta, token_dtype
+from hanlm.data.shards import FORMAT_VERSION, ShardWriter, TokenShards, open_split, read_meta, token_dtype
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.errors import DataError
+from hanlm.errors import ConfigError, DataError
 
 
 def documents_of(directory, split) -> list[str]:
@@ -39,10 +40,11 @@ def test_people_daily_char_shards_hold_the_whole_corpus(pd_char, people_daily):
     assert meta["dtype"] == "uint16" and meta["tokenizer_kind"] == "char"
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(people_daily) == 19_484
     assert splits["train"]["characters"] + splits["val"]["characters"] == sum(map(len, people_daily))
-    for s in splits.values():  # char: one token per character plus one <eos> per document
-        assert s["tokens"] == s["characters"] + s["documents"]
+    train, val = splits["train"], splits["val"]  # char: a token per character and an <eos> per document,
+    assert train["tokens"] == train["characters"] + train["documents"]  # and 2-4 bytes per character unseen in train
+    assert val["characters"] + val["documents"] < val["tokens"] < val["characters"] + val["documents"] + 100
     assert 0.01 < splits["val"]["documents"] / len(people_daily) < 0.03
-    assert meta["distinct_characters"] == meta["vocab_size"] - 4
+    assert meta["distinct_characters"] == meta["vocab_size"] - 4 - 256  # specials, byte fallback, characters
     assert meta["tokenizer_hash"] == Tokenizer.load(pd_char.directory / "tokenizer.json").fingerprint()
 
 
@@ -50,11 +52,10 @@ def test_shards_decode_back_to_the_split_documents(pd_char, people_daily):
     train = [d for d in people_daily if not is_val(d, 0.02)]
     val = [d for d in people_daily if is_val(d, 0.02)]
     assert documents_of(pd_char.directory, "train") == train
-    # val characters never seen in train are <unk>: everything else decodes exactly
-    decoded = documents_of(pd_char.directory, "val")
-    assert len(decoded) == len(val)
+    # val characters never seen in train are spelled by their UTF-8 bytes, so val decodes exactly too
     vocab = set(Tokenizer.load(pd_char.directory / "tokenizer.json").vocab)
-    assert decoded == ["".join(c if c in vocab else "\ufffd" for c in d) for d in val]
+    assert any(c not in vocab for d in val for c in d)
+    assert documents_of(pd_char.directory, "val") == val
 
 
 def test_bpe_shards_round_trip_exactly(tmp_path, people_daily):
@@ -144,7 +145,7 @@ def test_a_killed_prepare_never_leaves_a_directory_that_looks_complete(tmp_path,
 
     # Kill it once it is writing (its temporary holds the split documents), however long that takes.
     deadline = time.monotonic() + 300
-    while not any((p / "train.docs").exists() for p in temporaries()):
+    while not any((p / "train.text").exists() for p in temporaries()):
         assert proc.poll() is None, "prepare finished before it could be killed; give it more data"
         assert time.monotonic() < deadline, "prepare never started writing"
         time.sleep(0.02)
@@ -187,12 +188,10 @@ def test_explicit_val_source_and_empty_val_split(tmp_path, people_daily):
 
 def test_large_vocabularies_get_uint32_shards(tmp_path):
     assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
-    (tmp_path / "meta.json").write_text(json.dumps({
-        "format": 2, "dtype": "uint32", "vocab_size": 100_000,
-        "splits": {"train": {"file": "train.bin", "tokens": 3, "characters": 3, "documents": 1}}}))
-    writer = ShardWriter(tmp_path / "train.bin", token_dtype(100_000))
+    writer = ShardWriter(tmp_path, "train", token_dtype(100_000))
     writer.write(np.array([70_000, 99_999, 3]), characters=3, documents=1)
-    writer.close()
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "format": FORMAT_VERSION, "dtype": "uint32", "vocab_size": 100_000, "splits": {"train": writer.close()}}))
     assert open_split(tmp_path, "train").tolist() == [70_000, 99_999, 3]
 
 
@@ -218,3 +217,135 @@ def test_cli_prepare_reports_a_missing_source_without_a_traceback(tmp_path):
     assert run.returncode == 2
     assert "hanlm: error: data source '/no/such.txt' not found" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_big_split_is_written_as_several_files_and_read_as_one(tmp_path, people_daily):
+    src = tmp_path / "pd.txt"
+    src.write_text("\n".join(people_daily[:1500]) + "\n", encoding="utf-8")
+    whole = prepare(load_config(None, [f"data.source={src}"]), tmp_path / "one", progress=False)
+    split = prepare(load_config(None, [f"data.source={src}", "data.shard_tokens=40000"]), tmp_path / "many",
+                    progress=False)
+    index = split.meta["splits"]["train"]["files"]
+    assert len(index) == 3 and [f["file"] for f in index[:2]] == ["train-00000.bin", "train-00001.bin"]
+    assert all(f["tokens"] == 40_000 for f in index[:-1]) and sum(f["tokens"] for f in index) == \
+        whole.meta["splits"]["train"]["tokens"]
+    one, many = open_split(whole.directory, "train"), open_split(split.directory, "train")
+    assert isinstance(many, TokenShards) and len(many) == len(one)
+    assert np.array_equal(np.asarray(many), np.asarray(one))
+    windows = np.array([[0, 39_999, 40_000], [len(one) - 1, 79_999, 80_000]])  # across file boundaries
+    assert np.array_equal(many[windows], one[windows]) and np.array_equal(many[39_990:80_010], one[39_990:80_010])
+    from hanlm.data.loader import BatchLoader
+    a, b = BatchLoader(one, 64, 8, seed=3), BatchLoader(many, 64, 8, seed=3)
+    for _ in range(5):
+        assert all(x.equal(y) for x, y in zip(a.next_batch(), b.next_batch()))
+    with open(split.directory / "train-00001.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(DataError, match=r"train-00001\.bin: 10 bytes, meta\.json promises 80000"):
+        open_split(split.directory, "train")
+
+
+def test_default_directories_keep_each_settings_shards_and_can_be_listed_and_cleaned(tmp_path, people_daily,
+                                                                                       monkeypatch, capsys):
+    monkeypatch.setenv("HANLM_HOME", str(tmp_path / "home"))
+    src = tmp_path / "pd.txt"
+    src.write_text("\n".join(people_daily[:300]) + "\n", encoding="utf-8")
+    base = [f"data.source={src}", "tokenizer.kind=char"]
+    first = prepare(load_config(None, base), progress=False)
+    rare = prepare(load_config(None, base + ["tokenizer.min_freq=2"]), progress=False)
+    assert first.directory != rare.directory and first.directory.parent == rare.directory.parent
+    assert first.directory.name.startswith("pd.txt-char-") and len(first.directory.name) == len("pd.txt-char-") + 12
+    assert prepare(load_config(None, base), progress=False).reused, "the other config's shards overwrote these"
+    (first.directory.parent / ".pd.txt-char-x.hnohost-p1.abc.tmp").mkdir()  # another machine's: never touched
+    half = first.directory.parent / "half-written"
+    half.mkdir()
+    (half / "train.text").write_bytes(b"x")
+
+    assert main(["prepare", "--list", *(a for kv in base for a in ("--set", kv))]) == 0
+    out = capsys.readouterr().out
+    assert f"* {first.directory.name}" in out and f"  {rare.directory.name}" in out
+    assert "half-written" in out and "not a finished prepared directory" in out and "3 directories" in out
+    assert main(["prepare", "--clean", "nope"]) == 2
+    assert "no prepared directory of that name" in capsys.readouterr().err
+    assert main(["prepare", "--clean", "stale", rare.directory.name]) == 0
+    assert not half.exists() and not rare.directory.exists() and first.directory.exists()
+    assert (first.directory.parent / ".pd.txt-char-x.hnohost-p1.abc.tmp").exists()
+
+
+def test_tokenizer_training_reads_at_most_train_chars_spread_over_the_split(tmp_path, people_daily, monkeypatch):
+    src = tmp_path / "pd.txt"
+    docs = people_daily[:2000]
+    src.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    seen: list[str] = []
+    real = prepare_module.train_tokenizer
+    monkeypatch.setattr(prepare_module, "train_tokenizer", lambda kind, texts, **kw: real(
+        kind, (seen.append(t) or t for t in texts), **kw))
+    result = prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=bpe", "tokenizer.vocab_size=600",
+                                        "tokenizer.train_chars=40000"]), tmp_path / "o", progress=False)
+    chars = sum(map(len, seen))
+    assert 30_000 <= chars <= 40_000 < result.meta["splits"]["train"]["characters"] / 3
+    train = [d for d in docs if not is_val(d, 0.02)]
+    assert set(seen) < set(train)
+    assert train.index(seen[0]) < len(train) / 10 and train.index(seen[-1]) > len(train) * 0.8, \
+        "the sample spans the whole split"
+    assert documents_of(result.directory, "train") == train  # every document still encoded, exactly
+
+
+def test_lone_surrogates_in_a_json_source_follow_on_decode_error(tmp_path, people_daily):
+    src = tmp_path / "pd.jsonl"
+    lines = [json.dumps({"text": d}) for d in people_daily[:200]] + ['{"text": "坏\\ud800字"}']
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"pd\.jsonl: line 201: field 'text' holds a lone surrogate"):
+        prepare(load_config(None, [f"data.source={src}"]), tmp_path / "o", progress=False)
+    result = prepare(load_config(None, [f"data.source={src}", "data.on_decode_error=replace"]), tmp_path / "o",
+                     progress=False)
+    assert "1 invalid UTF-8 sequence(s)" in result.meta["read_report"]
+    docs = documents_of(result.directory, "train") + documents_of(result.directory, "val")
+    assert "坏\ufffd字" in docs and len(docs) == 201
+
+
+def test_spark_prepare_writes_the_very_shards_of_a_local_prepare(tmp_path, people_daily):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("\n".join(people_daily[:700]) + "\n", encoding="utf-8")
+    with gzip.open(src / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(people_daily[700:1500]) + "\n")
+    (src / "c.txt").write_text("\n".join(people_daily[1500:1800]) + "\n", encoding="utf-8")
+    settings = [f"data.source={src}", "tokenizer.kind=bpe", "tokenizer.vocab_size=600",
+                "tokenizer.train_chars=60000", "data.shard_tokens=50000"]
+    local = prepare(load_config(None, settings), tmp_path / "local", progress=False)
+    run = subprocess.run([sys.executable, "-m", "hanlm.cli", "prepare", "--launcher", "spark", "--no-progress",
+                          "--out", str(tmp_path / "spark"), *(a for kv in settings for a in ("--set", kv))],
+                         capture_output=True, text=True, env={**os.environ, "HANLM_HOME": str(tmp_path / "home")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = sorted(p.name for p in local.directory.iterdir())
+    assert len(local.meta["splits"]["train"]["files"]) > 2 and names == sorted(
+        p.name for p in (tmp_path / "spark").iterdir())
+    for name in names:
+        if name != "meta.json":
+            assert (local.directory / name).read_bytes() == (tmp_path / "spark" / name).read_bytes(), name
+    spark_meta = read_meta(tmp_path / "spark")
+    assert {k: v for k, v in spark_meta.items() if k != "created"} == \
+        {k: v for k, v in local.meta.items() if k != "created"}
+
+
+def test_spark_prepare_refuses_dedup_before_starting_spark(tmp_path, people_daily):
+    src = tmp_path / "pd.txt"
+    src.write_text("\n".join(people_daily[:50]) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="data.dedup.*without --launcher spark"):
+        prepare(load_config(None, [f"data.source={src}", "data.dedup=true"]), tmp_path / "o", progress=False,
+                launcher="spark")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("files, message", [
+    ([{"file": "../../etc/passwd", "tokens": 3}], "no valid file index"),
+    ([{"file": "train.bin", "tokens": -1}], "no valid file index"),
+    ("train.bin", "no valid file index"),
+    ([{"file": "train.bin", "tokens": 2}], "add up to 2 tokens, not 3"),
+])
+def test_a_tampered_file_index_is_refused_by_name(tmp_path, files, message):
+    (tmp_path / "train.bin").write_bytes(np.array([5, 6, 3], dtype="<u2").tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "dtype": "uint16", "vocab_size": 10,
+                                                    "splits": {"train": {"files": files, "tokens": 3}}}))
+    with pytest.raises(DataError, match=message):
+        open_split(tmp_path, "train")

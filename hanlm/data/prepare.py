@@ -2,8 +2,10 @@
 
 Idempotent: the output directory's meta.json carries a key hashed from the source
 fingerprints and the data and tokenizer settings; the same key reuses the shards, any change
-rebuilds them. Atomic: everything is written into a temporary directory that replaces the
-output directory only when complete.
+rebuilds them. The default directory is named by the sources, the tokenizer kind and a hash of
+the settings, so different configs keep their shards side by side. Atomic: everything is written
+into a temporary directory that replaces the output directory only when complete. Bounded
+memory: see `prepare`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from hanlm.config import Config
 from hanlm.data.corpora import hanlm_home
 from hanlm.data.reader import DocumentReader
 from hanlm.data.shards import FORMAT_VERSION, ShardWriter, open_split, read_meta, token_dtype
-from hanlm.data.tokenizer import Tokenizer, train_tokenizer
+from hanlm.data.tokenizer import Tokenizer, char_tokenizer_from_counts, train_tokenizer
 from hanlm.errors import DataError
 
 # Documents are encoded in chunks of about this many characters: big enough to amortise
@@ -68,10 +70,11 @@ class Prepared:
         return "\n".join(lines)
 
 
-def text_bucket(doc: str) -> int:
+def text_bucket(doc: str, salt: bytes = b"") -> int:
     """A stable hash of a text, in 0 .. 999,999: what every deterministic split cuts on, so a repeated
-    document always lands on the same side."""
-    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little") % 1_000_000
+    document always lands on the same side. A `salt` gives an independent hash for another cut."""
+    digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8, key=salt).digest()
+    return int.from_bytes(digest, "little") % 1_000_000
 
 
 def is_val(doc: str, val_fraction: float) -> bool:
@@ -79,18 +82,36 @@ def is_val(doc: str, val_fraction: float) -> bool:
     return text_bucket(doc) < val_fraction * 1_000_000
 
 
+def _settings(cfg: Config) -> dict[str, Any]:
+    """The data and tokenizer settings that change the shards (not where they go, nor how many
+    processes write them), with the shard format."""
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("prepared_dir", "num_workers")}
+    return {"format": FORMAT_VERSION, "data": data, "tokenizer": dataclasses.asdict(cfg.tokenizer)}
+
+
+def settings_hash(cfg: Config) -> str:
+    """12 hex digits of a hash of `_settings`: the sources as written and every key that changes the shards."""
+    return hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
 def default_dir(cfg: Config) -> Path:
-    """`$HANLM_HOME/prepared/<sources>-<tokenizer kind>`."""
+    """`$HANLM_HOME/prepared/<sources>-<tokenizer kind>-<settings_hash>`: a readable name, and a hash that
+    keeps the shards of different settings apart, so switching configs never rebuilds the other's."""
     names = [re.sub(r"[^\w.-]+", "_", Path(s.rstrip("/")).name or s).strip("_") for s in cfg.data.source]
     slug = "+".join(names)[:80] or "data"
-    return hanlm_home() / "prepared" / f"{slug}-{cfg.tokenizer.kind}"
+    return prepared_root() / f"{slug}-{cfg.tokenizer.kind}-{settings_hash(cfg)}"
+
+
+def prepared_root() -> Path:
+    """Where default prepared directories live: `$HANLM_HOME/prepared`."""
+    return hanlm_home() / "prepared"
 
 
 def _key(cfg: Config, train_fp: list[str], val_fp: list[str], tokenizer_fp: str | None) -> str:
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("prepared_dir", "num_workers")}
-    tok = dataclasses.asdict(cfg.tokenizer) | {"path": tokenizer_fp}
-    blob = json.dumps({"format": FORMAT_VERSION, "train": train_fp, "val": val_fp, "data": data,
-                       "tokenizer": tok}, sort_keys=True, ensure_ascii=False)
+    """What reused shards must match: the settings, the sources' content fingerprints, the tokenizer file's."""
+    settings = _settings(cfg)
+    settings["tokenizer"]["path"] = tokenizer_fp
+    blob = json.dumps({**settings, "train": train_fp, "val": val_fp}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -113,8 +134,15 @@ def _reusable(directory: Path, key: str) -> dict[str, Any] | None:
 
 
 def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = False,
-            progress: bool = True) -> Prepared:
-    """Prepare shards for `cfg`, or reuse them when sources and settings are unchanged."""
+            progress: bool = True, launcher: str = "local") -> Prepared:
+    """Prepare shards for `cfg`, or reuse them when sources and settings are unchanged.
+
+    Memory stays bounded whatever the corpus size: documents stream to disk in chunks while their
+    characters are counted, the tokenizer trains on the counts (char) or on a sample of at most
+    tokenizer.train_chars characters (bpe, word), and the chunks are encoded in worker processes.
+    `launcher="spark"` reads the source files and encodes the chunks in Spark tasks instead
+    (`hanlm.data.spark_prepare`); the shards are byte for byte the same.
+    """
     start = time.perf_counter()
     directory = Path(out_dir or cfg.data.prepared_dir or default_dir(cfg))
     train_reader = DocumentReader(cfg.data.source, cfg.data)
@@ -128,112 +156,200 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
         return Prepared(directory, meta, reused=True)
 
     with atomic_dir(directory) as tmp:
-        counts, distinct = _split_documents(train_reader, val_reader, cfg.data.val_fraction, tmp, progress)
-        for split, c in counts.items():
-            if c["documents"] == 0:
-                raise _empty_split_error(split, cfg)
-        if tok_path:
-            tokenizer = Tokenizer.load(tok_path)
+        if launcher == "spark":
+            from hanlm.data import spark_prepare
+
+            spools, stats = spark_prepare.spool(cfg, train_reader, val_reader, tmp)
         else:
-            tokenizer = train_tokenizer(cfg.tokenizer.kind, _read_docs(tmp / "train.docs"),
-                                        vocab_size=cfg.tokenizer.vocab_size, min_freq=cfg.tokenizer.min_freq,
-                                        split_digits=cfg.tokenizer.split_digits,
-                                        segmenter=cfg.tokenizer.segmenter)
+            spools = _split_documents(train_reader, val_reader, cfg.data.val_fraction, tmp, progress)
+            stats = train_reader.stats
+        for split, spool in spools.items():
+            if spool.documents == 0:
+                raise _empty_split_error(split, cfg)
+        tokenizer = _tokenizer(cfg, spools["train"])
         tokenizer.save(tmp / "tokenizer.json")
         dtype = token_dtype(tokenizer.vocab_size)
         workers = cfg.data.num_workers or os.cpu_count() or 1
         splits = {}
-        for split, c in counts.items():
-            docs_file = tmp / f"{split}.docs"
-            writer = ShardWriter(tmp / f"{split}.bin", dtype)
+        for split, spool in spools.items():
+            writer = ShardWriter(tmp, split, dtype, cfg.data.shard_tokens)
             try:
-                with tqdm(total=c["characters"], desc=f"encode {split}", unit=" chars", unit_scale=True,
+                with tqdm(total=spool.characters, desc=f"encode {split}", unit=" chars", unit_scale=True,
                           disable=not progress, leave=False) as bar:
-                    for ids, chars, docs in _encode(docs_file, c["chunks"], tmp / "tokenizer.json", workers):
+                    encoded = spark_prepare.encode(spool, tmp) if launcher == "spark" else \
+                        _encode(spool, tmp / "tokenizer.json", workers)
+                    for ids, chars, docs in encoded:
                         writer.write(ids, chars, docs)
                         bar.update(chars)
             finally:
-                splits[split] = writer.close() | {"unigram_bpc": c["unigram_bpc"]}
-            docs_file.unlink()
+                splits[split] = writer.close() | {"unigram_bpc": spool.unigram_bpc()}
+            spool.remove()
         meta = {
             "format": FORMAT_VERSION, "key": key, "hanlm_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "tokenizer_kind": tokenizer.kind, "tokenizer_hash": tokenizer.fingerprint(),
-            "distinct_characters": len(distinct),
-            "text_bytes": sum(c["bytes"] for c in counts.values()),
+            "distinct_characters": int(np.count_nonzero(spools["train"].counts)),
+            "text_bytes": sum(s.bytes for s in spools.values()),
             "sources": {"train": train_reader.fingerprints(),
                         "val": val_reader.fingerprints() if val_reader else "held out from train"},
             "val_fraction": None if val_reader else cfg.data.val_fraction,
-            "read_report": train_reader.stats.summary(),
+            "read_report": stats.summary(),
             "splits": splits,
         }
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return Prepared(directory, meta, reused=False, seconds=time.perf_counter() - start)
 
 
+class DocumentSpool:
+    """One split's documents on disk while the tokenizer is not known yet: their UTF-8 text back to back in
+    `<split>.text`, their lengths in characters in `<split>.lengths` (int64), cut into chunks of about
+    CHUNK_CHARS characters, the units of parallel encoding; characters are counted as chunks are written."""
+
+    def __init__(self, directory: Path, split: str):
+        self.text_path, self.lengths_path = directory / f"{split}.text", directory / f"{split}.lengths"
+        self._text, self._lengths = open(self.text_path, "wb"), open(self.lengths_path, "wb")
+        self.chunks: list[tuple[int, int, int, int]] = []  # (byte offset, bytes, first document, documents)
+        self.counts = np.zeros(0x110000, dtype=np.int64)  # occurrences of each codepoint
+        self.documents = self.characters = self.bytes = 0
+        self._pending: list[str] = []
+        self._pending_chars = 0
+
+    def add(self, doc: str) -> None:
+        self._pending.append(doc)
+        self._pending_chars += len(doc)
+        if self._pending_chars >= CHUNK_CHARS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        data = text.encode("utf-8", "surrogatepass")  # a JSON source can hold lone surrogates
+        self._text.write(data)
+        self._lengths.write(np.fromiter(map(len, self._pending), np.int64, len(self._pending)).tobytes())
+        self.chunks.append((self.bytes, len(data), self.documents, len(self._pending)))
+        counted = np.bincount(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4"))
+        self.counts[:len(counted)] += counted
+        self.documents += len(self._pending)
+        self.characters += self._pending_chars
+        self.bytes += len(data)
+        self._pending, self._pending_chars = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        self._text.close()
+        self._lengths.close()
+
+    def extend(self, part: dict[str, Any]) -> None:
+        """Append another spool's documents, as `summary` described them (a Spark task's spool): its
+        files are copied onto these, its chunks shifted past these and its counts added."""
+        self._flush()
+        with open(part["text_path"], "rb") as f:
+            shutil.copyfileobj(f, self._text, 1 << 24)
+        with open(part["lengths_path"], "rb") as f:
+            shutil.copyfileobj(f, self._lengths, 1 << 24)
+        self.chunks += [(offset + self.bytes, size, first + self.documents, n) for offset, size, first, n
+                        in part["chunks"]]
+        codepoints, counts = part["counts"]
+        self.counts[np.asarray(codepoints, dtype=np.int64)] += np.asarray(counts, dtype=np.int64)
+        self.documents += part["documents"]
+        self.characters += part["characters"]
+        self.bytes += part["bytes"]
+
+    def summary(self) -> dict[str, Any]:
+        """What `extend` needs to append this (closed) spool to another, as plain picklable values."""
+        present = np.flatnonzero(self.counts)
+        return {"text_path": str(self.text_path), "lengths_path": str(self.lengths_path), "chunks": self.chunks,
+                "counts": (present.tolist(), self.counts[present].tolist()), "documents": self.documents,
+                "characters": self.characters, "bytes": self.bytes}
+
+    def remove(self) -> None:
+        self.text_path.unlink(missing_ok=True)
+        self.lengths_path.unlink(missing_ok=True)
+
+    def character_counts(self) -> dict[str, int]:
+        """Occurrences of each character (surrogates left out: no tokenizer file can spell them)."""
+        present = np.flatnonzero(self.counts)
+        return {chr(c): int(self.counts[c]) for c in present if not 0xD800 <= c < 0xE000}
+
+    def unigram_bpc(self) -> float:
+        """Bits per character of a unigram model fitted to these very counts, each document's <eos>
+        counted as the line break it replaces: the baseline a language model's BPC should beat by far."""
+        counts = self.counts.copy()
+        counts[ord("\n")] += self.documents
+        return unigram_entropy(counts)
+
+    def texts(self) -> Iterator[str]:
+        """Every spooled document, in order, a chunk in memory at a time."""
+        for chunk in self.chunks:
+            yield from read_chunk(self.text_path, self.lengths_path, chunk)
+
+
+def read_chunk(text_path: Path, lengths_path: Path, chunk: tuple[int, int, int, int]) -> list[str]:
+    """The documents of one spool chunk."""
+    offset, size, first, count = chunk
+    with open(text_path, "rb") as f:
+        f.seek(offset)
+        text = f.read(size).decode("utf-8", "surrogatepass")
+    lengths = np.fromfile(lengths_path, dtype=np.int64, count=count, offset=first * 8)
+    ends = np.cumsum(lengths).tolist()
+    return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
 def _split_documents(train: DocumentReader, val: DocumentReader | None, val_fraction: float, tmp: Path,
-                     progress: bool) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """Read every source once, writing each split's documents to `<split>.docs` (JSON lines).
-
-    Returns per-split counts, with `chunks`: (offset, length) byte ranges of whole lines of
-    about CHUNK_CHARS characters, the units of parallel encoding; and the distinct
-    characters of the train split.
-    """
-    counts = {s: {"documents": 0, "characters": 0, "bytes": 0, "chunks": []} for s in ("train", "val")}
-    files = {s: open(tmp / f"{s}.docs", "wb") for s in counts}
-    pending = {s: [0, 0, 0] for s in counts}  # chunk start offset, its bytes, its characters
-    frequencies = {s: Counter() for s in counts}
-
-    def add(split: str, doc: str) -> None:
-        c, p = counts[split], pending[split]
-        line = (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
-        files[split].write(line)
-        c["documents"] += 1
-        c["characters"] += len(doc)
-        c["bytes"] += len(doc.encode("utf-8"))
-        p[1] += len(line)
-        p[2] += len(doc)
-        if p[2] >= CHUNK_CHARS:
-            c["chunks"].append((p[0], p[1]))
-            pending[split] = [p[0] + p[1], 0, 0]
-        frequencies[split].update(doc)
-
+                     progress: bool) -> dict[str, DocumentSpool]:
+    """Read every source once, spooling each split's documents to disk."""
+    spools = {s: DocumentSpool(tmp, s) for s in ("train", "val")}
     try:
         with tqdm(desc="read", unit=" docs", disable=not progress, leave=False) as bar:
             for doc in train:
-                add("val" if val is None and is_val(doc, val_fraction) else "train", doc)
+                spools["val" if val is None and is_val(doc, val_fraction) else "train"].add(doc)
                 bar.update()
             for doc in val or ():
-                add("val", doc)
+                spools["val"].add(doc)
                 bar.update()
     finally:
-        for f in files.values():
-            f.close()
-    distinct = set(frequencies["train"])
-    for split, p in pending.items():
-        if p[1]:
-            counts[split]["chunks"].append((p[0], p[1]))
-        freq = frequencies[split]
-        freq["\n"] += counts[split]["documents"]  # each document's <eos>, counted as the line break it replaces
-        counts[split]["unigram_bpc"] = unigram_entropy(freq)
-    return counts, distinct
+        for spool in spools.values():
+            spool.close()
+    return spools
 
 
-def unigram_entropy(freq: Counter) -> float:
-    """Bits per character of a unigram model fitted to these very counts: the baseline a language
-    model's BPC on the same text should beat by far."""
-    n = np.array(list(freq.values()), dtype=np.float64)
-    p = n[n > 0] / n.sum()
-    return float(-(p * np.log2(p)).sum()) if len(p) else 0.0
+def _tokenizer(cfg: Config, train: DocumentSpool) -> Tokenizer:
+    """The tokenizer the shards are encoded with: tokenizer.path, else one trained on the train split
+    (char: from its character counts; bpe and word: see `training_sample`)."""
+    t = cfg.tokenizer
+    if t.path:
+        return Tokenizer.load(t.path)
+    if t.kind == "char":
+        return char_tokenizer_from_counts(train.character_counts(), t.min_freq, t.byte_fallback)
+    return train_tokenizer(t.kind, training_sample(train.texts(), train.characters, t.train_chars),
+                           vocab_size=t.vocab_size, min_freq=t.min_freq, split_digits=t.split_digits,
+                           segmenter=t.segmenter, byte_fallback=t.byte_fallback)
 
 
-def _read_docs(path: Path, offset: int = 0, length: int | None = None) -> Iterator[str]:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read() if length is None else f.read(length)
-    for line in data.splitlines():
-        yield json.loads(line)
+def training_sample(docs: Iterable[str], characters: int, cap: int) -> Iterator[str]:
+    """The documents a bpe or word tokenizer trains on: all of them when they hold at most `cap`
+    characters (or cap is 0), else those a salted hash picks at the rate that gives about `cap`,
+    stopping at `cap`. The pick depends on each document alone, so it spreads over the whole split,
+    and any order of reading (one process, Spark partitions) picks the same documents."""
+    if not cap or characters <= cap:
+        yield from docs
+        return
+    threshold, taken = cap / characters * 1_000_000, 0
+    for doc in docs:
+        if text_bucket(doc, b"tokenizer-sample") < threshold:
+            if taken + len(doc) > cap:
+                return
+            taken += len(doc)
+            yield doc
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Bits per character of a unigram model fitted to these very counts (one per character)."""
+    n = counts[counts > 0].astype(np.float64)
+    p = n / n.sum()
+    return float(-(p * np.log2(p)).sum())
 
 
 def _empty_split_error(split: str, cfg: Config) -> DataError:
@@ -251,27 +367,27 @@ def _init_worker(path: str) -> None:
     _worker_tokenizer = Tokenizer.load(path)
 
 
-def _encode_chunk(docs_file: Path, chunk: tuple[int, int]) -> tuple[np.ndarray, int, int]:
-    """(token ids, characters, documents) of one chunk, each document followed by <eos>."""
-    docs = list(_read_docs(docs_file, *chunk))
+def _encode_chunk(paths: tuple[Path, Path], chunk: tuple[int, int, int, int]) -> tuple[np.ndarray, int, int]:
+    """(token ids, characters, documents) of one spool chunk, each document followed by <eos>."""
+    docs = read_chunk(*paths, chunk)
     return _worker_tokenizer.encode_documents(docs), sum(map(len, docs)), len(docs)
 
 
-def _encode(docs_file: Path, chunks: list[tuple[int, int]], tokenizer_path: Path,
-            workers: int) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Encode the chunks in order. The first runs here and is timed: when the rest would take
+def _encode(spool: DocumentSpool, tokenizer_path: Path, workers: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Encode the spool's chunks in order. The first runs here and is timed: when the rest would take
     long enough to repay starting processes, they go to a pool of `workers`."""
     _init_worker(str(tokenizer_path))
+    chunks, paths = spool.chunks, (spool.text_path, spool.lengths_path)
     if not chunks:
         return
     t0 = time.perf_counter()
-    yield _encode_chunk(docs_file, chunks[0])
+    yield _encode_chunk(paths, chunks[0])
     rest = chunks[1:]
     if workers > 1 and (time.perf_counter() - t0) * len(rest) > POOL_WORTH_SECONDS:
         # spawn, not fork: the parent may hold torch or tokenizers thread pools that fork breaks.
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
-            yield from pool.imap(functools.partial(_encode_chunk, docs_file), rest)
+            yield from pool.imap(functools.partial(_encode_chunk, paths), rest)
     else:
         for chunk in rest:
-            yield _encode_chunk(docs_file, chunk)
+            yield _encode_chunk(paths, chunk)
