@@ -37,8 +37,7 @@ def test_the_other_suites_run_quick_and_report_their_tables(tmp_path, capsys):
     dist = suites["dist"]
     assert dist["tokens_per_s"]["1"] > 0 and dist["tokens_per_s"]["2"] > 0
     by_strategy = {s["strategy"]: s["bytes"] for s in dist["sync"]}
-    assert by_strategy["fp16"] * 2 == by_strategy["full"]  # half the bytes per element, same elements
-    assert by_strategy["powersgd-r8"] < by_strategy["fp16"] and by_strategy["diloco-h32"] < by_strategy["fp16"]
+    assert 0 < by_strategy["powersgd-r8"] < by_strategy["full"]  # quick: two strategies (test_distributed has all)
     ngram = suites["ngram"]
     assert ngram["build"]["order"] == 3 and 4 < ngram["build"]["bpc"] < 8
     assert ngram["query"]["kenlm_sentence_per_s"] > 0 and ngram["nltk"]["nltk_per_s"] > 0
