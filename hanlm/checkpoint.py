@@ -286,7 +286,12 @@ def _recorded_loss(fs: fsspec.AbstractFileSystem, path: str) -> float:
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
                     note: Callable[[str], None] = _note) -> Checkpoint:
     """Read one checkpoint directory, after checking its files against its manifest;
-    CheckpointError naming the damaged file if anything is off. Nothing read here can run code."""
+    CheckpointError naming the damaged file if anything is off. Nothing read here can run code.
+    A Hugging Face Llama directory loads too, as a checkpoint at step 0 (`hanlm.export.hf_import`)."""
+    from hanlm.export.hf_import import is_hf_dir, load_hf
+
+    if is_hf_dir(path):
+        return load_hf(path)
     fs, base = _fs(path)
     if not fs.isdir(base):
         raise CheckpointError(f"{path} is not a checkpoint directory")
@@ -339,8 +344,10 @@ def _download(fs: fsspec.AbstractFileSystem, base: str, tmp: str) -> str:
 def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
     """A checkpoint directory from a path that is a checkpoint, a checkpoint root (then its
     `latest`, or the newest checkpoint when `latest` is unusable) or a run directory (its checkpoints)."""
+    from hanlm.export.hf_import import is_hf_dir
+
     fs, base = _fs(spec)
-    if stored_model_file(spec):
+    if stored_model_file(spec) or is_hf_dir(spec):
         return spec
     if fs.isfile(f"{base.rstrip('/')}/mixture.json") or base.endswith("mixture.json"):
         raise CheckpointError(f"{spec} is a mixture (hanlm mix): it has no weights of its own to train, resume or "

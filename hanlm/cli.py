@@ -176,6 +176,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hanlm.export import export
+
+    print(f"wrote {export(args.checkpoint, args.format, args.out)}")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from hanlm.data.tagged import TaggedSentence, format_sentence
     from hanlm.tasks.taggers import load_tagger, segment_file
@@ -406,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of the --gold files (default auto)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_segment)
+
+    p = verbs.add_parser("export", help="write a checkpoint in another ecosystem's format (Hugging Face)",
+                         description="--format hf: a LlamaForCausalLM directory (config.json, model.safetensors, "
+                         "generation_config.json, tokenizer.json for PreTrainedTokenizerFast) that transformers, "
+                         "vLLM and TGI load. gpt checkpoints with char or bpe tokenizers.")
+    p.add_argument("checkpoint", help="a gpt checkpoint, checkpoint directory or run directory")
+    p.add_argument("out", help="the directory to write")
+    p.add_argument("--format", choices=["hf"], default="hf", help="the format (default hf)")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("bench", help="measure speed and memory against the machine's limit and peer tools",
                          description="Run benchmark suites side by side with their peers (transformers, kenlm, "
