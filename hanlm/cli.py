@@ -179,7 +179,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hanlm.export import export
 
-    print(f"wrote {export(args.checkpoint, args.format, args.out)}")
+    print(f"wrote {export(args.checkpoint, args.format, args.out, args.dtype)}")
     return 0
 
 
@@ -414,13 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_segment)
 
-    p = verbs.add_parser("export", help="write a checkpoint in another ecosystem's format (Hugging Face)",
+    p = verbs.add_parser("export", help="write a checkpoint in another ecosystem's format (Hugging Face, GGUF)",
                          description="--format hf: a LlamaForCausalLM directory (config.json, model.safetensors, "
                          "generation_config.json, tokenizer.json for PreTrainedTokenizerFast) that transformers, "
-                         "vLLM and TGI load. gpt checkpoints with char or bpe tokenizers.")
+                         "vLLM and TGI load. --format gguf: one GGUF file for llama.cpp. gpt checkpoints with "
+                         "char or bpe tokenizers.")
     p.add_argument("checkpoint", help="a gpt checkpoint, checkpoint directory or run directory")
-    p.add_argument("out", help="the directory to write")
-    p.add_argument("--format", choices=["hf"], default="hf", help="the format (default hf)")
+    p.add_argument("out", help="the directory (hf) or .gguf file (gguf) to write")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="the format (default hf)")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="gguf: the matrices' type "
+                   "(norms stay f32; default f32)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("bench", help="measure speed and memory against the machine's limit and peer tools",

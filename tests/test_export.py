@@ -1,8 +1,9 @@
-"""`hanlm export --format hf` and importing Hugging Face directories: transformers loads the export and
+"""`hanlm export --format hf|gguf` and importing Hugging Face directories: transformers loads the export and
 computes what hanlm computes, and the export comes back as the same model."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,36 @@ def test_a_damaged_or_pickled_hf_directory_is_refused(tmp_path, people_daily):
     (out / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="tokenizer.json: not a tokenizer hanlm can use"):
         load_checkpoint(str(out))
+
+
+@pytest.mark.parametrize("kind, dtype", [("char", "f32"), ("bpe", "f16"), ("char", "q8_0")])
+def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtype):
+    gguf = pytest.importorskip("gguf")
+    path = checkpoint(tmp_path, people_daily, kind)
+    out = tmp_path / "model.gguf"
+    assert main(["export", path, str(out), "--format", "gguf", "--dtype", dtype]) == 0
+    reader = gguf.GGUFReader(str(out))
+    model, cfg, tokenizer = load_for_inference(path)
+
+    def value(key):
+        field = reader.fields[key]
+        return field.contents()
+
+    assert value("general.architecture") == "llama" and value("llama.block_count") == cfg.model.n_layer
+    assert value("llama.embedding_length") == cfg.model.n_embd and value("llama.attention.head_count_kv") == 2
+    assert value("llama.rope.freq_base") == 10000.0 and value("tokenizer.ggml.eos_token_id") == tokenizer.eos_id
+    tokens = value("tokenizer.ggml.tokens")
+    assert len(tokens) == tokenizer.vocab_size and tokens[tokenizer.eos_id] == "<eos>"
+    assert value("tokenizer.ggml.model") == ("gpt2" if kind == "bpe" else "llama")
+    if kind == "char":
+        assert value("tokenizer.ggml.token_type")[4:260] == [6] * 256  # the byte-fallback ids are bytes
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 + 9 * cfg.model.n_layer  # tied: no output.weight
+    q = weights["blocks.1.attn.qkv.weight"][:cfg.model.n_embd]
+    for name, ours in (("token_embd.weight", weights["tok_emb.weight"]), ("blk.1.attn_q.weight", q),
+                       ("blk.0.ffn_norm.weight", weights["blocks.0.mlp_norm.weight"])):
+        t = tensors[name]
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+        tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 0.02 * np.abs(ours).max()}[dtype if ours.ndim == 2 else "f32"]
+        assert np.abs(theirs - ours).max() <= tolerance, name

@@ -1,0 +1,121 @@
+"""`hanlm export CKPT --format gguf OUT.gguf [--dtype f32|f16|q8_0]`: one file for llama.cpp.
+
+The architecture is `llama`. hanlm rotates interleaved pairs, as Meta's Llama and llama.cpp's llama
+rope do, so the query and key rows go in as they are (it is the Hugging Face layout that needs the
+permutation). Norm weights stay f32 whatever `--dtype`, as llama.cpp's own converter keeps them.
+Tokenizers: byte-level BPE as llama.cpp's `gpt2` model (tokens and merges); the char vocabulary as
+its `llama` (sentencepiece) model with byte tokens typed as bytes and no space prefix. llama.cpp's
+sentencepiece model writes a space as U+2581, so a space token is stored so spelled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hanlm.atomic import atomic_path
+from hanlm.checkpoint import load_checkpoint, model_of, require_language_model, resolve_served
+from hanlm.data.tokenizer import BYTE_BASE, BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
+from hanlm.errors import CheckpointError, ConfigError
+from hanlm.export.hf import RMS_EPS
+from hanlm.models.gpt import ROPE_THETA, SwiGLU
+
+DTYPES = ("f32", "f16", "q8_0")
+# GGUF token types (llama.cpp's llama_token_type): normal, unknown, control, byte.
+NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
+
+_TENSORS = {"attn_norm.weight": "attn_norm.weight", "attn.proj.weight": "attn_output.weight",
+            "mlp_norm.weight": "ffn_norm.weight", "mlp.gate.weight": "ffn_gate.weight",
+            "mlp.up.weight": "ffn_up.weight", "mlp.down.weight": "ffn_down.weight"}
+
+
+def gguf_tensors(weights: dict[str, np.ndarray], n_layer: int, tied: bool) -> dict[str, np.ndarray]:
+    """llama.cpp's tensor names for a hanlm GPT state dict (float32 numpy arrays)."""
+    out = {"token_embd.weight": weights["tok_emb.weight"], "output_norm.weight": weights["norm.weight"]}
+    if not tied:
+        out["output.weight"] = weights["lm_head.weight"]
+    for i in range(n_layer):
+        src, dst = f"blocks.{i}.", f"blk.{i}."
+        q, k, v = np.split(weights[src + "attn.qkv.weight"], 3, axis=0)
+        out |= {dst + "attn_q.weight": q, dst + "attn_k.weight": k, dst + "attn_v.weight": v}
+        out |= {dst + theirs: weights[src + ours] for ours, theirs in _TENSORS.items()}
+    return {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in out.items()}
+
+
+def _add_tokenizer(writer, tokenizer: Tokenizer, source: str) -> None:
+    types = [CONTROL if i < len(SPECIAL_TOKENS) else NORMAL for i in range(tokenizer.vocab_size)]
+    types[tokenizer.unk_id] = UNKNOWN
+    if isinstance(tokenizer, BpeTokenizer):
+        model = json.loads(tokenizer.hf.to_str())["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokenizer.token_strings())
+        writer.add_token_merges(merges)
+    elif isinstance(tokenizer, CharTokenizer):
+        tokens = [t.replace(" ", "\u2581") for t in tokenizer.token_strings()]
+        if getattr(tokenizer, "byte_fallback", False):
+            types[BYTE_BASE:BYTE_BASE + len(BYTE_TOKENS)] = [BYTE] * len(BYTE_TOKENS)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])  # no merges: scores only rank
+        writer.add_add_space_prefix(False)
+    else:
+        raise CheckpointError(f"{source}: a {tokenizer.kind} tokenizer splits text with jieba or a tagger, which "
+                              "llama.cpp cannot; export a char or bpe model")
+    writer.add_token_types(types)
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_unk_token_id(tokenizer.unk_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
+    """Write the GPT checkpoint `spec` as one GGUF file `out` with matrices in `dtype`; returns it."""
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("--format gguf needs the gguf package: pip install gguf") from None
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: GGUF export writes {', '.join(DTYPES)}")
+    path = resolve_served(spec)
+    ckpt = require_language_model(load_checkpoint(path))
+    if ckpt.config.model.arch != "gpt":
+        raise CheckpointError(f"{path}: cannot export a {ckpt.config.model.arch} model to GGUF: only the gpt "
+                              "architecture has a llama form")
+    m, tokenizer = ckpt.config.model, ckpt.tokenizer
+    weights = {k: v.float().numpy() for k, v in model_of(ckpt).state_dict().items()}
+    out = Path(out)
+    with atomic_path(out) as tmp:  # a failed export leaves no file that looks finished
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_name(Path(path).parent.parent.name or "hanlm")
+        writer.add_context_length(m.context_length)
+        writer.add_embedding_length(m.n_embd)
+        writer.add_block_count(m.n_layer)
+        writer.add_feed_forward_length(SwiGLU(m.n_embd).gate.out_features)
+        writer.add_head_count(m.n_head)
+        writer.add_head_count_kv(m.n_head)
+        writer.add_rope_dimension_count(m.n_embd // m.n_head)
+        writer.add_rope_freq_base(ROPE_THETA)
+        writer.add_layer_norm_rms_eps(RMS_EPS)
+        writer.add_vocab_size(tokenizer.vocab_size)
+        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+        _add_tokenizer(writer, tokenizer, path)
+        for name, array in gguf_tensors(weights, m.n_layer, m.tie_embeddings).items():
+            if array.ndim == 1 or dtype == "f32":
+                writer.add_tensor(name, array)
+            elif dtype == "f16":
+                writer.add_tensor(name, array.astype(np.float16))
+            else:
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
