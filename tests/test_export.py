@@ -12,6 +12,7 @@ from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.data.tokenizer import train_tokenizer
 from hanlm.errors import CheckpointError
+from hanlm.export.gguf_export import export_gguf
 from hanlm.export.hf import export_hf
 from hanlm.generate import Generation, SamplingParams, generate, prompt_ids
 from hanlm.models import build_model
@@ -137,7 +138,8 @@ def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtyp
     assert len(tokens) == tokenizer.vocab_size and tokens[tokenizer.eos_id] == "<eos>"
     assert value("tokenizer.ggml.model") == ("gpt2" if kind == "bpe" else "llama")
     if kind == "char":
-        assert value("tokenizer.ggml.token_type")[4:260] == [6] * 256  # the byte-fallback ids are bytes
+        types = value("tokenizer.ggml.token_type")[4:260]  # the byte-fallback ids are bytes, but for 0x20
+        assert types[:0x20] + types[0x21:] == [6] * 255 and tokens[4 + 0x20] == "\u2581"  # (no space here)
     weights = {k: v.numpy() for k, v in model.state_dict().items()}
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 + 9 * cfg.model.n_layer  # tied: no output.weight
@@ -148,3 +150,30 @@ def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtyp
         theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
         tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 0.02 * np.abs(ours).max()}[dtype if ours.ndim == 2 else "f32"]
         assert np.abs(theirs - ours).max() <= tolerance, name
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_llama_cpp_computes_hanlm_logits_and_greedy_text_from_the_gguf(tmp_path, people_daily, kind):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional extra hanlm[llamacpp]")
+    path = checkpoint(tmp_path, people_daily, kind)
+    out = export_gguf(path, tmp_path / "model.gguf")
+    model, _, tokenizer = load_for_inference(path)
+    llm = llama_cpp.Llama(str(out), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    for text in ["中国经济发展", "GPT模型 2024 年", people_daily[-1][:40]]:
+        ids = tokenizer.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        llm.reset()
+        llm.eval(prompt_ids(tokenizer, text))
+        theirs = torch.tensor(np.asarray(llm.scores[:llm.n_tokens]))
+        with torch.no_grad():
+            ours = model(torch.tensor([prompt_ids(tokenizer, text)]))[0]
+        assert (ours - theirs).abs().max() < 1e-3, text
+    result = Generation()
+    "".join(generate(model, tokenizer, "中国经济", SamplingParams(max_tokens=20, temperature=0.0), result=result))
+    llm.reset()
+    greedy = []
+    for token in llm.generate(prompt_ids(tokenizer, "中国经济"), temp=0.0, top_k=1):
+        greedy.append(token)
+        if len(greedy) == len(result.token_ids):
+            break
+    assert greedy == result.token_ids

@@ -5,7 +5,8 @@ rope do, so the query and key rows go in as they are (it is the Hugging Face lay
 permutation). Norm weights stay f32 whatever `--dtype`, as llama.cpp's own converter keeps them.
 Tokenizers: byte-level BPE as llama.cpp's `gpt2` model (tokens and merges); the char vocabulary as
 its `llama` (sentencepiece) model with byte tokens typed as bytes and no space prefix. llama.cpp's
-sentencepiece model writes a space as U+2581, so a space token is stored so spelled.
+sentencepiece model writes a space as U+2581 before it looks it up, so the space token is stored so
+spelled (without one, byte 0x20's token is, which gives hanlm's id for a space either way).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def _add_tokenizer(writer, tokenizer: Tokenizer, source: str) -> None:
         tokens = [t.replace(" ", "\u2581") for t in tokenizer.token_strings()]
         if getattr(tokenizer, "byte_fallback", False):
             types[BYTE_BASE:BYTE_BASE + len(BYTE_TOKENS)] = [BYTE] * len(BYTE_TOKENS)
+            if " " not in tokenizer.stoi:  # llama.cpp looks a space up as U+2581: let that find byte 0x20's id
+                tokens[BYTE_BASE + 0x20], types[BYTE_BASE + 0x20] = "\u2581", NORMAL
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
         writer.add_token_scores([-float(i) for i in range(len(tokens))])  # no merges: scores only rank
