@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hanlm.config import MODEL_PRESETS, Config, load_config
+from hanlm.export.hf import RMS_EPS, hf_state_dict
 from hanlm.models import GPT, build_model
+from hanlm.models.gpt import ROPE_THETA
 from hanlm.train.optim import build_optimizer
 
 
@@ -57,8 +61,8 @@ def _peers(model: GPT, vocab: int) -> dict[str, Callable[[], nn.Module]]:
     return {
         "transformers Llama": lambda: LlamaForCausalLM(LlamaConfig(
             vocab_size=vocab, hidden_size=d, intermediate_size=hidden, num_hidden_layers=model.n_layer,
-            num_attention_heads=model.n_head, num_key_value_heads=model.n_head,
-            max_position_embeddings=model.context_length, tie_word_embeddings=True, rms_norm_eps=1e-5,
+            num_attention_heads=model.n_head, num_key_value_heads=model.n_head, rope_theta=ROPE_THETA,
+            max_position_embeddings=model.context_length, tie_word_embeddings=True, rms_norm_eps=RMS_EPS,
             attn_implementation="sdpa", eos_token_id=None, pad_token_id=0)),
         "transformers GPT-2": lambda: GPT2LMHeadModel(GPT2Config(
             vocab_size=vocab, n_positions=model.context_length, n_embd=d, n_layer=model.n_layer,
@@ -146,32 +150,92 @@ def train_step_suite(device: torch.device, peak: float, quick: bool, vocab: int 
     return rows
 
 
-def _greedy_hanlm(model: GPT, prompt: torch.Tensor, new_tokens: int) -> None:
-    """Greedy decoding of a batch with the KV cache (every row at the same position)."""
+def _greedy_hanlm(model: GPT, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy decoding of a batch with the KV cache (every row at the same position); row 0's tokens."""
     logp, state = model.log_probs(prompt, model.initial_state(prompt.size(0)))
+    tokens = [logp[:, -1].argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):
-        logp, state = model.log_probs(logp[:, -1].argmax(-1, keepdim=True), state)
+        logp, state = model.log_probs(tokens[-1], state)
+        tokens.append(logp[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, 1)[0].tolist()
+
+
+def _greedy_transformers(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0)
+    return out[0, prompt.size(1):].tolist()
+
+
+def _greedy_llama_cpp(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """llama.cpp's greedy decode (top-1 sampling) through llama-cpp-python, as its users call it."""
+    llm.reset()
+    tokens = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        tokens.append(token)
+        if len(tokens) == new_tokens:
+            return tokens
+    return tokens
+
+
+LLAMA_CPP_DTYPES = ("f32", "f16", "q8_0")
+LLAMA_CPP_MISSING = "llama.cpp rows skipped: llama-cpp-python is not installed (pip install -e '.[llamacpp]')"
+
+
+def _llama_cpp_models(model: GPT, cfg: Config, vocab: int, workdir: Path) -> dict[str, object]:
+    """llama.cpp models of `model`'s weights, one per GGUF dtype (none without llama-cpp-python).
+
+    The vocabulary is a char tokenizer of `vocab` CJK characters: the prompt goes in as ids, so what
+    the tokens spell does not matter, only that the file holds a vocabulary of the right size."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print(LLAMA_CPP_MISSING, flush=True)
+        return {}
+    from hanlm.data.tokenizer import SPECIAL_TOKENS, CharTokenizer
+    from hanlm.export.gguf_export import write_gguf
+
+    tokenizer = CharTokenizer([*SPECIAL_TOKENS, *(chr(0x4E00 + i) for i in range(vocab - len(SPECIAL_TOKENS)))])
+    weights = {k: v.float().cpu().numpy() for k, v in model.state_dict().items()}
+    threads = torch.get_num_threads()
+    return {f"llama.cpp {dtype}": llama_cpp.Llama(
+        str(write_gguf(workdir / f"{dtype}.gguf", weights, cfg.model, tokenizer, dtype)),
+        n_ctx=cfg.model.context_length, n_threads=threads, n_threads_batch=threads, verbose=False)
+        for dtype in LLAMA_CPP_DTYPES}
 
 
 def decode_suite(device: torch.device, quick: bool, vocab: int = 4700) -> list[dict]:
     """Greedy decode tokens/s at batch 1 and 8: hanlm's cache against transformers' `generate`
-    (Llama of the same shape), the first shape of `shapes`."""
+    (Llama of the same shape) and, at batch 1 on CPU, llama.cpp on GGUF files of the same weights
+    (f32, f16, q8_0), the first shape of `shapes`. `same_tokens` counts how many of a peer's greedy
+    tokens agree with hanlm's before the first difference."""
     shape = shapes(device.type, quick)[0]
     cfg = load_config(overrides=shape.overrides())
     torch.manual_seed(0)
     ours = build_model(cfg.model, vocab).to(device).eval()
     hf = _peers(ours, vocab)["transformers Llama"]().to(device).eval()
+    # The same weights in every engine (hanlm's export mapping): then greedy tokens can be compared too.
+    missing, unexpected = hf.load_state_dict(hf_state_dict(ours.state_dict(), ours.n_head, True), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # lm_head is tied
     new_tokens = 50 if quick else min(200, shape.context_length - 8)
     rows = []
-    for batch in (1, 8):
-        prompt = torch.randint(4, vocab, (batch, 4), device=device)
-        runs = {"hanlm GPT": partial(_greedy_hanlm, ours, prompt, new_tokens),
-                "transformers Llama generate": partial(hf.generate, prompt, max_new_tokens=new_tokens,
-                                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)}
-        with torch.no_grad():
-            timings = {name: _time_steps(run, 1, 1 if quick else 3, device) for name, run in runs.items()}
-        for name, seconds in timings.items():
-            rows.append({"shape": shape.name, "batch": batch, "model": name, "new_tokens": new_tokens,
-                         "tokens_per_s": batch * new_tokens / seconds,
-                         "hanlm_speedup": timings[name] / timings["hanlm GPT"]})
+    with tempfile.TemporaryDirectory(prefix="hanlm-bench-gguf-") as workdir:
+        llama = _llama_cpp_models(ours, cfg, vocab, Path(workdir)) if device.type == "cpu" else {}
+        for batch in (1, 8):
+            prompt = torch.randint(4, vocab, (batch, 4), device=device)
+            runs = {"hanlm GPT": partial(_greedy_hanlm, ours, prompt, new_tokens),
+                    "transformers Llama generate": partial(_greedy_transformers, hf, prompt, new_tokens)}
+            if batch == 1:
+                runs |= {name: partial(_greedy_llama_cpp, llm, prompt[0].tolist(), new_tokens)
+                         for name, llm in llama.items()}
+            outputs: dict[str, list[int]] = {}
+            with torch.no_grad():
+                timings = {name: _time_steps(lambda name=name, run=run: outputs.__setitem__(name, run()), 1,
+                                             1 if quick else 3, device) for name, run in runs.items()}
+            for name, seconds in timings.items():
+                same = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["hanlm GPT"])) if a != b),
+                            new_tokens)
+                rows.append({"shape": shape.name, "batch": batch, "model": name, "new_tokens": new_tokens,
+                             "tokens_per_s": batch * new_tokens / seconds, "same_tokens": same,
+                             "hanlm_speedup": timings[name] / timings["hanlm GPT"]})
+        del llama  # llama.cpp maps its file: close it before the directory goes
     return rows

@@ -18,6 +18,7 @@ import numpy as np
 
 from hanlm.atomic import atomic_path
 from hanlm.checkpoint import load_checkpoint, model_of, require_language_model, resolve_served
+from hanlm.config import ModelConfig
 from hanlm.data.tokenizer import BYTE_BASE, BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, ConfigError
 from hanlm.export.hf import RMS_EPS
@@ -77,25 +78,26 @@ def _add_tokenizer(writer, tokenizer: Tokenizer, source: str) -> None:
     writer.add_add_eos_token(False)
 
 
-def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
-    """Write the GPT checkpoint `spec` as one GGUF file `out` with matrices in `dtype`; returns it."""
+def _gguf(dtype: str):
+    """The gguf package, once `dtype` is known to be one it writes."""
     try:
         import gguf
     except ImportError:
         raise ConfigError("--format gguf needs the gguf package: pip install gguf") from None
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: GGUF export writes {', '.join(DTYPES)}")
-    path = resolve_served(spec)
-    ckpt = require_language_model(load_checkpoint(path))
-    if ckpt.config.model.arch != "gpt":
-        raise CheckpointError(f"{path}: cannot export a {ckpt.config.model.arch} model to GGUF: only the gpt "
-                              "architecture has a llama form")
-    m, tokenizer = ckpt.config.model, ckpt.tokenizer
-    weights = {k: v.float().numpy() for k, v in model_of(ckpt).state_dict().items()}
+    return gguf
+
+
+def write_gguf(out: str | Path, weights: dict[str, np.ndarray], m: ModelConfig, tokenizer: Tokenizer,
+               dtype: str = "f32", name: str = "hanlm", source: str = "model") -> Path:
+    """Write a GPT's float32 state dict `weights` (shape `m`, vocabulary `tokenizer`) as one GGUF file
+    `out` with matrices in `dtype`; `source` names the model in errors. Returns `out`."""
+    gguf = _gguf(dtype)
     out = Path(out)
     with atomic_path(out) as tmp:  # a failed export leaves no file that looks finished
         writer = gguf.GGUFWriter(str(tmp), "llama")
-        writer.add_name(Path(path).parent.parent.name or "hanlm")
+        writer.add_name(name)
         writer.add_context_length(m.context_length)
         writer.add_embedding_length(m.n_embd)
         writer.add_block_count(m.n_layer)
@@ -108,17 +110,30 @@ def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
         writer.add_vocab_size(tokenizer.vocab_size)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        _add_tokenizer(writer, tokenizer, path)
-        for name, array in gguf_tensors(weights, m.n_layer, m.tie_embeddings).items():
+        _add_tokenizer(writer, tokenizer, source)
+        for tensor, array in gguf_tensors(weights, m.n_layer, m.tie_embeddings).items():
             if array.ndim == 1 or dtype == "f32":
-                writer.add_tensor(name, array)
+                writer.add_tensor(tensor, array)
             elif dtype == "f16":
-                writer.add_tensor(name, array.astype(np.float16))
+                writer.add_tensor(tensor, array.astype(np.float16))
             else:
                 q8 = gguf.GGMLQuantizationType.Q8_0
-                writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+                writer.add_tensor(tensor, gguf.quants.quantize(array, q8), raw_dtype=q8)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
     return out
+
+
+def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
+    """Write the GPT checkpoint `spec` as one GGUF file `out` with matrices in `dtype`; returns it."""
+    _gguf(dtype)  # before loading: a wrong --dtype fails at once
+    path = resolve_served(spec)
+    ckpt = require_language_model(load_checkpoint(path))
+    if ckpt.config.model.arch != "gpt":
+        raise CheckpointError(f"{path}: cannot export a {ckpt.config.model.arch} model to GGUF: only the gpt "
+                              "architecture has a llama form")
+    weights = {k: v.float().numpy() for k, v in model_of(ckpt).state_dict().items()}
+    return write_gguf(out, weights, ckpt.config.model, ckpt.tokenizer, dtype,
+                      name=Path(path).parent.parent.name or "hanlm", source=str(path))
