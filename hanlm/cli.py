@@ -76,20 +76,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from hanlm.checkpoint import load_for_inference
     from hanlm.generate import Generation, SamplingParams, generate
+    from hanlm.speculative import speculation_from_config
 
     model, cfg, tokenizer = load_for_inference(args.checkpoint, args.device or "cpu")
     params = SamplingParams.from_config(cfg.generate, max_tokens=args.max_tokens, temperature=args.temperature,
                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    speculation = speculation_from_config(cfg.generate, tokenizer, args.speculative, args.draft_model,
+                                          args.draft_tokens)
     result = Generation()
     print(args.prompt, end="", flush=True)
     try:
-        for piece in generate(model, tokenizer, args.prompt, params, result=result):
+        for piece in generate(model, tokenizer, args.prompt, params, result=result, speculation=speculation):
             print(piece, end="", flush=True)
     except ValueError as e:
         raise HanlmError(str(e)) from None
     print()
     if args.verbose:
-        print(f"[{len(result.token_ids)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
+        drafted = ""
+        if speculation is not None:
+            s = speculation.stats
+            drafted = (f", {s.accepted} of {s.proposed} drafted tokens kept ({s.acceptance_rate:.0%}) in {s.steps} "
+                       f"forwards, {s.draft_s * 1000:.0f} ms drafting")
+        print(f"[{len(result.token_ids)} tokens, finish: {result.finish_reason}{drafted}]", file=sys.stderr)
     return 0
 
 
@@ -314,8 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold; 1 = off")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--speculative", choices=["none", "ngram", "prompt"], help="draft tokens for the model to check "
+                   "several per forward: with an n-gram model (--draft-model) or from the prompt and output so far "
+                   "(default: generate.speculative)")
+    p.add_argument("--draft-model", metavar="NGRAM", help="n-gram checkpoint or ARPA file over the same tokenizer, "
+                   "for --speculative ngram")
+    p.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per forward")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
-    p.add_argument("--verbose", "-v", action="store_true", help="report tokens and finish reason on stderr")
+    p.add_argument("--verbose", "-v", action="store_true", help="report tokens, finish reason and drafts kept on "
+                   "stderr")
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("serve", parents=[common], help="serve a checkpoint over an OpenAI-compatible HTTP API",

@@ -228,6 +228,15 @@ class GenerateConfig:
     top_p: float = key(0.95, "Sample from the smallest set of tokens whose probability reaches p.", above=0.0,
                        max=1.0)
     seed: int | None = key(1, "Sampling seed; null for a different sample each time.", min=0)
+    speculative: Literal["none", "ngram", "prompt"] = key(
+        "none", "Speculative decoding: a draft proposes tokens the model checks several per forward (same greedy "
+        "output, same sampling distribution). `ngram`: the greedy continuation of generate.draft_model; `prompt`: "
+        "what followed the last tokens earlier in the prompt or output.")
+    draft_model: str | None = key(None, "For speculative=ngram: an n-gram checkpoint or ARPA file over the model's "
+                                  "tokenizer.")
+    draft_tokens: int = key(4, "Most tokens drafted per forward.", min=1, max=64)
+    draft_adaptive: bool = key(True, "Adapt the draft length: one more after a step that kept every draft, half "
+                               "after one that kept none.")
 
 
 @dataclass

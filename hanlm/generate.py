@@ -7,6 +7,7 @@ token budget or the model's context.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from hanlm.config import GenerateConfig
 from hanlm.data.tokenizer import UNK_CHAR, Tokenizer
 from hanlm.models import LanguageModel
+from hanlm.speculative import DraftLength, Speculation, speculative_tokens
 
 
 @dataclass
@@ -119,11 +121,14 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,
-             use_cache: bool = True, result: Generation | None = None) -> Iterator[str]:
+             use_cache: bool = True, result: Generation | None = None,
+             speculation: Speculation | None = None) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces; `result` collects ids and the finish reason.
 
     With use_cache=False every step re-reads the whole sequence from an empty state: slower,
-    and the reference that the cached path must match.
+    and the reference that the cached path must match. With a `speculation`, its drafter proposes
+    tokens that the model checks several per forward (hanlm.speculative): the same greedy output,
+    the same distribution when sampling; its `stats` count what was kept.
     """
     result = result if result is not None else Generation()
     device = model.device
@@ -142,11 +147,15 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
     stream = TextStream(tokenizer, params.stop)
     try:
         with torch.no_grad():
-            state = model.initial_state(1)
-            logp, state = model.log_probs(torch.tensor([ids], device=device), state)
+            logp, state = model.log_probs(torch.tensor([ids], device=device), model.initial_state(1))
+            if speculation is not None and use_cache:
+                tokens = speculative_tokens(model, ids, logp[:, -1], state, speculation.drafter,
+                                            DraftLength(speculation.k, speculation.adaptive), params, generator,
+                                            limit, speculation.stats)
+            else:
+                tokens = _plain_tokens(model, ids, logp[:, -1], state, params, generator, use_cache)
             result.finish_reason = "length"
-            for _ in range(limit):
-                token = int(sample(logp[:, -1].float(), params, generator))
+            for token in itertools.islice(tokens, limit):
                 if token == tokenizer.eos_id:
                     result.finish_reason = "stop"
                     break
@@ -157,17 +166,27 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
                 if stream.stopped:
                     result.finish_reason = "stop"
                     break
-                if use_cache:
-                    logp, state = model.log_probs(torch.tensor([[token]], device=device), state)
-                else:
-                    full = torch.tensor([ids + result.token_ids], device=device)
-                    logp, _ = model.log_probs(full, model.initial_state(1))
         result.text = stream.text
         piece = stream.finish()
         if piece:
             yield piece
     finally:
         model.train(was_training)
+
+
+def _plain_tokens(model: LanguageModel, ids: list[int], logp: torch.Tensor, state: Any, params: SamplingParams,
+                  generator: torch.Generator | None, use_cache: bool) -> Iterator[int]:
+    """The continuation of `ids` one forward per token, from the model's `logp` (1, V) and `state` after them."""
+    out: list[int] = []
+    while True:
+        token = int(sample(logp.float(), params, generator))
+        yield token
+        out.append(token)
+        if use_cache:
+            logp, state = model.log_probs(torch.tensor([[token]], device=model.device), state)
+        else:
+            logp, _ = model.log_probs(torch.tensor([ids + out], device=model.device), model.initial_state(1))
+        logp = logp[:, -1]
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -60,6 +60,14 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
             advanced.append(state)
         return torch.stack(rows), advanced
 
+    def rewound(self, before: Any, after: Any, tokens: Tensor, keep: int) -> Any:
+        """The state after only the first `keep` of `tokens` (B, T), given the state `before` them and
+        `after` all of them: speculative decoding's rollback past a rejected draft. This default
+        feeds the kept tokens again; models whose state can be cut (the GPT's cache) override it."""
+        if keep == tokens.size(1):
+            return after
+        return before if keep == 0 else self.log_probs(tokens[:, :keep], before)[1]
+
     def token_log_probs(self, x: Tensor, y: Tensor, state: Any) -> Tensor:
         """log p(y[b, t] | state, x[b, :t+1]) for every position, (B, T); 0 where y == -1.
 

@@ -64,6 +64,18 @@ class KVCache:
         store.filled = end
         return store
 
+    def truncated(self, pos: int) -> KVCache:
+        """This cache cut to its first `pos` tokens, and the store's positions after them cleared and free:
+        a rejected draft leaves no stale keys. Caches on this store longer than `pos` are invalid after."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot cut a cache of {self.pos} tokens to {pos}")
+        store = self.store
+        if store.filled > pos:
+            for buffer in (*store.k, *store.v):
+                buffer[:, :, pos:store.filled] = 0
+            store.filled = pos
+        return KVCache(store, pos)
+
 
 def _grown(buffer: Tensor, keep: int, capacity: int) -> Tensor:
     """A (B, H, capacity, hd) buffer that starts with buffer's first `keep` positions."""
@@ -234,6 +246,10 @@ class GPT(LanguageModel):
             h = block(h, rot, (k, v, P))
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         return F.log_softmax(logits.float(), dim=-1), KVCache(store, P + T)
+
+    def rewound(self, before: KVCache, after: KVCache, tokens: Tensor, keep: int) -> KVCache:
+        """`after` cut back to `before` plus `keep` tokens: no recomputation."""
+        return after.truncated(before.pos + keep)
 
     def decode_step(self, tokens: Tensor, states: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
         """One token for each of B sequences with caches of different lengths, in one forward.
