@@ -101,12 +101,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speculation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", choices=["none", "ngram", "prompt"], help="draft tokens for the model to check "
+                   "several per forward: with an n-gram model (--draft-model) or from the prompt and output so far "
+                   "(default: generate.speculative)")
+    p.add_argument("--draft-model", metavar="NGRAM", help="n-gram checkpoint or ARPA file over the same tokenizer, "
+                   "for --speculative ngram (default: generate.draft_model)")
+    p.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per forward (default: "
+                   "generate.draft_tokens)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from hanlm.serve.app import serve
 
-    s = _load(args).serve
+    cfg = _load(args)
+    s = cfg.serve
     api_key = args.api_key or os.environ.get("HANLM_API_KEY") or None
     host = args.host or s.host
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -115,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.checkpoint, host=host, port=args.port or s.port, api_key=api_key, model_name=args.model_name,
           max_batch=args.max_batch or s.max_batch, max_queue=args.max_queue or s.max_queue,
           max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
-          metrics_public=s.metrics_public, device=args.device or "cpu")
+          metrics_public=s.metrics_public, device=args.device or "cpu",
+          draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens))
     return 0
 
 
@@ -322,12 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold; 1 = off")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
-    p.add_argument("--speculative", choices=["none", "ngram", "prompt"], help="draft tokens for the model to check "
-                   "several per forward: with an n-gram model (--draft-model) or from the prompt and output so far "
-                   "(default: generate.speculative)")
-    p.add_argument("--draft-model", metavar="NGRAM", help="n-gram checkpoint or ARPA file over the same tokenizer, "
-                   "for --speculative ngram")
-    p.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per forward")
+    _speculation_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--verbose", "-v", action="store_true", help="report tokens, finish reason and drafts kept on "
                    "stderr")
@@ -348,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, metavar="N", help="sequences decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests before 429 (default: serve.max_queue)")
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")
+    _speculation_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_serve)
 

@@ -63,7 +63,37 @@ def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Gene
     if min(params.temperature, params.top_p) < GREEDY_BELOW:
         return logprobs.argmax(-1)
     logits = filter_logits(logprobs / params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    uniforms = torch.rand(logprobs.size(0), generator=generator, device=logprobs.device)
+    return _inverse_cdf(logits.softmax(-1), uniforms)
+
+
+def sample_rows(logprobs: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """Next tokens for B rows (B, V) that each have their own settings and generator, in a few batched
+    ops (the server samples all its sequences at once): rows with the same settings are filtered
+    together, and each draws its one uniform from its own generator, as `sample` draws it."""
+    out = [0] * len(params)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        picked = logprobs[torch.tensor(rows, device=logprobs.device)]
+        if min(temperature, top_p) < GREEDY_BELOW:
+            tokens = picked.argmax(-1)
+        else:
+            uniforms = torch.cat([torch.rand(1, generator=generators[i], device=logprobs.device) for i in rows])
+            tokens = _inverse_cdf(filter_logits(picked / temperature, top_k, top_p).softmax(-1), uniforms)
+        for i, token in zip(rows, tokens.tolist()):
+            out[i] = token
+    return out
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token of each row (B, V) whose cumulative probability first passes its uniform (B,) in [0, 1):
+    exact sampling, one random number per token, never a token of probability 0."""
+    cdf = probs.cumsum(-1)
+    at = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return at.clamp(max=probs.size(-1) - 1)
 
 
 @dataclass
@@ -153,7 +183,7 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
                                             DraftLength(speculation.k, speculation.adaptive), params, generator,
                                             limit, speculation.stats)
             else:
-                tokens = _plain_tokens(model, ids, logp[:, -1], state, params, generator, use_cache)
+                tokens = plain_tokens(model, ids, logp[:, -1], state, params, generator, use_cache)
             result.finish_reason = "length"
             for token in itertools.islice(tokens, limit):
                 if token == tokenizer.eos_id:
@@ -174,7 +204,7 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
         model.train(was_training)
 
 
-def _plain_tokens(model: LanguageModel, ids: list[int], logp: torch.Tensor, state: Any, params: SamplingParams,
+def plain_tokens(model: LanguageModel, ids: list[int], logp: torch.Tensor, state: Any, params: SamplingParams,
                   generator: torch.Generator | None, use_cache: bool) -> Iterator[int]:
     """The continuation of `ids` one forward per token, from the model's `logp` (1, V) and `state` after them."""
     out: list[int] = []

@@ -23,7 +23,7 @@ def test_gpu_bench_script_runs_the_harness_on_cpu_quick(tmp_path):
     models = {r["model"] for r in data["suites"]["train"]}
     assert models == {"hanlm GPT", "transformers Llama", "transformers GPT-2"}
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in data["suites"]["train"])
-    decode = data["suites"]["generate"]
+    decode = data["suites"]["generate"]["decode"]
     assert {r["batch"] for r in decode} == {1, 8}
     # Every engine decodes the same weights, so greedy tokens agree (a late near-tie may flip one).
     assert all(r["same_tokens"] >= 10 for r in decode if not r["model"].startswith("llama.cpp q8"))
@@ -33,6 +33,10 @@ def test_gpu_bench_script_runs_the_harness_on_cpu_quick(tmp_path):
     report = results.with_suffix(".md").read_text()
     assert "Machine limit" in report and "goal ≥ 75%" in report and "goal ≥ 2.0×" in report
     assert ("llama.cpp f32 decodes" if with_llama else "llama.cpp: not measured") in report
+    speculated = {r["model"]: r for r in data["suites"]["generate"]["speculative"]["rows"]}
+    assert all(r["same_output"] == "4/4" for name, r in speculated.items() if name.startswith("hanlm"))
+    assert 0 <= speculated["hanlm GPT + prompt lookup draft, k = 4"]["acceptance_rate"] <= 1
+    assert "### Speculative decoding" in report and "goal ≥ 2.5×" in report
     assert sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("*.png")) == ["generate.png", "train.png"]
 
 

@@ -109,6 +109,15 @@ def serve_suite(quick: bool) -> list[dict]:
     return serve.server_load(model, cfg, tokenizer, levels, requests, tokens)
 
 
+def generate_suite(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Decode speed on random weights (hanlm, transformers, llama.cpp), then speculative decoding of a
+    trained model (which a draft needs: it is only as good as the model's agreement with it)."""
+    from hanlm.bench import speculative, step
+
+    rows = step.decode_suite(device, quick)
+    return {"decode": rows, "speculative": speculative.speculative_suite(quick) if device.type == "cpu" else None}
+
+
 def missing_peers(suites: list[str]) -> list[str]:
     """The peer packages `suites` need that are not installed."""
     import importlib.util
@@ -124,7 +133,7 @@ def run_suite(name: str, device: str, quick: bool, peak: float) -> Any:
     dev = torch.device(device)
     work: dict[str, Callable[[], Any]] = {
         "train": lambda: step.train_step_suite(dev, peak, quick),
-        "generate": lambda: step.decode_suite(dev, quick),
+        "generate": lambda: generate_suite(dev, quick),
         "data": lambda: data_suite(quick),
         "dist": lambda: dist_suite(quick),
         "ngram": lambda: ngram_suite(quick),
@@ -191,7 +200,10 @@ def _train_md(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def _generate_md(rows: list[dict]) -> list[str]:
+def _generate_md(result: dict[str, Any]) -> list[str]:
+    from hanlm.bench import speculative
+
+    rows = result["decode"]
     lines = ["## Generation (greedy decode)", "",
              "| shape | batch | model | new tokens | tokens/s | hanlm is | same tokens as hanlm |",
              "|---|---|---|---|---|---|---|"]
@@ -205,7 +217,10 @@ def _generate_md(rows: list[dict]) -> list[str]:
     lines += [f"- batch 1: {x['model']} decodes {1 / x['hanlm_speedup']:.2f}× as fast as hanlm" for x in llama]
     if not llama:
         lines.append("- llama.cpp: not measured (CPU only, and it needs the extra: pip install -e '.[llamacpp]')")
-    return [*lines, ""]
+    lines.append("")
+    if result.get("speculative"):
+        lines += ["### Speculative decoding", "", *speculative.markdown(result["speculative"])]
+    return lines
 
 
 def _data_md(rows: list[dict]) -> list[str]:
@@ -237,10 +252,14 @@ def _ngram_md(n: dict[str, Any]) -> list[str]:
 
 
 def _serve_md(rows: list[dict]) -> list[str]:
-    return ["## Serving", "", "| concurrent clients | requests/s | output tokens/s | TTFT mean | ITL mean |",
-            "|---|---|---|---|---|",
-            *(f"| {x['concurrency']} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:,.0f} | "
-              f"{x['ttft_mean_ms']:.0f} ms | {x['itl_mean_ms']:.1f} ms |" for x in rows), ""]
+    from hanlm.bench import serve
+
+    top = rows[-1]
+    gain = top["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return ["## Serving", "", serve.table({"load": rows}),
+            f"- {top['concurrency']} clients received {top['of_ceiling']:.0%} of the engine's batched decode "
+            f"(goal ≥ 70%: {_verdict(top['of_ceiling'], 0.7)}) and {gain:.1f}× one client's tokens/s (goal ≥ 8×: "
+            f"{_verdict(gain, 8.0)})", ""]
 
 
 _SECTIONS: dict[str, Callable[[Any], list[str]]] = {
@@ -272,6 +291,8 @@ def _plots(r: dict[str, Any], stem: Path) -> list[Path]:
     for suite, key, label, group in (("train", "tokens_per_s", "training tokens/s", "shape"),
                                      ("generate", "tokens_per_s", "decode tokens/s", "batch")):
         rows = r["suites"].get(suite)
+        if isinstance(rows, dict):
+            rows = rows["decode"]
         if not rows:
             continue
         groups = list(dict.fromkeys(str(x[group]) for x in rows))

@@ -1,21 +1,23 @@
-"""The model service measured: throughput, TTFT and inter-token latency at 1, 8 and 32 concurrent
-streaming clients (decode speed against transformers is `hanlm bench generate`).
+"""The model service measured: throughput, TTFT, TPOT and inter-token latency at 1, 8 and 32
+concurrent streaming clients, beside the engine's own batched decode ceiling (decode speed against
+transformers is `hanlm bench generate`).
 
-    python -m hanlm.bench.serve [--out bench/results/serve] [--tokens 64] [--requests 32]
+    python -m hanlm.bench.serve [--out bench/results/serve] [--tokens 64] [--requests 32] [--system TEXT]
 
 The model is the `small` GPT shape (4 layers, 256 wide, context 256) over the prepared char
 vocabulary, freshly initialised (speed does not depend on the weights), in fp32 on the CPU. The
-server runs in this process (uvicorn in a thread, `max_batch` 32); the clients are httpx streams
-that time every chunk. Writes results.json and table.md into --out. Needs `pip install hanlm[bench]`.
+server runs in this process (uvicorn in a thread, `max_batch` 32); the clients run in another
+(hanlm.bench.serve_client), httpx streams that time every chunk. Before each level, with the server
+idle, the model's `decode_step` at that batch size is timed alone: the ceiling the clients are
+measured against. Writes results.json and table.md into --out. Needs `pip install hanlm[bench]`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -23,13 +25,12 @@ import time
 import torch
 
 from hanlm.bench import suite_parser
+from hanlm.bench.serve_client import PROMPTS
 from hanlm.config import load_config
 from hanlm.data.prepare import prepare
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.models import build_model
 from hanlm.serve.app import create_app
-
-PROMPTS = ["今天", "中国经济", "人民日报记者", "新华社北京", "改革开放", "科技", "农民", "教育"]
 
 
 def small_model():
@@ -39,43 +40,37 @@ def small_model():
     return build_model(cfg.model, tokenizer.vocab_size).eval(), cfg, tokenizer
 
 
-async def _client(http, prompt: str, tokens: int) -> dict:
-    started = time.perf_counter()
-    stamps = []
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 1.0, "seed": 1, "stream": True}
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    return {"ttft": stamps[0] - started, "itl": gaps, "tokens": len(stamps) - 1, "seconds": stamps[-1] - started}
+def engine_ceiling(model, tokenizer, batch: int, length: int, steps: int = 12) -> float:
+    """Tokens/s of the model's batched `decode_step` alone at `batch` sequences whose caches hold
+    `length` tokens: what the engine could hand out if nothing else took time."""
+    ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(PROMPTS[0])]])
+    with torch.no_grad():
+        _, state = model.log_probs(ids.repeat(1, 1), model.initial_state(1))
+        filler = torch.randint(4, tokenizer.vocab_size, (1, max(length - ids.size(1), 1)))
+        _, state = model.log_probs(filler, state)
+        states = [state] * batch
+        tokens = torch.full((batch,), 5)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            model.decode_step(tokens, states)  # the same caches each time: every step sees `length` tokens
+            times.append(time.perf_counter() - started)
+    return batch / statistics.median(times[2:])
 
 
-async def _load(url: str, concurrency: int, requests: int, tokens: int) -> dict:
-    import httpx
-
-    queue = list(range(requests))
-    results: list[dict] = []
-
-    async def worker(http) -> None:
-        while queue:
-            i = queue.pop()
-            results.append(await _client(http, PROMPTS[i % len(PROMPTS)], tokens))
-
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await _client(http, "预热", 4)  # warm-up
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    itl = [g for r in results for g in r["itl"]]
-    return {"concurrency": concurrency, "requests": requests, "seconds": elapsed,
-            "requests_per_s": requests / elapsed, "tokens_per_s": sum(r["tokens"] for r in results) / elapsed,
-            "ttft_mean_ms": 1000 * statistics.fmean(r["ttft"] for r in results),
-            "ttft_p50_ms": 1000 * statistics.median(r["ttft"] for r in results),
-            "itl_mean_ms": 1000 * statistics.fmean(itl), "itl_p50_ms": 1000 * statistics.median(itl)}
+def _clients(url: str, concurrency: int, requests: int, tokens: int, system: str) -> dict:
+    """The load generator in its own process (hanlm.bench.serve_client); its summary."""
+    done = subprocess.run([sys.executable, "-m", "hanlm.bench.serve_client", url, "--concurrency", str(concurrency),
+                           "--requests", str(requests), "--tokens", str(tokens), "--system", system],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def server_load(model, cfg, tokenizer, levels: list[int], requests: int, tokens: int) -> list[dict]:
+def server_load(model, cfg, tokenizer, levels: list[int], requests: int, tokens: int, system: str = "") -> list[dict]:
+    """Each concurrency level's client-side summary, with the engine's ceiling at that batch size
+    (measured in the same run, while the server is idle) and the share of it the clients received."""
     import uvicorn
 
     with socket.socket() as s:
@@ -87,10 +82,15 @@ def server_load(model, cfg, tokenizer, levels: list[int], requests: int, tokens:
     thread.start()
     while not server.started or app.state.hanlm.loaded is None:
         time.sleep(0.05)
+    length = len(tokenizer.encode(system + PROMPTS[0])) + 1 + tokens // 2  # a typical cache mid-request
     try:
         out = []
         for c in levels:
-            out.append(asyncio.run(_load(f"http://127.0.0.1:{port}", c, max(requests, c), tokens)))
+            with app.state.hanlm.loaded.engine.lock:
+                ceiling = engine_ceiling(model, tokenizer, c, length)
+            level = _clients(f"http://127.0.0.1:{port}", c, max(requests, c), tokens, system)
+            level |= {"engine_ceiling_tokens_per_s": ceiling, "of_ceiling": level["tokens_per_s"] / ceiling}
+            out.append(level)
             print(json.dumps(out[-1]), flush=True)
         return out
     finally:
@@ -103,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request (default 64)")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients (default 1,8,32)")
+    parser.add_argument("--system", default="", help="a prefix every prompt shares (a system prompt)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model, cfg, tokenizer = small_model()
-    levels = server_load(model, cfg, tokenizer, [int(c) for c in args.levels.split(",")], args.requests, args.tokens)
+    levels = server_load(model, cfg, tokenizer, [int(c) for c in args.levels.split(",")], args.requests, args.tokens,
+                         args.system)
     results = {"command": "python -m hanlm.bench.serve " + " ".join(argv or sys.argv[1:]),
                "load": levels, "threads": torch.get_num_threads()}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -116,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(r: dict) -> str:
+    """The levels side by side: throughput against one client and against the engine's ceiling, then the
+    latencies as mean / p50 / p99."""
     base = r["load"][0]
-    lines = [("| concurrent clients | requests/s | output tokens/s | vs 1 client | TTFT mean (p50) | "
-              "inter-token latency mean (p50) |"), "|---|---|---|---|---|---|"]
+    lines = [("| clients | requests/s | output tokens/s | vs 1 client | engine ceiling | reached | failed | "
+              "TTFT ms mean / p50 / p99 | TPOT ms mean / p50 / p99 | ITL ms mean / p50 / p99 |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["load"]:
-        lines.append(f"| {x['concurrency']} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:,.0f} | "
-                     f"{x['tokens_per_s'] / base['tokens_per_s']:.1f}× | {x['ttft_mean_ms']:.0f} ms "
-                     f"({x['ttft_p50_ms']:.0f}) | {x['itl_mean_ms']:.1f} ms ({x['itl_p50_ms']:.1f}) |")
+        lines.append(
+            f"| {x['concurrency']} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:,.0f} | "
+            f"{x['tokens_per_s'] / base['tokens_per_s']:.1f}× | {x['engine_ceiling_tokens_per_s']:,.0f} | "
+            f"{x['of_ceiling']:.0%} | {x['failed']} | " + " | ".join(
+                f"{x[f'{m}_mean_ms']:.1f} / {x[f'{m}_p50_ms']:.1f} / {x[f'{m}_p99_ms']:.1f}"
+                for m in ("ttft", "tpot", "itl")) + " |")
     return "\n".join(lines) + "\n"
 
 

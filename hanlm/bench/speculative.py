@@ -11,6 +11,7 @@ on the same prepared data (seconds). Every speculative run's tokens are compared
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -21,8 +22,8 @@ import torch
 from hanlm.bench import suite_parser
 from hanlm.checkpoint import load_for_inference, resolve_served
 from hanlm.config import load_config
-from hanlm.generate import Generation, SamplingParams, generate, prompt_ids
-from hanlm.speculative import DraftStats, NGramDraft, PromptLookup, Speculation
+from hanlm.generate import SamplingParams, plain_tokens, prompt_ids
+from hanlm.speculative import DraftLength, DraftStats, NGramDraft, PromptLookup, Speculation, speculative_tokens
 
 PROMPTS = ["中国经济", "人民日报记者", "新华社北京１月１日电", "改革开放"]
 DEMO = "runs/default"
@@ -34,10 +35,10 @@ def trained_model(quick: bool, workdir: Path) -> str:
 
     if not quick and (Path(DEMO) / "checkpoints").is_dir():
         return DEMO
-    steps = 30 if quick else 400
-    cfg = load_config("tiny" if quick else None, [f"train.run_dir={workdir / 'gpt'}", f"train.max_steps={steps}",
-                                                  "log.tensorboard=false",
-                                                  "log.progress=false", "log.peak_tflops=0.1"])
+    steps = 3 if quick else 400
+    cfg = load_config("tiny" if quick else None, [
+        f"train.run_dir={workdir / 'gpt'}", f"train.max_steps={steps}", "log.tensorboard=false", "log.progress=false",
+        "log.peak_tflops=0.1", *(["train.warmup_steps=1"] if quick else [])])
     return str(Trainer(cfg, echo=lambda _: None).run().run_dir)
 
 
@@ -52,19 +53,27 @@ def ngram_draft(checkpoint: str, workdir: Path, order: int = 5) -> NGramDraft:
 
 
 def _decode(model, tokenizer, prompt: str, tokens: int, speculation: Speculation | None) -> tuple[list[int], float]:
-    result = Generation()
+    """Exactly `tokens` greedy tokens after the prompt — past an `<eos>` too, as transformers does without an
+    eos id — through generate's own token loops (plain or speculative), without detokenizing."""
+    ids = prompt_ids(tokenizer, prompt)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0)
     started = time.perf_counter()
-    "".join(generate(model, tokenizer, prompt, SamplingParams(max_tokens=tokens, temperature=0.0), result=result,
-                     speculation=speculation))
-    return result.token_ids, time.perf_counter() - started
+    logp, state = model.log_probs(torch.tensor([ids]), model.initial_state(1))
+    if speculation is None:
+        stream = plain_tokens(model, ids, logp[:, -1], state, params, None, True)
+    else:
+        stream = speculative_tokens(model, ids, logp[:, -1], state, speculation.drafter,
+                                    DraftLength(speculation.k, speculation.adaptive), params, None, tokens,
+                                    speculation.stats)
+    out = list(itertools.islice(stream, tokens))
+    return out, time.perf_counter() - started
 
 
 def _transformers(model, tokenizer, prompt: str, tokens: int, lookup: int | None) -> tuple[list[int], float]:
     ids = torch.tensor([prompt_ids(tokenizer, prompt)])
     extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
     started = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
-                         pad_token_id=tokenizer.pad_id, **extra)
+    out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_id, **extra)
     return out[0, ids.size(1):].tolist(), time.perf_counter() - started
 
 
@@ -86,6 +95,8 @@ def speculative_suite(quick: bool, checkpoint: str | None = None, tokens: int | 
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(export_hf(checkpoint, work / "hf"))).eval()
+        # Greedy, and past <eos> like hanlm's loops: the export's generation_config samples and stops at <eos>.
+        hf.generation_config.update(eos_token_id=None, do_sample=False, temperature=None, top_k=None, top_p=None)
     runs = {"hanlm GPT": lambda p: _decode(model, tokenizer, p, tokens, None)}
     stats = {}
     for name, drafter in drafts.items():

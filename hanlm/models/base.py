@@ -60,6 +60,16 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
             advanced.append(state)
         return torch.stack(rows), advanced
 
+    def decode_steps(self, tokens: Tensor, states: list[Any]) -> tuple[Tensor, list[Any]]:
+        """T new tokens (B, T) for each of B independent sequences: log-probabilities after each
+        (B, T, V) and the states advanced by T. This default runs the sequences one by one."""
+        rows, advanced = [], []
+        for row, state in zip(tokens, states):
+            logp, state = self.log_probs(row.view(1, -1), state)
+            rows.append(logp[0])
+            advanced.append(state)
+        return torch.stack(rows), advanced
+
     def rewound(self, before: Any, after: Any, tokens: Tensor, keep: int) -> Any:
         """The state after only the first `keep` of `tokens` (B, T), given the state `before` them and
         `after` all of them: speculative decoding's rollback past a rejected draft. This default

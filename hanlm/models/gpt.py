@@ -252,31 +252,41 @@ class GPT(LanguageModel):
         return after.truncated(before.pos + keep)
 
     def decode_step(self, tokens: Tensor, states: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
-        """One token for each of B sequences with caches of different lengths, in one forward.
+        """One token for each of B sequences with caches of different lengths, in one forward:
+        `decode_steps` with T = 1, the next-token log-probabilities (B, V)."""
+        logp, advanced = self.decode_steps(tokens.view(-1, 1), states)
+        return logp[:, -1], advanced
 
-        The caches are padded to the longest (L) in one batch buffer, the new token's key and
-        value go at position L of every row, and a mask hides each row's padding; rotary positions
-        are per row. Each sequence keeps its own cache: the new key and value are then written
-        into its own store."""
-        B = len(states)
+    def decode_steps(self, tokens: Tensor, states: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
+        """T tokens (B, T) for each of B sequences with caches of different lengths, in one forward:
+        log-probabilities after each (B, T, V) and the caches advanced by T (speculative decoding
+        checks drafts this way, then cuts each row's cache back to what it kept).
+
+        The caches are padded to the longest (L) in one batch buffer, the new tokens' keys and
+        values go at positions L … L + T − 1 of every row, and a mask hides each row's padding (and
+        the new tokens after each query); rotary positions are per row. Each sequence keeps its own
+        cache: the new keys and values are then written into its own store."""
+        B, T = tokens.shape
         lengths = torch.tensor([s.pos for s in states], device=tokens.device)
         L = int(lengths.max())
-        self._check_length(L + 1, f"the cached {L} plus 1 new token")
-        rot = self._rotations(lengths.view(B, 1))  # (B, 1, 1, 1, head_dim / 2)
-        slots = torch.arange(L + 1, device=tokens.device)
-        mask = ((slots < lengths[:, None]) | (slots == L)).view(B, 1, 1, L + 1)
-        stores = [s.room(1, self.context_length) for s in states]
-        h = self.tok_emb(tokens.view(B, 1))
+        self._check_length(L + T, f"the cached {L} plus {T} new tokens")
+        offsets = torch.arange(T, device=tokens.device)
+        rot = self._rotations(lengths.view(B, 1) + offsets)  # (B, T, 1, 1, head_dim / 2)
+        slots = torch.arange(L + T, device=tokens.device)
+        mask = (slots < lengths.view(B, 1, 1)) | ((slots >= L) & (slots <= L + offsets.view(1, T, 1)))
+        mask = mask.view(B, 1, T, L + T)
+        stores = [s.room(T, self.context_length) for s in states]
+        h = self.tok_emb(tokens)
         for i, block in enumerate(self.blocks):
             cached = [s.layer(i) for s in states]
-            k = torch.cat([F.pad(k, (0, 0, 0, L + 1 - s.pos)) for s, (k, _) in zip(states, cached)])
-            v = torch.cat([F.pad(v, (0, 0, 0, L + 1 - s.pos)) for s, (_, v) in zip(states, cached)])
-            h = block(h, rot, (k, v, L), mask)  # k, v: (B, H, L + 1, hd), the new token's at L
+            k = torch.cat([F.pad(k, (0, 0, 0, L + T - s.pos)) for s, (k, _) in zip(states, cached)])
+            v = torch.cat([F.pad(v, (0, 0, 0, L + T - s.pos)) for s, (_, v) in zip(states, cached)])
+            h = block(h, rot, (k, v, L), mask)  # k, v: (B, H, L + T, hd), the new tokens' at L …
             for b, (s, store) in enumerate(zip(states, stores)):
-                store.k[i][0, :, s.pos] = k[b, :, L]
-                store.v[i][0, :, s.pos] = v[b, :, L]
-        logp = F.log_softmax(self.lm_head(self.norm(h))[:, -1].float(), dim=-1)  # (B, V)
-        return logp, [KVCache(store, s.pos + 1) for s, store in zip(states, stores)]
+                store.k[i][0, :, s.pos:s.pos + T] = k[b, :, L:]
+                store.v[i][0, :, s.pos:s.pos + T] = v[b, :, L:]
+        logp = F.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)  # (B, T, V)
+        return logp, [KVCache(store, s.pos + T) for s, store in zip(states, stores)]
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 × (non-embedding parameters + head) + 12 · n_layer · n_embd · seq_len.

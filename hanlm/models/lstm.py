@@ -57,11 +57,16 @@ class LSTMLM(LanguageModel):
         return F.log_softmax(self.lm_head(h).float(), dim=-1), state
 
     def decode_step(self, tokens: Tensor, states: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list]:
-        """One token for each of B sequences in one LSTM call: their (h, c) stacked on the batch axis."""
+        """One token for each of B sequences in one LSTM call: `decode_steps` with T = 1."""
+        logp, advanced = self.decode_steps(tokens.view(-1, 1), states)
+        return logp[:, -1], advanced
+
+    def decode_steps(self, tokens: Tensor, states: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list]:
+        """T tokens (B, T) for each of B sequences in one LSTM call: their (h, c) stacked on the batch axis."""
         h = torch.cat([s[0] for s in states], dim=1)
         c = torch.cat([s[1] for s in states], dim=1)
-        out, (h, c) = self._features(tokens.view(-1, 1), (h, c))
-        return (F.log_softmax(self.lm_head(out[:, -1]).float(), dim=-1),
+        out, (h, c) = self._features(tokens, (h, c))
+        return (F.log_softmax(self.lm_head(out).float(), dim=-1),
                 [(h[:, b:b + 1], c[:, b:b + 1]) for b in range(len(states))])
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -58,6 +58,7 @@ from hanlm.serve.protocol import (
     TokenizeRequest,
 )
 from hanlm.serve.streaming import CLIENT_GONE, ClientGone
+from hanlm.speculative import Speculation, speculation_from_config
 
 # The rest of a body that was not read (too big, too slow) would be taken for the next request.
 _CLOSING_STATUSES = (408, 413)
@@ -286,8 +287,10 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
 
 def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, model_name: str,
                api_key: str | None = None, max_batch: int = 16, max_queue: int = 256, max_body_bytes: int = 1 << 20,
-               max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False) -> FastAPI:
+               max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
+               speculation: Callable[[Tokenizer], Speculation | None] | None = None) -> FastAPI:
     """The app; `load` runs in a background thread at startup (/health says 503 until it is done).
+    `speculation` makes the engine's drafter for the loaded tokenizer (None: no speculative decoding).
 
     `app.state.hanlm.loaded` is the model and engine once loaded (None before)."""
     s = _Service(model_name, Metrics(), max_body_bytes, max_json_depth, body_timeout_s)
@@ -297,7 +300,8 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
             model, cfg, tokenizer = load()
             engine = None
             if cfg.model.task == "lm":
-                engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=s.metrics)
+                engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=s.metrics,
+                                speculation=speculation(tokenizer) if speculation else None)
                 engine.start()
             s.loaded = Loaded(model, cfg, tokenizer, engine)
         except Exception as e:  # reported by /health and every API call
@@ -322,8 +326,9 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
 
 def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_body_bytes: int, max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
-          model_name: str | None = None, device: str = "cpu") -> None:
-    """Run the server until interrupted; the model loads while it already answers /health."""
+          model_name: str | None = None, device: str = "cpu", draft: tuple | None = None) -> None:
+    """Run the server until interrupted; the model loads while it already answers /health. `draft`:
+    speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k)."""
     import uvicorn
 
     from hanlm.checkpoint import ARPA_SUFFIXES, load_for_inference, resolve_served
@@ -340,6 +345,17 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
     app = create_app(lambda: load_for_inference(path, device, tasks=("lm", "classify", "tag")),
                      model_name=model_name or default_name, api_key=api_key, max_batch=max_batch,
                      max_queue=max_queue, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
-                     body_timeout_s=body_timeout_s, metrics_public=metrics_public)
+                     body_timeout_s=body_timeout_s, metrics_public=metrics_public,
+                     speculation=_drafts(*draft) if draft else None)
     # Ctrl-C: finish what can finish in a few seconds, then cancel the rest (whose generations stop).
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def _drafts(g, mode: str | None, draft_model: str | None, k: int | None) -> Callable[[Tokenizer], Speculation | None]:
+    """The engine's speculation, made once the tokenizer is loaded; a wrong draft model fails here, first."""
+    from hanlm.checkpoint import resolve_served
+
+    path = draft_model or g.draft_model
+    if (mode or g.speculative) == "ngram" and path and not path.endswith(".arpa"):
+        resolve_served(path)  # a missing or empty path stops the command before the server starts
+    return lambda tokenizer: speculation_from_config(g, tokenizer, mode, draft_model, k)

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.generate import SamplingParams, TextStream, sample
+from hanlm.generate import SamplingParams, TextStream, sample, sample_rows
 from hanlm.models.base import LanguageModel
 from hanlm.serve.metrics import Metrics
+from hanlm.speculative import DraftLength, Speculation, accept
 
 
 class QueueFull(Exception):
@@ -83,19 +84,23 @@ class _Sequence:
     limit: int
     generated: int = 0
     last_emit: float = 0.0
+    pending: int | None = None  # speculating: the last emitted token, which the state does not hold yet
+    draft: DraftLength | None = None
 
 
 class Engine:
     """Continuous batching over one model; `start()` launches the worker thread."""
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 256,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, speculation: Speculation | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
+        self.speculation = speculation  # its drafter serves every sequence; each has its own draft length
         self.lock = threading.Lock()  # held while the model computes: the worker's steps, /v1/score
         self._waiting: deque[Request] = deque()
         self._running: list[_Sequence] = []
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._work, name="hanlm-engine", daemon=True)
@@ -139,11 +144,12 @@ class Engine:
             try:
                 with self.lock, torch.no_grad():
                     self._admit()
-                    self._step()
+                    self._step() if self.speculation is None else self._speculative_step()
             except Exception as e:  # a model failure ends the affected requests, not the server
                 for seq in self._running:
                     self._send(seq.request, ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
                 self._running.clear()
+            self._flush()
             self.metrics.running.set(len(self._running))
 
     def _admit(self) -> None:
@@ -177,43 +183,100 @@ class Engine:
             generator = None
             if seed is not None:
                 generator = torch.Generator(device=self.model.device).manual_seed(seed + i)
+            draft = None if self.speculation is None else DraftLength(self.speculation.k, self.speculation.adaptive)
             self._running.append(_Sequence(request, request.first_index + i, state, logp[0, -1], generator,
-                                           TextStream(self.tokenizer, request.params.stop), limit))
+                                           TextStream(self.tokenizer, request.params.stop), limit, draft=draft))
 
     def _step(self) -> None:
         """Sample a token for every running sequence, then advance those that continue."""
         continuing: list[_Sequence] = []
-        for seq in self._running:
-            if seq.request.cancelled.is_set():
-                self.metrics.cancelled.inc()
-                continue
-            if seq.limit <= 0:
-                self._finish(seq, "length")
-                continue
-            logp = seq.logp.float()
-            token = int(sample(logp[None], seq.request.params, seq.generator)[0])
-            if token == self.tokenizer.eos_id:
-                self._finish(seq, "stop")
-                continue
-            seq.generated += 1
-            top = None
-            if seq.request.top_logprobs:
-                values, ids = logp.topk(seq.request.top_logprobs)
-                top = dict(zip(ids.tolist(), values.tolist()))
-            self._send(seq.request, TokenEvent(seq.index, seq.stream.push(token), token, float(logp[token]), top))
-            self._observe(seq)
-            if seq.stream.stopped:
-                self._finish(seq, "stop")
-            elif seq.generated >= seq.limit:
-                self._finish(seq, "length")
-            else:
-                continuing.append(seq)
+        live = self._live()
+        if live:
+            rows = torch.stack([s.logp for s in live]).float()
+            tokens = sample_rows(rows, [s.request.params for s in live], [s.generator for s in live])
+            continuing = [seq for seq, token, logp in zip(live, tokens, rows) if self._emit(seq, token, logp)]
         self._running = continuing
         if continuing:
             tokens = torch.tensor([s.stream.ids[-1] for s in continuing], device=self.model.device)
             logp, states = self.model.decode_step(tokens, [s.state for s in continuing])
             for seq, row, state in zip(continuing, logp, states):
                 seq.logp, seq.state = row, state
+
+    def _speculative_step(self) -> None:
+        """Every running sequence's pending token and its drafts in one `decode_steps`; each row keeps
+        the drafts the rule accepts (hanlm.speculative), emits them and one token of the model's, and
+        has its state cut back to them."""
+        rows: list[_Sequence] = []
+        for seq in self._live():
+            if seq.pending is None:  # just prefilled: its first token comes from the prompt's distribution
+                logp = seq.logp.float()
+                token = int(sample(logp[None], seq.request.params, seq.generator)[0])
+                if not self._emit(seq, token, logp):
+                    continue
+                seq.pending = token
+            rows.append(seq)
+        self._running = rows
+        if not rows:
+            return
+        # The batch shares one width, so no row's padded tokens may pass its context; its own drafts stay
+        # within its token budget.
+        context = self.model.context_length
+        shared = min(context - len(s.request.prompt_ids) - s.generated for s in rows) if context else 1 << 30
+        started = time.perf_counter()
+        drafts = []
+        for s in rows:
+            room = min(s.draft.k, shared, s.limit - s.generated - 1)
+            drafts.append(self.speculation.drafter.propose(s.request.prompt_ids + s.stream.ids, room)
+                          if room > 0 else [])
+        self.metrics.draft_seconds.inc(time.perf_counter() - started)
+        width = 1 + max(len(d) for d in drafts)
+        tokens = torch.tensor([[s.pending, *d, *[s.pending] * (width - 1 - len(d))] for s, d in zip(rows, drafts)],
+                              device=self.model.device)
+        logp, after = self.model.decode_steps(tokens, [s.state for s in rows])
+        continuing: list[_Sequence] = []
+        for b, (seq, draft) in enumerate(zip(rows, drafts)):
+            out = accept(logp[b, :len(draft) + 1], draft, seq.request.params, seq.generator)
+            kept = len(out) - 1
+            seq.state = self.model.rewound(seq.state, after[b], tokens[b:b + 1], kept + 1)
+            seq.draft.update(len(draft), kept)
+            self.metrics.draft_tokens.inc(len(draft))
+            self.metrics.draft_accepted.inc(kept)
+            if all(self._emit(seq, token, logp[b, i].float()) for i, token in enumerate(out)):
+                seq.pending = out[-1]
+                continuing.append(seq)
+        self._running = continuing
+
+    def _live(self) -> list[_Sequence]:
+        """The running sequences still wanted; those cancelled or out of tokens leave (finished)."""
+        live = []
+        for seq in self._running:
+            if seq.request.cancelled.is_set():
+                self.metrics.cancelled.inc()
+            elif seq.limit <= 0:
+                self._finish(seq, "length")
+            else:
+                live.append(seq)
+        return live
+
+    def _emit(self, seq: _Sequence, token: int, logp: torch.Tensor) -> bool:
+        """Send `token` (sampled from `logp`) to the client, or finish the sequence on it; whether it goes on."""
+        if token == self.tokenizer.eos_id:
+            self._finish(seq, "stop")
+            return False
+        seq.generated += 1
+        top = None
+        if seq.request.top_logprobs:
+            values, ids = logp.topk(seq.request.top_logprobs)
+            top = dict(zip(ids.tolist(), values.tolist()))
+        self._send(seq.request, TokenEvent(seq.index, seq.stream.push(token), token, float(logp[token]), top))
+        self._observe(seq)
+        if seq.stream.stopped:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.limit:
+            self._finish(seq, "length")
+        else:
+            return True
+        return False
 
     def _observe(self, seq: _Sequence) -> None:
         now = time.monotonic()
@@ -228,5 +291,18 @@ class Engine:
         self._send(seq.request, FinishEvent(seq.index, reason, seq.generated, seq.stream.finish()))
 
     def _send(self, request: Request, event: object) -> None:
-        if request.loop is not None and not request.loop.is_closed():
-            request.loop.call_soon_threadsafe(request.events.put_nowait, event)
+        """Hold `event` for `request` until the step ends (`_flush`)."""
+        if request.loop is not None:
+            self._outbox.setdefault(request.loop, []).append((request.events, event))
+
+    def _flush(self) -> None:
+        """Hand the step's events to each event loop in one call: one wake-up per loop and step, not per token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, events in outbox.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, events)
+
+
+def _deliver(events: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in events:
+        queue.put_nowait(event)

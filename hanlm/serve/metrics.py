@@ -25,6 +25,9 @@ class Metrics:
         self.generation_tokens = Counter("hanlm_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("hanlm_requests", "HTTP requests to the API by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+        self.draft_tokens = Counter("hanlm_draft_tokens", "Tokens drafted for speculative decoding", registry=r)
+        self.draft_accepted = Counter("hanlm_draft_accepted_tokens", "Drafted tokens the model kept", registry=r)
+        self.draft_seconds = Counter("hanlm_draft_seconds", "Seconds spent drafting", registry=r)
         self.cancelled = Counter("hanlm_sequences_cancelled", "Sequences dropped because the client went away",
                                  registry=r)
 
