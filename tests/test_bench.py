@@ -54,6 +54,9 @@ def test_the_other_suites_run_quick_and_report_their_tables(tmp_path, capsys):
     assert ngram["build"]["order"] == 3 and 4 < ngram["build"]["bpc"] < 8
     assert ngram["query"]["kenlm_sentence_per_s"] > 0 and ngram["nltk"]["nltk_per_s"] > 0
     assert [level["concurrency"] for level in suites["serve"]] == [1, 8]
+    for level in suites["serve"]:  # the clients ran in their own process and every request finished
+        assert level["failed"] == 0 and level["engine_ceiling_tokens_per_s"] > 0 and 0 < level["of_ceiling"]
+        assert level["ttft_p50_ms"] <= level["ttft_p99_ms"] and level["tpot_mean_ms"] > 0
     report = results.with_suffix(".md").read_text()
     for heading in ("## Data preparation", "## Distributed", "## n-gram", "## Serving"):
         assert heading in report

@@ -171,6 +171,32 @@ def test_scoring_targets_equals_picking_from_the_full_distribution(model5, corpu
     assert state.shape == (1, model.order - 1)
 
 
+def test_targets_that_are_not_the_next_input_are_scored_from_the_distribution_too(model5, corpus):
+    model, _ = model5
+    tok, _, val_docs = corpus
+    ids = tok.encode_documents(val_docs[5:8])
+    x = torch.tensor(ids[None, :-1])
+    y = torch.from_numpy(np.random.default_rng(0).integers(0, tok.vocab_size, x.shape))  # not x shifted
+    y[0, ::7] = -1
+    full, _ = model.log_probs(x, model.initial_state(1))
+    picked = full.double().gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(y < 0, 0.0)
+    assert torch.allclose(model.token_log_probs(x, y, model.initial_state(1)), picked, atol=1e-5)
+
+
+def test_a_batch_decodes_in_one_step_as_each_row_alone(model5, corpus):
+    model, _ = model5
+    tok, _, val_docs = corpus
+    prefixes = [[], tok.encode(val_docs[0])[:1], tok.encode(val_docs[1])[:9], [3], tok.encode(val_docs[2])[:3]]
+    states = [model.log_probs(torch.tensor([p]), model.initial_state(1))[1] if p else model.initial_state(1)
+              for p in prefixes]
+    tokens = torch.tensor([3, 17, 25, 40, 9])
+    logp, advanced = model.decode_step(tokens, states)
+    for b, state in enumerate(states):
+        alone, after = model.log_probs(tokens[b].view(1, 1), state)
+        assert torch.allclose(logp[b], alone[0, -1], atol=1e-6)
+        assert np.array_equal(advanced[b], after)
+
+
 def test_pruning_drops_rare_ngrams_and_keeps_a_normalised_model(corpus):
     tok, train, _ = corpus
     full, _ = estimate(train, tok.vocab_size, 4)

@@ -116,17 +116,20 @@ class NGramLM(LanguageModel):
         if k == 1:
             return words.copy()
         keys = self.keys[k]
-        q = prefix * self.vocab_size + words
+        out = np.full(len(words), -1, dtype=np.int64)
+        has = np.flatnonzero(prefix >= 0)  # a missing prefix has no extensions: search only the others
+        q = prefix[has] * self.vocab_size + words[has]
         pos = np.searchsorted(keys, q)
-        found = (prefix >= 0) & (pos < len(keys))
+        found = pos < len(keys)
         found[found] = keys[pos[found]] == q[found]
-        return np.where(found, pos, -1)
+        out[has[found]] = pos[found]
+        return out
 
-    def _contexts(self, seq: np.ndarray) -> list[np.ndarray]:
+    def _contexts(self, seq: np.ndarray, longest: int | None = None) -> list[np.ndarray]:
         """For each position p of a context-form sequence, the index of the j-gram ending at p,
-        for j = 1 … order−1 (list entry j−1; −1 where that n-gram is not in the model)."""
+        for j = 1 … longest (default order−1; list entry j−1; −1 where that n-gram is not in the model)."""
         out: list[np.ndarray] = []
-        for j in range(1, self.order):
+        for j in range(1, (self.order - 1 if longest is None else longest) + 1):
             prev = np.concatenate([[-1], out[-1][:-1]]) if out else None
             out.append(self._find(j, prev, seq))
         return out
@@ -138,14 +141,25 @@ class NGramLM(LanguageModel):
 
     def _score(self, history: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """log10 p(y[t] | history + x[:t+1]) for one sequence; y == −1 scores 0."""
-        seq = self._context_form(np.concatenate([history, x]))
-        ctx = [c[len(history):] for c in self._contexts(seq)]  # ctx[j-1]: the j-word context before y
+        h = len(history)
         target = np.where(y >= 0, y, UNK)
         target = np.where(self.known[np.clip(target, 0, self.vocab_size - 1)] & (target < self.vocab_size), target, UNK)
+        # A stream (y is x shifted by one, as in evaluation) holds every target n-gram as the n-gram
+        # ending one position later: one lookup per order instead of two. Only an `<eos>` target differs
+        # (as a context it reads `<s>`), so those few are looked up as targets.
+        stream = len(x) > 0 and bool((y >= 0).all()) and np.array_equal(x[1:], y[:-1])
+        seq = self._context_form(np.concatenate([history, x, y[-1:]] if stream else [history, x]))
+        grams = self._contexts(seq, self.order if stream else None)
+        ctx = [c[h:h + len(x)] for c in grams[:self.order - 1]]  # ctx[j-1]: the j-word context before y
+        ends = np.flatnonzero(target == EOS) if stream else None
         score = self.uni_logp[target].copy()
         matched = np.ones(len(y), dtype=np.int64)
         for k in range(2, self.order + 1):
-            idx = self._find(k, ctx[k - 2], target)
+            if stream:
+                idx = grams[k - 1][h + 1:h + 1 + len(x)].copy()
+                idx[ends] = self._find(k, ctx[k - 2][ends], target[ends])
+            else:
+                idx = self._find(k, ctx[k - 2], target)
             hit = idx >= 0
             score[hit] = self.logp[k][idx[hit]]
             matched[hit] = k
@@ -195,6 +209,23 @@ class NGramLM(LanguageModel):
             ctx = [c[len(state[b]):] for c in self._contexts(seq)]
             out[b] = self._distributions(ctx).float()
         return out, self._advance(state, t)
+
+    def decode_step(self, tokens: Tensor, states: list[np.ndarray]) -> tuple[Tensor, list[np.ndarray]]:
+        """One token for each of B sequences, in one vectorised pass: every row's context (at most
+        order − 1 tokens, left-padded with −1, which no n-gram holds) in one grid, its n-gram indices
+        found for all rows at once, then all B distributions together."""
+        t = tokens.cpu().numpy().reshape(-1, 1)
+        B, h = len(states), self.order - 1
+        advanced = [self._advance(state, t[b:b + 1]) for b, state in enumerate(states)]
+        if h == 0:
+            return self._distributions([]).float().expand(B, -1), advanced
+        grid = np.full((B, h), -1, dtype=np.int64)
+        for b, state in enumerate(states):
+            row = self._context_form(np.concatenate([state[0], t[b]]))[-h:]
+            grid[b, h - len(row):] = row
+        # Flattened, a row's n-grams of at most h tokens ending at its last position stay inside the row.
+        ctx = [c.reshape(B, h)[:, -1] for c in self._contexts(grid.ravel())]
+        return self._distributions(ctx).float(), advanced
 
     def _distributions(self, ctx: list[np.ndarray]) -> Tensor:
         """(P, V) float64 log-probabilities for P positions with contexts `ctx` (see `_contexts`):
