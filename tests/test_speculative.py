@@ -21,8 +21,11 @@ PROMPTS = ["中国经济", "今天", "人民日报记者", "新华社北京１�
            "江泽民", "国务院"]
 
 
-def lively(model):
-    """Random weights scaled up so that greedy text wanders instead of repeating one character."""
+def lively_model(arch: str, vocab_size: int, seed: int):
+    """A tiny untied model whose random weights are scaled up, so that greedy text wanders instead of
+    repeating one character."""
+    torch.manual_seed(seed)
+    model = build_model(load_config("tiny", [f"model.arch={arch}", "model.tie_embeddings=false"]).model, vocab_size)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
@@ -61,9 +64,7 @@ def greedy(model, tokenizer, prompt, speculation=None, max_tokens=40):
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_speculative_greedy_output_is_plain_greedy_output(vocab, arch):
     tokenizer, ngram = vocab
-    torch.manual_seed(0)
-    model = lively(build_model(load_config("tiny", [f"model.arch={arch}", "model.tie_embeddings=false"]).model,
-                                tokenizer.vocab_size))
+    model = lively_model(arch, tokenizer.vocab_size, seed=0)
     kept = Counter()
     for prompt in PROMPTS if arch == "gpt" else PROMPTS[:4]:
         plain = greedy(model, tokenizer, prompt)
@@ -84,8 +85,7 @@ def test_speculative_greedy_output_is_plain_greedy_output(vocab, arch):
 
 def test_a_draft_that_is_always_right_takes_fewer_forwards(vocab):
     tokenizer, _ = vocab
-    torch.manual_seed(0)
-    model = lively(build_model(load_config("tiny", ["model.tie_embeddings=false"]).model, tokenizer.vocab_size))
+    model = lively_model("gpt", tokenizer.vocab_size, seed=0)
     plain = greedy(model, tokenizer, "中国经济", max_tokens=41)
 
     class Perfect(Oracle):
@@ -275,9 +275,7 @@ def engine_tokens(model, tokenizer, speculation, prompts, budgets):
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_the_batched_engine_speculates_per_row_and_gives_plain_greedy_output(vocab, arch):
     tokenizer, ngram = vocab
-    torch.manual_seed(1)
-    model = lively(build_model(load_config("tiny", [f"model.arch={arch}", "model.tie_embeddings=false"]).model,
-                               tokenizer.vocab_size))
+    model = lively_model(arch, tokenizer.vocab_size, seed=1)
     prompts = PROMPTS[:6] if arch == "gpt" else PROMPTS[:3]
     budgets = [30, 7, 25, 1, 30, 12][:len(prompts)]  # rows end at different steps, one after its first token
     wanted = [greedy(model, tokenizer, p, max_tokens=n).token_ids for p, n in zip(prompts, budgets)]
