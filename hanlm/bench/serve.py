@@ -45,7 +45,7 @@ def engine_ceiling(model, tokenizer, batch: int, length: int, steps: int = 12) -
     `length` tokens: what the engine could hand out if nothing else took time."""
     ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(PROMPTS[0])]])
     with torch.no_grad():
-        _, state = model.log_probs(ids.repeat(1, 1), model.initial_state(1))
+        _, state = model.log_probs(ids, model.initial_state(1))
         filler = torch.randint(4, tokenizer.vocab_size, (1, max(length - ids.size(1), 1)))
         _, state = model.log_probs(filler, state)
         states = [state] * batch

@@ -353,9 +353,9 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
 
 def _drafts(g, mode: str | None, draft_model: str | None, k: int | None) -> Callable[[Tokenizer], Speculation | None]:
     """The engine's speculation, made once the tokenizer is loaded; a wrong draft model fails here, first."""
-    from hanlm.checkpoint import resolve_served
+    from hanlm.checkpoint import ARPA_SUFFIXES, resolve_served
 
     path = draft_model or g.draft_model
-    if (mode or g.speculative) == "ngram" and path and not path.endswith(".arpa"):
+    if (mode or g.speculative) == "ngram" and path and not path.endswith(ARPA_SUFFIXES):
         resolve_served(path)  # a missing or empty path stops the command before the server starts
     return lambda tokenizer: speculation_from_config(g, tokenizer, mode, draft_model, k)
