@@ -250,8 +250,8 @@ class NGramLM(LanguageModel):
     def next_log10(self, context: Sequence[int] | np.ndarray) -> np.ndarray:
         """log10 p(w | context) for every w (V,), float64: the last row of `log_probs` after `context`,
         in numpy for one position (a draft's next-token query costs tens of microseconds, not one ms)."""
-        tail = np.asarray(context, dtype=np.int64)[len(context) - (self.order - 1):] if self.order > 1 else []
-        ctx = [c[-1] for c in self._contexts(self._context_form(np.asarray(tail, dtype=np.int64)))] if len(tail) else []
+        tail = np.asarray(context, dtype=np.int64)[-(self.order - 1):] if self.order > 1 else np.zeros(0, np.int64)
+        ctx = [c[-1] for c in self._contexts(self._context_form(tail))] if len(tail) else []
         dist = self.uni_logp.copy()
         for j, c in enumerate(ctx, 1):
             if c < 0:  # a context the model lacks: so are the longer ones that end with it
