@@ -28,6 +28,7 @@ from hanlm.models import LanguageModel
 from hanlm.models.ngram import NGramLM
 
 MODES = ("none", "ngram", "prompt")
+MAX_DRAFT = 64
 
 
 class Drafter(Protocol):
@@ -215,7 +216,7 @@ def speculation_from_config(g, tokenizer, mode: str | None = None, draft_model: 
     from hanlm.errors import ConfigError
 
     k = g.draft_tokens if k is None else k
-    if k < 1:
-        raise ConfigError(f"generate.draft_tokens {k}: draft at least one token")
+    if not 1 <= k <= MAX_DRAFT:  # the key's own bounds, for --draft-tokens too
+        raise ConfigError(f"generate.draft_tokens {k}: draft between 1 and {MAX_DRAFT} tokens per forward")
     drafter = load_drafter(mode or g.speculative, draft_model or g.draft_model, tokenizer)
     return None if drafter is None else Speculation(drafter, k=k, adaptive=g.draft_adaptive)

@@ -232,13 +232,17 @@ def test_hanlm_generate_speculates_with_the_ngram_and_prints_the_same_text(train
 
 
 @pytest.mark.parametrize("draft, message", [("gpt", "an ngram draft is an n-gram model"),
-                                            ("missing", "missing"), (None, "needs generate.draft_model")])
+                                            ("missing", "missing"), (None, "needs generate.draft_model"),
+                                            ("k=0", "generate.draft_tokens 0"),
+                                            ("k=100000", "generate.draft_tokens 100000")])
 def test_a_wrong_draft_model_is_refused_by_name(trained, tmp_path, capsys, draft, message):
     from hanlm.cli import main
 
     gpt, ngram = trained
-    path = {"gpt": gpt, "missing": str(tmp_path / "missing"), None: None}[draft]
+    path = {"gpt": gpt, "missing": str(tmp_path / "missing"), None: None}.get(draft, ngram)
     args = ["generate", gpt, "--prompt", "中国", "--speculative", "ngram", *(["--draft-model", path] if path else [])]
+    if draft and draft.startswith("k="):
+        args += ["--draft-tokens", draft[2:]]
     assert main(args) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
