@@ -192,7 +192,27 @@ class DistConfig:
     outer_lr: float = key(0.7, "diloco: outer SGD learning rate (1.0 with outer_momentum 0 is plain parameter "
                           "averaging).", above=0.0)
     outer_momentum: float = key(0.9, "diloco: outer Nesterov momentum.", min=0.0, max=1.0)
-    pseudo_grad_fp16: bool = key(False, "diloco: all-reduce pseudo-gradients in fp16 (half the bytes).")
+    pseudo_grad_bits: Literal[32, 16, 8, 4] = key(
+        32, "diloco: bits per pseudo-gradient value on the wire: 32 (fp32 all-reduce), 16 (fp16), or 8 / 4 (integers "
+        "with one fp16 scale per dist.quant_block values). Below 32 the rounding error is carried into the next "
+        "outer step (error feedback).")
+    quant_block: int = key(64, "diloco: values per quantisation scale for pseudo_grad_bits 8 and 4.", min=2, max=65536)
+    stream_fragments: int = key(1, "diloco: split the parameters into this many fragments synchronised on a "
+                                "staggered schedule (Streaming DiLoCo): each every sync_every steps, offset by "
+                                "sync_every / stream_fragments from the last; 1: all at once.", min=1)
+    stream_delay: int = key(0, "diloco: inner steps a fragment's synchronisation overlaps with training before its "
+                            "outer update is applied (tau); 0 waits for it. Below sync_every / stream_fragments.",
+                            min=0)
+    stream_merge: Literal["replay", "mix"] = key(
+        "replay", "diloco with stream_delay > 0, when a fragment's update arrives: `replay`: the worker's weights "
+        "become the new global ones plus the inner steps it took since sending; `mix`: stream_mix × its own + (1 − "
+        "stream_mix) × the global ones (the Streaming DiLoCo paper's rule).")
+    stream_mix: float = key(0.5, "diloco with stream_merge mix: the share of the worker's own weights kept (0: take "
+                            "the global weights).", min=0.0, max=1.0)
+    link_mbps: float = key(0.0, "Simulated slow link for benchmarks: after each collective, a rank waits as long as "
+                           "its bytes take at this many megabits per second, queued behind its earlier ones (on a "
+                           "background thread for overlapped work); 0: no shaping.", min=0.0)
+    link_latency_ms: float = key(0.0, "Simulated link: milliseconds added to every transfer on it.", min=0.0)
     powersgd_rank: int = key(1, "powersgd: rank of the low-rank approximation.", min=1)
     powersgd_start_step: int = key(10, "powersgd: plain all-reduce before this step.", min=1)
     powersgd_error_feedback: bool = key(True, "powersgd: carry the compression error into the next step.")
@@ -478,6 +498,14 @@ def set_key(cfg: Config, name: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {name} is computed by hanlm; set the keys it comes from instead "
                           "(train.micro_batch, train.grad_accum, dist.world_size, train.lr, train.lr_scaling, "
                           "train.warmup_steps, train.max_steps, train.max_tokens)")
+    if name == "dist.pseudo_grad_fp16":  # replaced by dist.pseudo_grad_bits; saved configs still hold it
+        try:
+            fp16 = _coerce(value, bool)
+        except ValueError:
+            raise ConfigError(f"{where}: {name} must be true or false, got {value!r}") from None
+        if fp16:
+            set_key(cfg, "dist.pseudo_grad_bits", 16, where)
+        return
     section, _, leaf = name.partition(".")
     if section not in SECTIONS:
         raise _unknown_key_error(name, where)
@@ -624,9 +652,23 @@ def check(cfg: Config) -> None:
     if t.schedule_clock == "minutes" and t.max_minutes is None:
         raise ConfigError("train.schedule_clock minutes measures the schedule against train.max_minutes, which is "
                           "not set; set train.max_minutes or use train.schedule_clock=steps")
+    _check_diloco(cfg.dist)
     if cfg.dist.sync == "bf16" and (cfg.dist.backend == "gloo" or t.device == "cpu"):
         raise ConfigError("dist.sync bf16 compresses through NCCL, which needs CUDA; gloo cannot all-reduce "
                           "bf16. Use dist.sync=fp16 on CPU")
+
+
+def _check_diloco(d: DistConfig) -> None:
+    if d.stream_fragments > d.sync_every:
+        raise ConfigError(f"dist.stream_fragments ({d.stream_fragments}) is above dist.sync_every ({d.sync_every}): "
+                          "each fragment needs a step of its own in every cycle; use at most sync_every fragments")
+    gap = d.sync_every // d.stream_fragments
+    if d.stream_delay >= gap:
+        raise ConfigError(f"dist.stream_delay ({d.stream_delay}) must be below dist.sync_every / "
+                          f"dist.stream_fragments ({gap}), so that one fragment's update has arrived before the next "
+                          f"fragment is sent; use at most {gap - 1}")
+    if d.quant_block % 2:
+        raise ConfigError(f"dist.quant_block ({d.quant_block}) must be even: 4-bit values are packed two to a byte")
 
 
 def _check_ngram(cfg: Config) -> None:

@@ -257,12 +257,14 @@ class Trainer:
             else:
                 self.optimizer.load_state_dict(mine["optimizer"])
             self.loader.load_state_dict(mine["loader"])
-            self.sync.load_state_dict(mine["sync"])
+            note = self.sync.load_state_dict(mine["sync"])
             set_rng_state(mine["rng"], self.device)
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{source}/{STATE_FILE} does not fit this run ({type(e).__name__}: {e})") from None
         except HanlmError as e:
             raise CheckpointError(f"{source}/{STATE_FILE}: {e}") from None
+        if note:
+            self.echo(f"note: {note}")
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.best_val = float(state.get("best_val", math.inf))
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
@@ -490,7 +492,7 @@ class Trainer:
     def _report_sections(self, final: EvalResult, samples: list[tuple[str, str]]) -> dict[str, str]:
         table = final.table(self.prepared.meta["splits"]["val"].get("unigram_bpc"))
         if self.info.distributed:
-            table += f"\n| bytes all-reduced per rank ({self.cfg.dist.sync}) | {self.sync.bytes_total:,} |"
+            table += f"\n| bytes sent per rank ({self.cfg.dist.sync}) | {self.sync.bytes_total:,} |"
         sample_md = "\n\n".join(f"**{p}**{c}" for p, c in samples)
         return {"Evaluation (whole val split)": table, "Samples": sample_md,
                 "Config": f"```yaml\n{self.cfg.to_yaml()}```"}
