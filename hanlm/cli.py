@@ -12,7 +12,7 @@ from hanlm import __version__
 from hanlm.bench import SUITES
 from hanlm.config import Config, config_options, keys_markdown, load_config
 from hanlm.errors import ConfigError, HanlmError
-from hanlm.train.run import RESTART_HELP
+from hanlm.train.run import RESTART_HELP, STOP_AFTER_HELP
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -37,6 +37,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse reports anything else by option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _worker_args(config: str | None, overrides: Sequence[str], resume: str | None) -> list[str]:
     """The options a torchrun worker gets: the same config, overrides and resume as this command."""
     return [*(["--config", config] if config else []), *(a for kv in overrides for a in ("--set", kv)),
@@ -48,10 +59,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not distributed and args.launcher == "torchrun":
         from hanlm.train.run import train
 
-        return train(_load(args), args.resume, restart_if_damaged=args.restart_if_damaged)
+        return train(_load(args), args.resume, restart_if_damaged=args.restart_if_damaged,
+                     stop_after=args.stop_after)
     _load(args)  # report config mistakes here, once, not from every worker
     worker_args = [*_worker_args(args.config, args.overrides, args.resume),
-                   *(["--restart-if-damaged"] if args.restart_if_damaged else [])]
+                   *(["--restart-if-damaged"] if args.restart_if_damaged else []),
+                   *(["--stop-after", str(args.stop_after)] if args.stop_after is not None else [])]
     if args.launcher == "spark":
         from hanlm.train.spark import launch_on_spark
 
@@ -293,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the latest good checkpoint of this run "
                    "(auto) or from a checkpoint path (default: checkpoint.resume)")
     p.add_argument("--restart-if-damaged", action="store_true", help=RESTART_HELP)
+    p.add_argument("--stop-after", type=positive_int, metavar="N", help=STOP_AFTER_HELP)
     launcher = p.add_argument_group("distributed launch (torchrun)")
     launcher.add_argument("--nproc", type=int, default=1, metavar="N", help="workers on this machine (default 1)")
     launcher.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines in the job (default 1)")

@@ -80,6 +80,21 @@ def test_resume_gives_identical_weights(tmp_path, gpt_run):
     assert resumed.final_eval.loss == gpt_run.final_eval.loss
 
 
+def test_hanlm_train_stop_after_saves_midway_with_the_whole_runs_schedule(tmp_path, gpt_run, capsys):
+    args = ["train", "--config", "tiny", "--set", f"train.run_dir={tmp_path}", "--set", "log.peak_tflops=0.1"]
+    assert main([*args, "--stop-after", "7"]) == 0
+    assert "stopped at step 7 (stop_after)" in capsys.readouterr().out
+    assert load_latest(str(tmp_path / "checkpoints")).step == 7
+    midway = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    straight = [r["lr"] for r in read_metrics(gpt_run.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert midway == straight[:len(midway)], "the schedule is the 40-step run's, not a 7-step one's"
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit) as stopped:
+            main([*args, "--stop-after", bad])
+        assert stopped.value.code == 2
+        assert "--stop-after" in capsys.readouterr().err
+
+
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path):
     Trainer(tiny(tmp_path, "checkpoint.every_steps=10", "train.max_steps=30"), echo=lambda _: None).run()
     root = str(tmp_path / "checkpoints")

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from hanlm.config import Config, config_options, load_config
 from hanlm.errors import ConfigError
 
+STOP_AFTER_HELP = ("train this many more steps, then save a checkpoint and stop, as Ctrl-C does; the schedule "
+                   "stays that of the whole run (train.max_steps), so --resume continues it unchanged")
 RESTART_HELP = ("with --resume auto: when checkpoints exist but none is usable, move them aside into "
                 "checkpoints/damaged-<time>/ and start over (without it the run stops and lists them)")
 
@@ -24,25 +26,28 @@ def run_training_worker(argv: Sequence[str]) -> int:
                                      description="A training worker: run it through torchrun or hanlm train --nproc.")
     parser.add_argument("--resume", metavar="auto|PATH")
     parser.add_argument("--restart-if-damaged", action="store_true", help=RESTART_HELP)
+    parser.add_argument("--stop-after", type=int, metavar="N", help=STOP_AFTER_HELP)
     args = parser.parse_args(argv)
     return run_worker(lambda: train(load_config(args.config, args.overrides, world_size=env_info().world_size),
-                                    args.resume, restart_if_damaged=args.restart_if_damaged))
+                                    args.resume, restart_if_damaged=args.restart_if_damaged,
+                                    stop_after=args.stop_after))
 
 
-def train(cfg: Config, resume: str | None, *, restart_if_damaged: bool = False) -> int:
+def train(cfg: Config, resume: str | None, *, restart_if_damaged: bool = False, stop_after: int | None = None) -> int:
     """Train (or count, for an n-gram) as `cfg` says, then print the final evaluation and samples;
-    the process's exit code."""
+    the process's exit code. With `stop_after`, stop and save after that many steps."""
     if cfg.model.arch == "ngram":
         from hanlm.train.ngram import train_ngram
 
-        if resume not in (None, "none"):
-            raise ConfigError("an n-gram model is counted in one pass, so there is nothing to resume: drop --resume")
+        if resume not in (None, "none") or stop_after is not None:
+            raise ConfigError("an n-gram model is counted in one pass, so there is nothing to resume or stop: drop "
+                              "--resume and --stop-after")
         result, prepared = train_ngram(cfg)
     else:
         from hanlm.train.loop import Trainer
 
         trainer = Trainer(cfg, resume=resume, restart_if_damaged=restart_if_damaged)
-        result, prepared = trainer.run(), trainer.prepared
+        result, prepared = trainer.run(stop_after), trainer.prepared
         if not trainer.info.main:
             return 0
     if result.final_eval is None:
