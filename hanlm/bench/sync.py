@@ -144,8 +144,10 @@ def write(results: dict, out: Path, command: str) -> None:
     """table.md, results.json and sync_frontier.png from every row measured so far."""
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     lines = [f"Command: `{command}`", ""]
+    order = list(strategies(results["steps"]))
     for workers in sorted({r["workers"] for r in results["quality"].values()}):
-        rows = [r for r in results["quality"].values() if r["workers"] == workers]
+        rows = sorted((r for r in results["quality"].values() if r["workers"] == workers),
+                      key=lambda r: order.index(r["strategy"]))
         full = next((r for r in rows if r["strategy"] == "full"), None)
         lines += [f"### {workers} workers, steps {results['warm']}–{results['steps']} after a full-sync warm start", "",
                   "| strategy | settings | MB sent per rank | less than full | val BPC | vs full | s / 100 steps, "
