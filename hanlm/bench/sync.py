@@ -1,6 +1,6 @@
 """Low-communication training against full sync: bytes on the wire, val BPC, and wall time on a slow link.
 
-    python -m hanlm.bench.sync [--workers 2,4] [--steps 4000] [--warm 400] [--only NAMES]
+    python -m hanlm.bench.sync [--workers 2,4] [--steps 4000] [--warm 400] [--worker-batch N] [--only NAMES]
                                [--wall-steps 128] [--link-mbps 50] [--link-latency-ms 50] [--out bench/results/sync]
 
 For each number of workers (torchrun, gloo, one thread each; the same 32 sequences per step in all)
@@ -18,6 +18,7 @@ Writes results.json, table.md and sync_frontier.png into --out; rerunning keeps 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from hanlm.bench import suite_parser
 from hanlm.checkpoint import load_checkpoint, load_latest
+from hanlm.cli import positive_int
 from hanlm.log import read_metrics
 
 # 2 layers, 128 wide, 32 × 64 tokens per step (16 per worker with 2 workers, 8 with 4): the shape the
@@ -64,23 +66,34 @@ def strategies(steps: int) -> dict[str, list[str]]:
             name = f"streaming-h{h}" + (f"-{bits}bit" if bits < 32 else "")
             out[name] = [*out[f"diloco-h{h}"], f"dist.pseudo_grad_bits={bits}", "dist.stream_fragments=4",
                          "dist.stream_delay=4"]
+    # Outer optimizers around OUTER for 4 workers, where H = 16 at 4 bits lands just outside 2% of full.
+    for lr, momentum in ((1.0, 0.8), (0.6, 0.7)):
+        out[f"diloco-h16-4bit-outer{lr}-{momentum}"] = [*DILOCO, "dist.sync_every=16", "dist.pseudo_grad_bits=4",
+                                                        f"dist.outer_lr={lr}", f"dist.outer_momentum={momentum}"]
+    # Other inner learning rates for 4 workers, whose 8 sequences per step make each worker's H steps
+    # noisier; full sync at the higher one too, as the fair peer of a retuned lr.
+    for lr in ("5e-4", "7e-4", "1.5e-3"):
+        out[f"diloco-h16-4bit-lr{lr}"] = [*out["diloco-h16-4bit"], f"train.lr={lr}"]
+    out["full-lr1.5e-3"] = ["dist.sync=full", "train.lr=1.5e-3"]
     return out
 
 
-# Run by default: with 2 workers every strategy below, with 4 the ones that say most.
+# Run by default and plotted: with 2 workers every strategy below, with 4 the ones that say most. (The
+# 4-worker sweep of outer and inner learning rates is run with --only and shown in the table alone.)
 DEFAULT = {2: ("full", "powersgd-r8", "diloco-h32-paper", "diloco-h32", "diloco-h32-8bit", "diloco-h16-4bit",
                "diloco-h32-4bit", "diloco-h64-4bit", "diloco-h128-4bit", "streaming-h32", "streaming-h32-4bit"),
-           4: ("full", "diloco-h32-4bit", "streaming-h32-4bit")}
+           4: ("full", "diloco-h16-4bit", "diloco-h32-4bit", "streaming-h32-4bit")}
 
 
 def run(name: str, overrides: list[str], steps: int, out: Path, *, nproc: int = 2, resume: str | None = None,
-        stop_after: int | None = None) -> dict:
-    """Train one strategy (from scratch, or from `resume`) to `steps`; its final val BPC, the bytes
-    rank 0 sent in all (including what the resumed checkpoint had counted) and the wall time."""
+        stop_after: int | None = None, micro_batch: int | None = None) -> dict:
+    """Train one strategy (from scratch, or from `resume`) to `steps` with `micro_batch` sequences per
+    worker (default: GLOBAL_BATCH shared by the workers); its final val BPC, the bytes rank 0 sent in all
+    (including what the resumed checkpoint had counted) and the wall time."""
     run_dir = out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts afresh, not from its own last checkpoint
-    sets = [a for kv in [f"train.micro_batch={GLOBAL_BATCH // nproc}", *overrides, f"train.max_steps={steps}",
-                         f"train.run_dir={run_dir}"] for a in ("--set", kv)]
+    sets = [a for kv in [f"train.micro_batch={micro_batch or GLOBAL_BATCH // nproc}", *overrides,
+                         f"train.max_steps={steps}", f"train.run_dir={run_dir}"] for a in ("--set", kv)]
     cmd = [sys.executable, "-m", "hanlm.cli", "train", "--nproc", str(nproc), *BASE, *sets,
            *(["--resume", resume] if resume else []), *(["--stop-after", str(stop_after)] if stop_after else [])]
     started = time.perf_counter()
@@ -96,32 +109,34 @@ def run(name: str, overrides: list[str], steps: int, out: Path, *, nproc: int = 
             "seconds": time.perf_counter() - started}
 
 
-def warm_start(out: Path, nproc: int, steps: int, warm: int) -> tuple[str, dict]:
+def warm_start(out: Path, nproc: int, steps: int, warm: int, micro_batch: int | None) -> tuple[str, dict]:
     """The shared full-sync checkpoint after `warm` steps of a `steps` schedule (reused when present)."""
     path = out / f"w{nproc}" / "runs" / "warm" / "checkpoints" / f"step-{warm:08d}"
     if not (path / "manifest.json").exists():
-        run("warm", ["dist.sync=full"], steps, out / f"w{nproc}", nproc=nproc, stop_after=warm)
+        run("warm", ["dist.sync=full"], steps, out / f"w{nproc}", nproc=nproc, stop_after=warm,
+            micro_batch=micro_batch)
     state = load_checkpoint(str(path)).train_state
     return str(path), {"bytes": state["ranks"][0]["sync"]["bytes_total"], "elapsed_s": state["elapsed_s"],
                        "link_s": state["ranks"][0]["sync"].get("link_s", 0.0)}
 
 
-def quality(name: str, overrides: list[str], out: Path, nproc: int, steps: int, warm: tuple[str, dict]) -> dict:
+def quality(name: str, overrides: list[str], out: Path, nproc: int, steps: int, warm: tuple[str, dict],
+            micro_batch: int | None) -> dict:
     """A strategy from the warm start to the end of the schedule: val BPC and bytes after the warm start."""
     path, base = warm
-    r = run(name, overrides, steps, out / f"w{nproc}", nproc=nproc, resume=path)
+    r = run(name, overrides, steps, out / f"w{nproc}", nproc=nproc, resume=path, micro_batch=micro_batch)
     return {**r, "workers": nproc, "bytes": r["bytes"] - base["bytes"], "train_s": r["train_s"] - base["elapsed_s"]}
 
 
 def wall(name: str, overrides: list[str], out: Path, steps: int, wall_steps: int, warm: tuple[str, dict],
-         link: list[str]) -> dict:
+         link: list[str], micro_batch: int | None) -> dict:
     """Seconds per step over `wall_steps` from the warm start, on the simulated link and without it; the
     communication per step the link carried, and how much of it the training loop waited for (exposed)."""
     path, base = warm
     timings = {}
     for label, extra in (("plain", []), ("link", link)):
         r = run(f"{name}-{label}", [*overrides, *extra], steps, out / "w2" / "wall", resume=path,
-                stop_after=wall_steps)
+                stop_after=wall_steps, micro_batch=micro_batch)
         timings[label] = r
     if timings["link"]["wait_s"] is not None:
         # DiLoCo times its own waits for communication: exact, where a difference of two wall times is noisy.
@@ -149,7 +164,10 @@ def write(results: dict, out: Path, command: str) -> None:
         rows = sorted((r for r in results["quality"].values() if r["workers"] == workers),
                       key=lambda r: order.index(r["strategy"]))
         full = next((r for r in rows if r["strategy"] == "full"), None)
-        lines += [f"### {workers} workers, steps {results['warm']}–{results['steps']} after a full-sync warm start", "",
+        batch = f"{results['worker_batch']} sequences each" if results.get("worker_batch") else \
+            f"{GLOBAL_BATCH // workers} sequences each, {GLOBAL_BATCH} in all"
+        lines += [f"### {workers} workers ({batch}), steps {results['warm']}–{results['steps']} after a full-sync "
+                  "warm start", "",
                   "| strategy | settings | MB sent per rank | less than full | val BPC | vs full | s / 100 steps, "
                   "link | comm hidden |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -166,7 +184,8 @@ def write(results: dict, out: Path, command: str) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Bytes against BPC for every strategy (left) and time per 100 steps on the simulated link (right)."""
+    """BPC against bytes, both relative to full sync of the same workers (left; the default strategies),
+    and time per 100 steps on the simulated link (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,24 +193,30 @@ def plot(results: dict, path: Path) -> None:
 
     fig = Figure(figsize=(13, 5))
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    for workers, marker in ((2, "o"), (4, "s")):
-        rows = [r for r in results["quality"].values() if r["workers"] == workers]
+    lowest = 0.0
+    for workers, marker, color in ((2, "o", "C0"), (4, "s", "C1")):
+        rows = [r for r in results["quality"].values()
+                if r["workers"] == workers and r["strategy"] in DEFAULT[workers]]
         full = next((r for r in rows if r["strategy"] == "full"), None)
-        if not rows:
+        if full is None:
             continue
-        for r in rows:
-            left.scatter(r["bytes"] / 1e6, r["bpc"], marker=marker, color="C0" if workers == 2 else "C1")
-            left.annotate(r["strategy"], (r["bytes"] / 1e6, r["bpc"]), fontsize=6, xytext=(3, 2),
-                          textcoords="offset points")
-        if full:
-            left.axhline(full["bpc"] * 1.02, color="C0" if workers == 2 else "C1", ls=":", lw=1,
-                         label=f"{workers} workers: full + 2%")
-            left.axvline(full["bytes"] / 1e6 / 100, color="C0" if workers == 2 else "C1", ls="--", lw=1,
-                         label=f"{workers} workers: 100× fewer bytes than full")
+        points = sorted(((full["bytes"] / r["bytes"], 100 * (r["bpc"] / full["bpc"] - 1), r["strategy"])
+                         for r in rows if r is not full), key=lambda p: (round(math.log10(p[0]), 1), -p[1]))
+        for i, (less, worse, name) in enumerate(points):
+            lowest = min(lowest, worse)
+            left.scatter(less, worse, marker=marker, color=color, label=f"{workers} workers" if i == 0 else None)
+            # Points at about the same bytes get their labels stacked from the top down, one line apart.
+            stacked = sum(1 for other in points[:i] if abs(math.log10(other[0] / less)) < 0.05)
+            left.annotate(name, (less, worse), fontsize=6, xytext=(4, 2 - 7 * stacked), textcoords="offset points")
+    left.axvline(100, color="grey", ls="--", lw=1)
+    left.axhline(2, color="grey", ls=":", lw=1)
+    left.fill_between([100, 2000], lowest - 1, 2, color="C2", alpha=0.08, label="goal: ≥ 100× fewer bytes, within 2%")
     left.set_xscale("log")
-    left.set_xlabel("MB sent per rank after the warm start (log)")
-    left.set_ylabel("final val BPC (whole split)")
-    left.legend(fontsize=7)
+    left.set_xlim(5, 2000)
+    left.set_ylim(bottom=lowest - 0.3)
+    left.set_xlabel("times fewer bytes sent per rank than full sync (log)")
+    left.set_ylabel("final val BPC against full sync, % (whole split)")
+    left.legend(fontsize=7, loc="upper left")
     left.grid(alpha=0.3)
     walls = results["wall"]
     names = [n for n in walls if walls[n]["hidden"] is not None]
@@ -213,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="2,4", help="worker counts, comma-separated (default 2,4)")
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps of the schedule (default 4000)")
     parser.add_argument("--warm", type=int, default=400, help="full-sync warm-start steps (default 400)")
+    parser.add_argument("--worker-batch", type=positive_int, default=None,
+                        help=f"sequences per worker and step (default: {GLOBAL_BATCH} shared by the workers, so every "
+                        "worker count trains on the same tokens; set it to keep each worker's batch as workers are "
+                        "added, as DiLoCo's papers do)")
     parser.add_argument("--only", help="comma-separated strategy names (default: the set for each worker count)")
     parser.add_argument("--wall-steps", type=int, default=128,
                         help="steps per timing run on the simulated link, 2 workers (default 128)")
@@ -226,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "results.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
-    settings = {"steps": args.steps, "warm": args.warm,
+    settings = {"steps": args.steps, "warm": args.warm, "worker_batch": args.worker_batch,
                 "link": f"{args.link_mbps:g} Mbit/s + {args.link_latency_ms:g} ms"}
     if any(results.get(k) != v for k, v in settings.items()):
         results = {}  # rows measured under other settings don't belong in this table
@@ -240,15 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in every]
         if unknown:
             parser.error(f"unknown strategy {unknown[0]!r}; known: {', '.join(every)}")
-        warm = warm_start(args.out, workers, args.steps, args.warm)
+        warm = warm_start(args.out, workers, args.steps, args.warm, args.worker_batch)
         for name in names:
             if args.part != "wall":
-                row = quality(name, every[name], args.out, workers, args.steps, warm)
+                row = quality(name, every[name], args.out, workers, args.steps, warm, args.worker_batch)
                 results["quality"][f"{workers}:{name}"] = {**row, "overrides": every[name]}
                 print(f"{workers} workers {name:>20}: {row['bytes'] / 1e6:10,.1f} MB  BPC {row['bpc']:.4f}  "
                       f"({row['seconds']:.0f} s)", flush=True)
             if workers == 2 and args.part != "quality":
-                results["wall"][name] = wall(name, every[name], args.out, args.steps, args.wall_steps, warm, link)
+                results["wall"][name] = wall(name, every[name], args.out, args.steps, args.wall_steps, warm, link,
+                                             args.worker_batch)
                 w = results["wall"][name]
                 print(f"{'':>31} link: {100 * w['link_s_per_step']:.1f} s / 100 steps (plain "
                       f"{100 * w['plain_s_per_step']:.1f}), communication hidden: "
