@@ -88,3 +88,29 @@ def test_the_recipe_study_tabulates_and_plots_finished_runs(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         recipe.main(["--only", "no-such-candidate", "--out", str(tmp_path)])
+
+
+def test_the_sync_benchmark_tabulates_against_full_and_plots(tmp_path, capsys):
+    from hanlm.bench import sync
+
+    every = sync.strategies(4000)
+    row = {"full": (15_000e6, 6.0), "diloco-h32-4bit": (62.5e6, 6.06), "streaming-h32-4bit": (62.5e6, 6.03)}
+    results = {"steps": 4000, "warm": 400, "worker_batch": None, "link": "50 Mbit/s + 50 ms",
+               "quality": {f"2:{name}": {"strategy": name, "workers": 2, "bytes": b, "bpc": bpc,
+                                         "overrides": every[name]} for name, (b, bpc) in row.items()},
+               "wall": {"streaming-h32-4bit": {"plain_s_per_step": 0.088, "link_s_per_step": 0.09,
+                                               "comm_s_per_step": 0.009, "exposed_s_per_step": 0.0, "hidden": 1.0}}}
+    sync.write(results, tmp_path, "python -m hanlm.bench.sync")
+    table = (tmp_path / "table.md").read_text()
+    assert "### 2 workers (16 sequences each, 32 in all)" in table
+    assert "| diloco-h32-4bit | sync_every=32, outer_lr=0.8, outer_momentum=0.7, pseudo_grad_bits=4 | 62.5 | 240× | " \
+           "6.0600 | +1.00% | — | — |" in table
+    assert "| 6.0300 | +0.50% | 9.0 (plain 8.8) | 100% |" in table
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert (tmp_path / "sync_frontier.png").stat().st_size > 10_000
+    for argv, says in ((["--workers", "3"], "no default strategies for 3 workers"),
+                       (["--only", "diloco-h7"], "unknown strategy 'diloco-h7'"),
+                       (["--worker-batch", "0"], "must be at least 1")):
+        with pytest.raises(SystemExit):
+            sync.main([*argv, "--out", str(tmp_path / "refused")])
+        assert says in capsys.readouterr().err
