@@ -150,6 +150,12 @@ def wall(name: str, overrides: list[str], out: Path, steps: int, wall_steps: int
             "hidden": max(0.0, 1 - exposed / link_s) if link_s > 0 else None}
 
 
+def against_full(row: dict, full: dict) -> tuple[float | None, float]:
+    """How many times fewer bytes `row` sent than `full` (None if it sent none), and its val BPC above
+    full's, in percent."""
+    return full["bytes"] / row["bytes"] if row["bytes"] else None, 100 * (row["bpc"] / full["bpc"] - 1)
+
+
 def describe(overrides: list[str]) -> str:
     """The settings of a strategy, as the table shows them."""
     return ", ".join(kv.removeprefix("dist.") for kv in overrides if not kv.startswith("dist.sync="))
@@ -171,8 +177,9 @@ def write(results: dict, out: Path, command: str) -> None:
                   "| strategy | settings | MB sent per rank | less than full | val BPC | vs full | s / 100 steps, "
                   "link | comm hidden |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            less = f"{full['bytes'] / r['bytes']:,.0f}×" if full and r["bytes"] else "—"
-            worse = f"{(r['bpc'] / full['bpc'] - 1) * 100:+.2f}%" if full else "—"
+            less, worse = against_full(r, full) if full else (None, None)
+            less = f"{less:,.0f}×" if less is not None else "—"
+            worse = f"{worse:+.2f}%" if worse is not None else "—"
             w = results["wall"].get(r["strategy"]) if workers == 2 else None
             timing = (f"{100 * w['link_s_per_step']:.1f} (plain {100 * w['plain_s_per_step']:.1f}) | "
                       f"{w['hidden']:.0%}" if w and w["hidden"] is not None else "— | —")
@@ -200,8 +207,8 @@ def plot(results: dict, path: Path) -> None:
         full = next((r for r in rows if r["strategy"] == "full"), None)
         if full is None:
             continue
-        points = sorted(((full["bytes"] / r["bytes"], 100 * (r["bpc"] / full["bpc"] - 1), r["strategy"])
-                         for r in rows if r is not full), key=lambda p: (round(math.log10(p[0]), 1), -p[1]))
+        points = sorted(((*against_full(r, full), r["strategy"]) for r in rows if r is not full and r["bytes"]),
+                        key=lambda p: (round(math.log10(p[0]), 1), -p[1]))
         for i, (less, worse, name) in enumerate(points):
             lowest = min(lowest, worse)
             left.scatter(less, worse, marker=marker, color=color, label=f"{workers} workers" if i == 0 else None)

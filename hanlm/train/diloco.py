@@ -55,7 +55,7 @@ class FlatParams:
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         """A copy of elements [lo, hi)."""
-        return torch.cat([piece for piece, _, _ in self._pieces(lo, hi)]).clone()
+        return torch.cat([piece for piece, _, _ in self._pieces(lo, hi)])  # (cat always allocates)
 
     @torch.no_grad()
     def write_(self, lo: int, hi: int, values: torch.Tensor) -> None:
@@ -184,8 +184,7 @@ class DiLoCo(Sync):
         dist.all_reduce(moved, op=dist.ReduceOp.MAX)  # agreed, so that every rank takes part in the same sends
         for p in range(self.fragments):
             if moved[p]:
-                delta = self._pseudo_gradient(p)
-                self._arrive(p, _Job.finished(self._timed(lambda: self._mean(p, delta))))
+                self._sync_now(p)
         self.bytes_total += self._pending
         self._pending = 0
 
@@ -203,12 +202,17 @@ class DiLoCo(Sync):
         return self.means[p](delta, self.link)
 
     def _send(self, p: int, step: int) -> None:
+        if not self.delay:
+            self._sync_now(p)
+            return
         delta = self._pseudo_gradient(p)
-        if self.delay:
-            sent_from = self.flat.read(*self.bounds[p]) if self.merge == "replay" else None
-            self.pending[p] = (step + self.delay, _Job(lambda: self._mean(p, delta.clone()), self.device), sent_from)
-        else:
-            self._arrive(p, _Job.finished(self._timed(lambda: self._mean(p, delta))))
+        sent_from = self.flat.read(*self.bounds[p]) if self.merge == "replay" else None
+        self.pending[p] = (step + self.delay, _Job(lambda: self._mean(p, delta), self.device), sent_from)
+
+    def _sync_now(self, p: int) -> None:
+        """Average fragment p's pseudo-gradient while the training loop waits, and apply it."""
+        delta = self._pseudo_gradient(p)
+        self._arrive(p, _Job.finished(self._timed(lambda: self._mean(p, delta))))
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         started = time.perf_counter()
