@@ -21,7 +21,6 @@ steps it could not save.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
@@ -37,16 +36,18 @@ from typing import Any
 
 import fsspec
 import torch
+import yaml
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file, save_file, save_model
 
 from hanlm.atomic import atomic_dir, owner_tag, remove_stale_temporaries
-from hanlm.config import Config, ModelConfig, load_config
-from hanlm.data.reader import filesystem
+from hanlm.config import Config, load_config
+from hanlm.data.sources import filesystem
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError
 from hanlm.manifest import MANIFEST, verify, write_manifest
-from hanlm.models.arpa import arpa_words, read_arpa, tokenizer_for, write_arpa
+from hanlm.mixture_file import MIXTURE_FILE
+from hanlm.models.arpa import arpa_words, read_arpa, write_arpa
 from hanlm.models.ngram import NGramLM
 from hanlm.state_file import load_state, save_state
 
@@ -287,11 +288,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
                     note: Callable[[str], None] = _note) -> Checkpoint:
     """Read one checkpoint directory, after checking its files against its manifest;
     CheckpointError naming the damaged file if anything is off. Nothing read here can run code.
-    A Hugging Face Llama directory loads too, as a checkpoint at step 0 (`hanlm.export.hf_import`)."""
-    from hanlm.export.hf_import import is_hf_dir, load_hf
-
-    if is_hf_dir(path):
-        return load_hf(path)
+    (Directories of other ecosystems are read by `hanlm.loading.open_checkpoint`.)"""
     fs, base = _fs(path)
     if not fs.isdir(base):
         raise CheckpointError(f"{path} is not a checkpoint directory")
@@ -341,20 +338,19 @@ def _download(fs: fsspec.AbstractFileSystem, base: str, tmp: str) -> str:
     return tmp
 
 
-def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
-    """A checkpoint directory from a path that is a checkpoint, a checkpoint root (then its
-    `latest`, or the newest checkpoint when `latest` is unusable) or a run directory (its checkpoints)."""
-    from hanlm.export.hf_import import is_hf_dir
-
+def resolve_stored(spec: str, note: Callable[[str], None] = _note) -> str:
+    """A hanlm checkpoint directory from a path that is a checkpoint, a checkpoint root (then its
+    `latest`, or the newest checkpoint when `latest` is unusable) or a run directory (its checkpoints).
+    `hanlm.loading.resolve_checkpoint` also knows the directories of other ecosystems."""
     fs, base = _fs(spec)
-    if stored_model_file(spec) or is_hf_dir(spec):
+    if stored_model_file(spec):
         return spec
-    if fs.isfile(f"{base.rstrip('/')}/mixture.json") or base.endswith("mixture.json"):
+    if fs.isfile(_join(base, MIXTURE_FILE)) or base.endswith(MIXTURE_FILE):
         raise CheckpointError(f"{spec} is a mixture (hanlm mix): it has no weights of its own to train, resume or "
                               "mix from; use its neural part (named in its mixture.json) instead")
     names = _list(fs, base)
     if not names and fs.isdir(_join(base, "checkpoints")):  # a run directory: its checkpoints
-        return resolve_checkpoint(_join(spec, "checkpoints"), note)
+        return resolve_stored(_join(spec, "checkpoints"), note)
     name = _read_pointer(fs, base, "latest", note)
     if name is not None and name not in names:
         note(f"note: {_join(spec, 'latest')} names {name[:60]!r}, which is not a checkpoint there; "
@@ -368,22 +364,9 @@ def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
     return _join(spec, name)
 
 
-def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
-    """`resolve_checkpoint`, except that a directory of classifier or tagger checkpoints (`hanlm finetune`)
-    gives its best by dev score, the run's result, rather than its latest, which only a resume wants."""
-    path = resolve_checkpoint(spec, note)
-    if path == spec or _task_of(path) not in ("classify", "tag"):
-        return path
-    root = path.rstrip("/").rsplit("/", 1)[0]
-    best = read_best(root, note)
-    return _join(root, best[0]) if best else path
-
-
-def _task_of(path: str) -> str:
+def stored_task(path: str) -> str:
     """model.task in a checkpoint's config.yaml, read without building a config (lm when unreadable: the
     full load that follows reports the damage)."""
-    import yaml
-
     fs, base = _fs(path)
     try:
         with fs.open(_join(base, "config.yaml"), "r", encoding="utf-8") as f:
@@ -391,6 +374,7 @@ def _task_of(path: str) -> str:
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return "lm"
     return task if isinstance(task, str) else "lm"
+
 
 
 @dataclass
@@ -462,64 +446,6 @@ def _move_tree(fs: fsspec.AbstractFileSystem, source: str, dest: str) -> None:
 def remove_stale(root: str) -> list[Path]:
     """Delete the temporaries of saves that died half-way (local roots; remote ones assemble in /tmp)."""
     return [] if _is_remote(root) else remove_stale_temporaries(_fs(root)[1])
-
-
-def load_for_inference(spec: str, device: str | torch.device = "cpu", *, tasks: Sequence[str] = ("lm",)):
-    """(model in eval mode, config, tokenizer) from a checkpoint, a checkpoint root, a mixture
-    (`hanlm mix`), or an ARPA file written by any tool (its words become the vocabulary; see `tokenizer_for`).
-    A checkpoint whose model.task is not in `tasks` (a classifier, by default) is refused by name."""
-    from hanlm.mix import is_mixture, load_mixture
-
-    if is_mixture(spec):
-        return load_mixture(spec, device)
-    if spec.endswith(ARPA_SUFFIXES):
-        model, words = read_arpa(spec)
-        cfg = load_config(overrides=["model.arch=ngram", f"model.order={model.order}"])
-        return model.eval(), cfg, tokenizer_for(words)
-    ckpt = load_checkpoint(resolve_served(spec), device)
-    if ckpt.config.model.task not in tasks:
-        require_language_model(ckpt)
-    return model_of(ckpt, device), ckpt.config, ckpt.tokenizer
-
-
-def require_language_model(ckpt: Checkpoint) -> Checkpoint:
-    """`ckpt`, or CheckpointError when it holds a classifier or tagger (`hanlm finetune`) instead of a
-    language model."""
-    if ckpt.config.model.task == "tag":
-        raise CheckpointError(f"{ckpt.path} is a {ckpt.config.finetune.tagger} tagger for word segmentation "
-                              "(model.task tag), not a language model: use it with `hanlm segment` or `hanlm serve` "
-                              "(POST /v1/segment)")
-    if ckpt.config.model.task != "lm":
-        raise CheckpointError(f"{ckpt.path} is a text classifier (model.task {ckpt.config.model.task}, labels "
-                              f"{', '.join(ckpt.config.finetune.labels)}), not a language model: use it with "
-                              "`hanlm classify` or `hanlm serve` (POST /v1/classify)")
-    return ckpt
-
-
-def model_of(ckpt: Checkpoint, device: str | torch.device = "cpu"):
-    """The loaded checkpoint's model in eval mode: its n-gram, or its network (a language model, or a
-    classifier when model.task is classify) built and filled; for model.task tag, its `Tagger`."""
-    from hanlm.models import build_model
-
-    if ckpt.ngram is not None:
-        return ckpt.ngram.eval()
-    if ckpt.config.model.task == "tag":
-        from hanlm.tasks.taggers import tagger_of
-
-        return tagger_of(ckpt, device)
-    if ckpt.config.model.task == "classify":
-        from hanlm.tasks.classifier import build_classifier
-
-        model = build_classifier(ckpt.config, ckpt.tokenizer.vocab_size)
-    else:
-        model = build_model(_without_vectors(ckpt.config), ckpt.tokenizer.vocab_size)
-    load_weights(model, ckpt.weights, ckpt.path)
-    return model.to(device).eval()
-
-
-def _without_vectors(cfg: Config) -> ModelConfig:
-    """The model config minus pretrained vectors: a checkpoint's weights already hold them."""
-    return dataclasses.replace(cfg.model, vectors=None)
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:

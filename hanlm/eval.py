@@ -144,7 +144,7 @@ def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | 
                         stride: int | None = None) -> EvalResult:
     """Evaluate a checkpoint on its run's val split, or on the documents of `data` sources, in windows
     of its train.block_size sliding by `stride` (default: its eval.stride; see `evaluate`)."""
-    from hanlm.checkpoint import load_for_inference
+    from hanlm.loading import load_for_inference
     from hanlm.data.reader import DocumentReader
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,35 +17,25 @@ the parts stay where they are, and loading refuses a part that has changed since
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
 from hanlm.atomic import atomic_write_text
-from hanlm.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    load_for_inference,
-    model_of,
-    require_language_model,
-    resolve_checkpoint,
-)
+from hanlm.checkpoint import Checkpoint
 from hanlm.config import Config
 from hanlm.errors import CheckpointError, HanlmError
 from hanlm.eval import EvalResult, evaluate, prepared_for, prepared_split, token_scores
-from hanlm.manifest import MANIFEST
+from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_checkpoint
+from hanlm.mixture_file import MIXTURE_FILE, MIXTURE_FORMAT, is_mixture, manifest_digest
 from hanlm.models.mixture import MixtureLM, fit_weights, mixed_nats
-from hanlm.models.ngram import NGramLM, estimate
+from hanlm.models.ngram import estimate
+from hanlm.train.ngram import train_ngram
 
-MIXTURE_FILE = "mixture.json"
-_FORMAT = "hanlm-mixture/1"
 
 
 @dataclass
@@ -73,20 +63,6 @@ class MixReport:
         return "\n".join(rows) + (f"\n\nProtocol: {self.protocol}." if self.protocol else "")
 
 
-def is_mixture(spec: str) -> bool:
-    """Whether `spec` is a mixture: a directory holding mixture.json, or that file."""
-    try:
-        path = Path(spec)
-        return path.name == MIXTURE_FILE and path.is_file() or (path / MIXTURE_FILE).is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def mixture_file(spec: str) -> Path:
-    path = Path(spec)
-    return path if path.name == MIXTURE_FILE else path / MIXTURE_FILE
-
-
 def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, order: int = 5, buckets: bool = True,
                   tune_tokens: int = 100_000, evaluate_val: bool = True, device: str = "cpu",
                   echo: Callable[[str], None] = print) -> MixReport:
@@ -95,9 +71,9 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
     n-gram of `order` is first counted on the neural run's prepared data into `out`/ngram<order>."""
     _check_out(Path(out))
     neural_path = _part_path(neural_spec)
-    neural_ckpt = require_language_model(load_checkpoint(neural_path, device))
+    neural_ckpt = require_language_model(open_checkpoint(neural_path, device))
     ngram_path = _part_path(ngram_spec) if ngram_spec else count_ngram(neural_ckpt.config, order, Path(out), echo)
-    ngram_ckpt = load_checkpoint(ngram_path)
+    ngram_ckpt = open_checkpoint(ngram_path)
     _check_parts(neural_ckpt, ngram_ckpt)
     neural, cfg, tokenizer = model_of(neural_ckpt, device), neural_ckpt.config, neural_ckpt.tokenizer
     train, _ = prepared_split(cfg, tokenizer, "train")
@@ -143,8 +119,6 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
 def count_ngram(cfg: Config, order: int, out: Path, echo: Callable[[str], None]) -> str:
     """Count an n-gram of `order` on the prepared data of the neural run whose config is `cfg` (so
     with its tokenizer) into `out`/ngram<order>; return its checkpoint."""
-    from hanlm.train.ngram import train_ngram
-
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, arch="ngram", order=order),
         train=dataclasses.replace(cfg.train, run_dir=str(out / f"ngram{order}")),
@@ -192,15 +166,6 @@ def _heldout_start(train: np.ndarray, tokens: int, eos: int) -> int:
     return int(ends[-1]) + 1 if len(ends) else len(train) - tokens
 
 
-def _manifest_digest(path: str) -> str | None:
-    """sha256 of a checkpoint's manifest.json (None for an older checkpoint without one)."""
-    try:
-        with fsspec.open(f"{path.rstrip('/')}/{MANIFEST}", "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:  # missing (an older checkpoint) or unreadable: loading the part says which
-        return None
-
-
 def write_mixture(out: str | Path, neural: str, ngram: str, report: MixReport) -> Path:
     """Write `out`/mixture.json atomically; local part paths are stored absolute."""
     def where(p: str) -> str:
@@ -208,57 +173,14 @@ def write_mixture(out: str | Path, neural: str, ngram: str, report: MixReport) -
 
     path = Path(out) / MIXTURE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"format": _FORMAT,
-              "neural": {"path": where(neural), "manifest_sha256": _manifest_digest(neural)},
-              "ngram": {"path": where(ngram), "manifest_sha256": _manifest_digest(ngram)},
+    record = {"format": MIXTURE_FORMAT,
+              "neural": {"path": where(neural), "manifest_sha256": manifest_digest(neural)},
+              "ngram": {"path": where(ngram), "manifest_sha256": manifest_digest(ngram)},
               "weights": report.weights, "bucket_tokens": report.bucket_tokens,
               "tuned_on": {"tokens": report.tune_tokens, "text": "the tail of the neural run's train split"},
               "heldout_nats": report.nats}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     return path
-
-
-def read_mixture(spec: str) -> dict[str, Any]:
-    """The checked contents of a mixture.json: errors name the file and the key."""
-    path = mixture_file(spec)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a hanlm mixture (its format is not {_FORMAT!r})")
-    for part in ("neural", "ngram"):
-        entry = record.get(part)
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise CheckpointError(f"{path}: {part}.path must be the path of the {part} checkpoint")
-    weights = record.get("weights")
-    if (not isinstance(weights, list) or not weights
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0 for w in weights)):
-        raise CheckpointError(f"{path}: weights must be a list of numbers between 0 and 1, got {weights!r:.80}")
-    return record
-
-
-def load_mixture(spec: str, device: str | torch.device = "cpu") -> tuple[MixtureLM, Config, Any]:
-    """(mixture in eval mode, the neural part's config with model.arch mix, tokenizer)."""
-    record, path = read_mixture(spec), mixture_file(spec)
-    for part in ("neural", "ngram"):
-        saved = record[part].get("manifest_sha256")
-        if saved is not None and _manifest_digest(record[part]["path"]) != saved:
-            raise CheckpointError(f"{path}: its {part} part {record[part]['path']} has changed (or is gone) since the "
-                                  "mixture was tuned; run hanlm mix again")
-    neural, cfg, tokenizer = load_for_inference(record["neural"]["path"], device)
-    ngram, _, ngram_tokenizer = load_for_inference(record["ngram"]["path"], device)
-    if not isinstance(ngram, NGramLM) or isinstance(neural, NGramLM):
-        raise CheckpointError(f"{path}: neural.path must be a gpt or lstm checkpoint and ngram.path an n-gram one")
-    if tokenizer.fingerprint() != ngram_tokenizer.fingerprint():
-        raise CheckpointError(f"{path}: the parts use different tokenizers ({record['neural']['path']}/tokenizer.json "
-                              f"and {record['ngram']['path']}/tokenizer.json)")
-    try:
-        model = MixtureLM(neural, ngram, [float(w) for w in record["weights"]])
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="mix"))
-    return model.to(device).eval(), cfg, tokenizer
 
 
 def summary(report: MixReport) -> str:

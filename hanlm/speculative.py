@@ -24,8 +24,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from hanlm.errors import ConfigError
+from hanlm.loading import load_for_inference
 from hanlm.models import LanguageModel
 from hanlm.models.ngram import NGramLM
+from hanlm.sampling import GREEDY_BELOW, filter_logits, sample
 
 MODES = ("none", "ngram", "prompt")
 MAX_DRAFT = 64
@@ -120,8 +123,6 @@ def accept(logp: torch.Tensor, draft: Sequence[int], params, generator: torch.Ge
     """The tokens to emit after one verifying forward: the kept prefix of `draft`, then one token of
     the model's (a correction, or after every draft a bonus). `logp` (len(draft) + 1, V) holds the
     model's next-token log-probabilities after the pending token and after each draft."""
-    from hanlm.generate import GREEDY_BELOW, filter_logits
-
     if min(params.temperature, params.top_p) < GREEDY_BELOW:
         best = logp.argmax(-1).tolist()
         kept = next((i for i, (b, d) in enumerate(zip(best, draft)) if b != d), len(draft))
@@ -155,8 +156,6 @@ def speculative_tokens(model: LanguageModel, ids: list[int], logp: torch.Tensor,
     """The model's continuation of `ids`, one token at a time, checked `length.k` drafted tokens per
     forward. `logp` (1, V) and `state` are the model's after `ids`; at most `limit` tokens come out.
     The caller may stop early (an `<eos>`, a stop string)."""
-    from hanlm.generate import sample
-
     device = model.device
     context = list(ids)
     pending = [int(sample(logp.float(), params, generator))]
@@ -185,8 +184,6 @@ def speculative_tokens(model: LanguageModel, ids: list[int], logp: torch.Tensor,
 def load_drafter(mode: str, draft_model: str | None, tokenizer) -> Drafter | None:
     """The drafter `generate.speculative` names (None for `none`); an `ngram` draft is loaded from
     `draft_model` and must have `tokenizer`'s vocabulary."""
-    from hanlm.errors import ConfigError
-
     if mode == "none":
         return None
     if mode == "prompt":
@@ -196,8 +193,6 @@ def load_drafter(mode: str, draft_model: str | None, tokenizer) -> Drafter | Non
     if not draft_model:
         raise ConfigError("generate.speculative ngram needs generate.draft_model: an n-gram checkpoint or ARPA "
                           "file over the model's tokenizer (hanlm train with model.arch=ngram writes one)")
-    from hanlm.checkpoint import load_for_inference
-
     ngram, _, draft_tokenizer = load_for_inference(draft_model)
     if not isinstance(ngram, NGramLM):
         raise ConfigError(f"generate.draft_model {draft_model}: an ngram draft is an n-gram model, not "
@@ -213,8 +208,6 @@ def speculation_from_config(g, tokenizer, mode: str | None = None, draft_model: 
                             k: int | None = None) -> Speculation | None:
     """The `generate.speculative` / `draft_*` settings (a GenerateConfig `g`), each argument that is not
     None taking its key's place; None when speculation is off."""
-    from hanlm.errors import ConfigError
-
     k = g.draft_tokens if k is None else k
     if not 1 <= k <= MAX_DRAFT:  # the key's own bounds, for --draft-tokens too
         raise ConfigError(f"generate.draft_tokens {k}: draft between 1 and {MAX_DRAFT} tokens per forward")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
-from hanlm.checkpoint import load_for_inference
+from hanlm.loading import load_for_inference
 from hanlm.config import load_config
 from hanlm.serve.app import create_app
 from hanlm.train.loop import Trainer

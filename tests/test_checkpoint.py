@@ -16,11 +16,10 @@ from hanlm.atomic import atomic_dir, owner_tag
 from hanlm.checkpoint import (
     list_checkpoints,
     load_checkpoint,
-    load_for_inference,
     read_best,
-    resolve_checkpoint,
     save_checkpoint,
 )
+from hanlm.loading import load_for_inference, resolve_checkpoint
 from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.errors import CheckpointError

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from hanlm.checkpoint import load_checkpoint, load_for_inference, save_checkpoint
+from hanlm.checkpoint import load_checkpoint, save_checkpoint
+from hanlm.loading import load_for_inference, open_checkpoint
 from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.data.tokenizer import train_tokenizer
 from hanlm.errors import CheckpointError
 from hanlm.export.gguf_export import export_gguf
 from hanlm.export.hf import export_hf
-from hanlm.generate import Generation, SamplingParams, generate, prompt_ids
+from hanlm.generate import Generation, generate, prompt_ids
+from hanlm.sampling import SamplingParams
 from hanlm.models import build_model
 from hanlm.train.loop import Trainer
 
@@ -73,7 +75,7 @@ def test_models_without_a_llama_form_are_refused_by_name(tmp_path, people_daily,
 def test_an_export_imports_back_to_identical_tensors_and_serves_as_a_checkpoint(tmp_path, people_daily, capsys):
     path = checkpoint(tmp_path, people_daily, "char")
     out = export_hf(path, tmp_path / "hf")
-    original, imported = load_checkpoint(path), load_checkpoint(str(out))
+    original, imported = load_checkpoint(path), open_checkpoint(str(out))
     model, _, _ = load_for_inference(path)
     again, cfg, tokenizer = load_for_inference(str(out))
     assert tokenizer.fingerprint() == original.tokenizer.fingerprint()
@@ -101,21 +103,21 @@ def test_what_hanlm_cannot_compute_is_refused_by_field(tmp_path, people_daily, f
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(config | {field: value}))
     with pytest.raises(CheckpointError, match=message):
-        load_checkpoint(str(out))
+        open_checkpoint(str(out))
 
 
 def test_a_damaged_or_pickled_hf_directory_is_refused(tmp_path, people_daily):
     out = export_hf(checkpoint(tmp_path, people_daily, "char"), tmp_path / "hf")
     (out / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="model.safetensors is damaged"):
-        load_checkpoint(str(out))
+        open_checkpoint(str(out))
     (out / "model.safetensors").unlink()
     (out / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="never loads"):
-        load_checkpoint(str(out))
+        open_checkpoint(str(out))
     (out / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="tokenizer.json: not a tokenizer hanlm can use"):
-        load_checkpoint(str(out))
+        open_checkpoint(str(out))
 
 
 @pytest.mark.parametrize("kind, dtype", [("char", "f32"), ("bpe", "f16"), ("char", "q8_0")])

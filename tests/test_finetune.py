@@ -12,15 +12,17 @@ import pytest
 import torch
 from serve_helpers import AUTH, KEY, LiveServer, ask_the_playground, browser, checkpoints, error_of  # noqa: F401
 
-from hanlm.checkpoint import load_checkpoint, load_for_inference
+from hanlm.checkpoint import load_checkpoint
+from hanlm.loading import load_for_inference
 from hanlm.config import load_config
 from hanlm.data.corpora import corpus_file
 from hanlm.data.reader import DocumentReader
 from hanlm.errors import CheckpointError, ConfigError, DataError
 from hanlm.serve.app import create_app
-from hanlm.tasks.finetune import Finetuner, epoch_batches
+from hanlm.finetune.run import Finetuner, epoch_batches
 from hanlm.tasks.labelled import read_labelled, split_of
-from hanlm.tasks.predict import classify_file, load_classifier
+from hanlm.loading import load_classifier
+from hanlm.tasks.predict import classify_file
 
 QUIET = ["log.progress=false", "log.tensorboard=false"]
 

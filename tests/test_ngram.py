@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hanlm.checkpoint import load_for_inference
+from hanlm.loading import load_for_inference
 from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.data.tokenizer import train_tokenizer

@@ -14,7 +14,9 @@ import pytest
 from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.data import prepare as prepare_module
-from hanlm.data.prepare import is_val, prepare
+from hanlm.data import spool as spool_module
+from hanlm.data.prepare import prepare
+from hanlm.data.splits import is_val
 from hanlm.data.shards import FORMAT_VERSION, ShardWriter, TokenShards, open_split, read_meta, token_dtype
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import ConfigError, DataError
@@ -110,7 +112,7 @@ def test_an_interrupted_prepare_leaves_the_previous_shards_untouched(tmp_path, p
     prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 10_000)
+    monkeypatch.setattr(spool_module, "CHUNK_CHARS", 10_000)
     real_write, calls = ShardWriter.write, []
 
     def failing_write(self, *args):
@@ -163,7 +165,7 @@ def test_parallel_encoding_gives_the_same_shards(tmp_path, people_daily, monkeyp
     src.write_text("\n".join(people_daily[:3000]) + "\n", encoding="utf-8")
     serial = prepare(load_config(None, [f"data.source={src}", "data.num_workers=1"]), tmp_path / "a",
                      progress=False)
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 20_000)
+    monkeypatch.setattr(spool_module, "CHUNK_CHARS", 20_000)
     monkeypatch.setattr(prepare_module, "POOL_WORTH_SECONDS", 0.0)
     parallel = prepare(load_config(None, [f"data.source={src}", "data.num_workers=2"]), tmp_path / "b",
                        progress=False)

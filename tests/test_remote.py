@@ -34,10 +34,10 @@ from hanlm.checkpoint import (
     list_checkpoints,
     load_latest,
     probe_writable,
-    resolve_checkpoint,
     save_checkpoint,
     set_aside,
 )
+from hanlm.loading import resolve_checkpoint
 from hanlm.config import DataConfig, load_config
 from hanlm.data.prepare import prepare
 from hanlm.data.reader import DocumentReader

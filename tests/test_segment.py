@@ -12,16 +12,17 @@ import pytest
 import torch
 from serve_helpers import AUTH, KEY, LiveServer, ask_the_playground, browser, checkpoints, error_of  # noqa: F401
 
-from hanlm.checkpoint import load_for_inference
+from hanlm.loading import load_for_inference
 from hanlm.config import load_config
 from hanlm.data.corpora import corpus_file
 from hanlm.data.tagged import TaggedSentence, format_sentence, parse_slash, read_tagged
 from hanlm.errors import CheckpointError, ConfigError, DataError
 from hanlm.serve.app import create_app
 from hanlm.tasks.bmes import allowed_transitions, char_tags, cut_sentence, tag_inventory, text_pieces, words_of
-from hanlm.tasks.finetune import Finetuner
+from hanlm.finetune.run import Finetuner
 from hanlm.tasks.metrics import SegmentationScores
-from hanlm.tasks.taggers import fit_counted, load_tagger
+from hanlm.finetune.counted import fit_counted
+from hanlm.loading import load_tagger
 from hanlm.tasks.tagging import evaluate_segmenter, read_tagged_data
 from hanlm.tasks.viterbi import viterbi
 
@@ -103,7 +104,7 @@ def test_auto_format_reads_words_and_slash_files_and_bmes_pos_needs_tags(paragra
 
 
 def test_the_split_is_deterministic_disjoint_and_the_test_split_is_pretrainings_val(sample):
-    from hanlm.data.prepare import is_val
+    from hanlm.data.splits import is_val
 
     cfg = load_config("segment", [f"finetune.data=[{sample}]"])
     first, again = read_tagged_data(cfg), read_tagged_data(cfg)
@@ -234,8 +235,9 @@ def test_the_neural_tagger_learns_to_segment_and_serves_through_the_same_loader(
 
 @pytest.mark.parametrize("head", ["lookahead", "causal"])
 def test_every_head_gives_one_emission_per_character(checkpoints, head):
-    from hanlm.checkpoint import load_checkpoint, resolve_checkpoint
-    from hanlm.tasks.finetune import finetune_config
+    from hanlm.checkpoint import load_checkpoint
+    from hanlm.loading import resolve_checkpoint
+    from hanlm.finetune.run import finetune_config
     from hanlm.tasks.neural_tagger import NeuralTagger, build_tagger_network
 
     source = load_checkpoint(resolve_checkpoint(checkpoints["gpt"]))
@@ -300,7 +302,8 @@ def test_v1_segment_batches_texts_checks_keys_and_refuses_other_tasks(hmm, check
 
 
 def test_a_tagger_can_be_the_word_tokenizers_segmenter(hmm, paragraphs, tmp_path):
-    from hanlm.data.tokenizer import Tokenizer, segment_words, train_tokenizer
+    from hanlm.data.segmenters import segment_words
+    from hanlm.data.tokenizer import Tokenizer, train_tokenizer
 
     texts = [parse_slash(p).text for p in paragraphs[:60]]
     ours = train_tokenizer("word", texts, segmenter=str(hmm.run_dir))

@@ -13,8 +13,9 @@ import pytest
 import torch
 from serve_helpers import AUTH, KEY, Gate, LiveServer, browser, checkpoints, metric, serve, wait_for_metric  # noqa: F401
 
-from hanlm.checkpoint import load_for_inference
-from hanlm.generate import SamplingParams, generate
+from hanlm.loading import load_for_inference
+from hanlm.generate import generate
+from hanlm.sampling import SamplingParams
 from hanlm.serve.app import create_app
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from hanlm.checkpoint import load_for_inference
+from hanlm.loading import load_for_inference
 from hanlm.config import load_config
 from hanlm.data.tokenizer import train_tokenizer
 from hanlm.errors import ConfigError
-from hanlm.generate import Generation, SamplingParams, filter_logits, generate, prompt_ids
+from hanlm.generate import Generation, generate, prompt_ids
+from hanlm.sampling import SamplingParams, filter_logits
 from hanlm.models import build_model
 from hanlm.models.ngram import estimate
 from hanlm.speculative import NGramDraft, PromptLookup, Speculation, accept, load_drafter
@@ -313,7 +314,7 @@ def test_the_server_speculates_with_the_ngram_and_answers_like_hanlm_generate(tr
 
 
 def test_batched_sampling_draws_each_row_as_sample_does_and_from_its_distribution():
-    from hanlm.generate import sample, sample_rows
+    from hanlm.sampling import sample, sample_rows
 
     torch.manual_seed(0)
     logp = torch.log_softmax(torch.randn(6, 50) * 3, -1)

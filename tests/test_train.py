@@ -13,14 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hanlm.checkpoint import list_checkpoints, load_checkpoint, load_for_inference, load_latest, read_best
+from hanlm.checkpoint import list_checkpoints, load_checkpoint, load_latest, read_best
+from hanlm.loading import load_for_inference
 from hanlm.cli import main
 from hanlm.config import load_config
 from hanlm.data.prepare import prepare
 from hanlm.data.tokenizer import BYTE_BASE
 from hanlm.errors import CheckpointError
 from hanlm.eval import evaluate
-from hanlm.generate import Generation, SamplingParams, generate
+from hanlm.generate import Generation, generate
+from hanlm.sampling import SamplingParams
 from hanlm.log import read_metrics
 from hanlm.models import build_model
 from hanlm.train.loop import Trainer

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 from hanlm.bench import suite_parser
-from hanlm.checkpoint import load_checkpoint, resolve_checkpoint
 from hanlm.config import load_config
 from hanlm.tasks.baselines import BASELINES
-from hanlm.tasks.finetune import RESULTS_FILE, Finetuner, finetune_config, plot_dev_curves
+from hanlm.finetune.run import RESULTS_FILE, Finetuner, finetune_config, plot_dev_curves
+from hanlm.loading import open_checkpoint, resolve_checkpoint
 from hanlm.tasks.labelled import LabelledData, read_labelled
 
 # name: extra --set overrides of each fine-tuning run
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = [] if args.only == "none" else [n for n in args.only.split(",") if n] or list(RUNS)
     args.out.mkdir(parents=True, exist_ok=True)
-    source = load_checkpoint(resolve_checkpoint(args.pretrained))
+    source = open_checkpoint(resolve_checkpoint(args.pretrained))
     cfg = finetune_config(load_config(None, [f"finetune.init_from={args.pretrained}"]), source)
     data = read_labelled(cfg)
     print(f"data: {data.summary()}", flush=True)

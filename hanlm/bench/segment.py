@@ -23,7 +23,7 @@ from pathlib import Path
 from hanlm.bench import suite_parser
 from hanlm.config import load_config
 from hanlm.data.tagged import TaggedSentence
-from hanlm.tasks.finetune import RESULTS_FILE
+from hanlm.finetune.run import RESULTS_FILE
 from hanlm.tasks.tagging import TaggedData, TaggerEvaluation, evaluate_segmenter, read_tagged_data
 
 CONFIG = "segment"
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     data = read_tagged_data(load_config(CONFIG))
     print(f"data: {data.summary()}", flush=True)
-    from hanlm.tasks.taggers import load_tagger
+    from hanlm.loading import load_tagger
 
     rows = []
     for name in names:

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from hanlm.bench import suite_parser
-from hanlm.checkpoint import load_for_inference, resolve_served
+from hanlm.checkpoint import load_checkpoint
 from hanlm.config import load_config
-from hanlm.generate import SamplingParams, plain_tokens, prompt_ids
+from hanlm.loading import load_for_inference, resolve_served
+from hanlm.generate import plain_tokens, prompt_ids
+from hanlm.sampling import SamplingParams
 from hanlm.speculative import DraftLength, DraftStats, NGramDraft, PromptLookup, Speculation, speculative_tokens
 
 PROMPTS = ["中国经济", "人民日报记者", "新华社北京１月１日电", "改革开放"]
@@ -44,7 +46,6 @@ def trained_model(quick: bool, workdir: Path) -> str:
 
 def ngram_draft(checkpoint: str, workdir: Path, order: int = 5) -> NGramDraft:
     """A 5-gram counted on the checkpoint's own prepared data (so over its tokenizer)."""
-    from hanlm.checkpoint import load_checkpoint
     from hanlm.mix import count_ngram
 
     cfg = load_checkpoint(resolve_served(checkpoint)).config

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hanlm.config import MODEL_PRESETS, Config, load_config
-from hanlm.export.hf import RMS_EPS, hf_state_dict
+from hanlm.export.hf import hf_state_dict
 from hanlm.models import GPT, build_model
-from hanlm.models.gpt import ROPE_THETA
+from hanlm.models.gpt import RMS_EPS, ROPE_THETA
 from hanlm.train.optim import build_optimizer
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hanlm.bench import suite_parser
 from hanlm.checkpoint import load_checkpoint, load_latest
-from hanlm.cli import positive_int
+from hanlm.argtypes import positive_int
 from hanlm.log import read_metrics
 
 # 2 layers, 128 wide, 32 × 64 tokens per step (16 per worker with 2 workers, 8 with 4): the shape the

@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,14 +30,15 @@ from hanlm import __version__
 from hanlm.atomic import atomic_dir, atomic_write_text
 from hanlm.config import Config
 from hanlm.data.corpora import hanlm_home
+from hanlm.data import spark_prepare
 from hanlm.data.reader import DocumentReader
+from hanlm.data.splits import is_val, text_bucket
+from hanlm.data.spool import DocumentSpool, read_chunk
+from hanlm.data.segmenters import SegmenterLoader, plug_segmenter_loader, segmenter_loader
 from hanlm.data.shards import FORMAT_VERSION, ShardWriter, open_split, read_meta, token_dtype
 from hanlm.data.tokenizer import Tokenizer, char_tokenizer_from_counts, train_tokenizer
 from hanlm.errors import DataError
 
-# Documents are encoded in chunks of about this many characters: big enough to amortise
-# inter-process transfer, small enough to keep every worker busy.
-CHUNK_CHARS = 1 << 18
 # Starting worker processes costs about a second; below this much serial work it does not pay.
 POOL_WORTH_SECONDS = 2.0
 
@@ -68,18 +68,6 @@ class Prepared:
             mb = m["text_bytes"] / 1e6
             lines.append(f"took {self.seconds:.1f} s ({mb / self.seconds:.1f} MB/s of UTF-8 text)")
         return "\n".join(lines)
-
-
-def text_bucket(doc: str, salt: bytes = b"") -> int:
-    """A stable hash of a text, in 0 .. 999,999: what every deterministic split cuts on, so a repeated
-    document always lands on the same side. A `salt` gives an independent hash for another cut."""
-    digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8, key=salt).digest()
-    return int.from_bytes(digest, "little") % 1_000_000
-
-
-def is_val(doc: str, val_fraction: float) -> bool:
-    """Whether a document belongs to the val split (by `text_bucket`)."""
-    return text_bucket(doc) < val_fraction * 1_000_000
 
 
 def _settings(cfg: Config) -> dict[str, Any]:
@@ -157,8 +145,6 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
 
     with atomic_dir(directory) as tmp:
         if launcher == "spark":
-            from hanlm.data import spark_prepare
-
             spools, stats = spark_prepare.spool(cfg, train_reader, val_reader, tmp)
         else:
             spools = _split_documents(train_reader, val_reader, cfg.data.val_fraction, tmp, progress)
@@ -199,102 +185,6 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
         }
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return Prepared(directory, meta, reused=False, seconds=time.perf_counter() - start)
-
-
-class DocumentSpool:
-    """One split's documents on disk while the tokenizer is not known yet: their UTF-8 text back to back in
-    `<split>.text`, their lengths in characters in `<split>.lengths` (int64), cut into chunks of about
-    CHUNK_CHARS characters, the units of parallel encoding; characters are counted as chunks are written."""
-
-    def __init__(self, directory: Path, split: str):
-        self.text_path, self.lengths_path = directory / f"{split}.text", directory / f"{split}.lengths"
-        self._text, self._lengths = open(self.text_path, "wb"), open(self.lengths_path, "wb")
-        self.chunks: list[tuple[int, int, int, int]] = []  # (byte offset, bytes, first document, documents)
-        self.counts = np.zeros(0x110000, dtype=np.int64)  # occurrences of each codepoint
-        self.documents = self.characters = self.bytes = 0
-        self._pending: list[str] = []
-        self._pending_chars = 0
-
-    def add(self, doc: str) -> None:
-        self._pending.append(doc)
-        self._pending_chars += len(doc)
-        if self._pending_chars >= CHUNK_CHARS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        text = "".join(self._pending)
-        data = text.encode("utf-8", "surrogatepass")  # a JSON source can hold lone surrogates
-        self._text.write(data)
-        self._lengths.write(np.fromiter(map(len, self._pending), np.int64, len(self._pending)).tobytes())
-        self.chunks.append((self.bytes, len(data), self.documents, len(self._pending)))
-        counted = np.bincount(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4"))
-        self.counts[:len(counted)] += counted
-        self.documents += len(self._pending)
-        self.characters += self._pending_chars
-        self.bytes += len(data)
-        self._pending, self._pending_chars = [], 0
-
-    def close(self) -> None:
-        self._flush()
-        self._text.close()
-        self._lengths.close()
-
-    def extend(self, part: dict[str, Any]) -> None:
-        """Append another spool's documents, as `summary` described them (a Spark task's spool): its
-        files are copied onto these, its chunks shifted past these and its counts added."""
-        self._flush()
-        with open(part["text_path"], "rb") as f:
-            shutil.copyfileobj(f, self._text, 1 << 24)
-        with open(part["lengths_path"], "rb") as f:
-            shutil.copyfileobj(f, self._lengths, 1 << 24)
-        self.chunks += [(offset + self.bytes, size, first + self.documents, n) for offset, size, first, n
-                        in part["chunks"]]
-        codepoints, counts = part["counts"]
-        self.counts[np.asarray(codepoints, dtype=np.int64)] += np.asarray(counts, dtype=np.int64)
-        self.documents += part["documents"]
-        self.characters += part["characters"]
-        self.bytes += part["bytes"]
-
-    def summary(self) -> dict[str, Any]:
-        """What `extend` needs to append this (closed) spool to another, as plain picklable values."""
-        present = np.flatnonzero(self.counts)
-        return {"text_path": str(self.text_path), "lengths_path": str(self.lengths_path), "chunks": self.chunks,
-                "counts": (present.tolist(), self.counts[present].tolist()), "documents": self.documents,
-                "characters": self.characters, "bytes": self.bytes}
-
-    def remove(self) -> None:
-        self.text_path.unlink(missing_ok=True)
-        self.lengths_path.unlink(missing_ok=True)
-
-    def character_counts(self) -> dict[str, int]:
-        """Occurrences of each character (surrogates left out: no tokenizer file can spell them)."""
-        present = np.flatnonzero(self.counts)
-        return {chr(c): int(self.counts[c]) for c in present if not 0xD800 <= c < 0xE000}
-
-    def unigram_bpc(self) -> float:
-        """Bits per character of a unigram model fitted to these very counts, each document's <eos>
-        counted as the line break it replaces: the baseline a language model's BPC should beat by far."""
-        counts = self.counts.copy()
-        counts[ord("\n")] += self.documents
-        return unigram_entropy(counts)
-
-    def texts(self) -> Iterator[str]:
-        """Every spooled document, in order, a chunk in memory at a time."""
-        for chunk in self.chunks:
-            yield from read_chunk(self.text_path, self.lengths_path, chunk)
-
-
-def read_chunk(text_path: Path, lengths_path: Path, chunk: tuple[int, int, int, int]) -> list[str]:
-    """The documents of one spool chunk."""
-    offset, size, first, count = chunk
-    with open(text_path, "rb") as f:
-        f.seek(offset)
-        text = f.read(size).decode("utf-8", "surrogatepass")
-    lengths = np.fromfile(lengths_path, dtype=np.int64, count=count, offset=first * 8)
-    ends = np.cumsum(lengths).tolist()
-    return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
 
 def _split_documents(train: DocumentReader, val: DocumentReader | None, val_fraction: float, tmp: Path,
@@ -345,13 +235,6 @@ def training_sample(docs: Iterable[str], characters: int, cap: int) -> Iterator[
             yield doc
 
 
-def unigram_entropy(counts: np.ndarray) -> float:
-    """Bits per character of a unigram model fitted to these very counts (one per character)."""
-    n = counts[counts > 0].astype(np.float64)
-    p = n / n.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
 def _empty_split_error(split: str, cfg: Config) -> DataError:
     how = ("data.val_source gave no documents" if cfg.data.val_source
            else f"data.val_fraction={cfg.data.val_fraction} held out no document")
@@ -362,8 +245,10 @@ def _empty_split_error(split: str, cfg: Config) -> DataError:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(path: str) -> None:
+def _init_worker(path: str, segmenters: SegmenterLoader | None = None) -> None:
     global _worker_tokenizer
+    if segmenters is not None:  # a spawned worker has not imported the module that plugs it in
+        plug_segmenter_loader(segmenters)
     _worker_tokenizer = Tokenizer.load(path)
 
 
@@ -386,7 +271,7 @@ def _encode(spool: DocumentSpool, tokenizer_path: Path, workers: int) -> Iterato
     if workers > 1 and (time.perf_counter() - t0) * len(rest) > POOL_WORTH_SECONDS:
         # spawn, not fork: the parent may hold torch or tokenizers thread pools that fork breaks.
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), segmenter_loader())) as pool:
             yield from pool.imap(functools.partial(_encode_chunk, paths), rest)
     else:
         for chunk in rest:

@@ -30,8 +30,10 @@ import numpy as np
 
 from hanlm import errors
 from hanlm.config import Config
-from hanlm.data.prepare import DocumentSpool, is_val, read_chunk
-from hanlm.data.reader import DocumentReader, ReadStats, SourceFile
+from hanlm.data.splits import is_val
+from hanlm.data.spool import DocumentSpool, read_chunk
+from hanlm.data.reader import DocumentReader, ReadStats
+from hanlm.data.sources import SourceFile
 from hanlm.data.shards import token_dtype
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import ConfigError, DataError, HanlmError

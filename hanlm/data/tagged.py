@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from hanlm.config import DataConfig
-from hanlm.data.reader import DocumentReader, SourceFile
+from hanlm.data.reader import DocumentReader
+from hanlm.data.sources import SourceFile
 from hanlm.errors import DataError
 
 FORMATS = ("auto", "words", "slash", "conll")

@@ -22,27 +22,23 @@ import functools
 import hashlib
 import itertools
 import json
-import logging
 import os
-import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jieba
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from hanlm.atomic import atomic_write_text
+from hanlm.data.segmenters import JIEBA, segment_words
 from hanlm.errors import ConfigError, DataError
 
-jieba.setLogLevel(logging.WARNING)  # it logs dictionary loading at INFO on first use
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
-JIEBA = "jieba"  # the default word segmenter
 FORMAT = 1
 UNK_CHAR = "\ufffd"  # one character, so decoded text stays aligned char-for-char with the input
 _MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
@@ -505,28 +501,3 @@ def train_tokenizer(
 def _frequent(counts: Mapping[str, int], min_freq: int) -> list[str]:
     """Keys with count >= min_freq, most frequent first, ties by codepoint so training is deterministic."""
     return [s for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_freq]
-
-
-_SPACES = re.compile(r"(\s+)")
-
-
-@functools.lru_cache(maxsize=4)
-def _tagger(spec: str):
-    from hanlm.errors import CheckpointError
-    from hanlm.tasks.taggers import load_tagger
-
-    try:
-        return load_tagger(spec).tagger
-    except CheckpointError as e:
-        raise DataError(f"tokenizer.segmenter {spec!r} is not a usable tagger: {e}") from None
-
-
-def segment_words(texts: list[str], segmenter: str = JIEBA) -> list[list[str]]:
-    """The words of each text, which spell it exactly (whitespace runs are words of their own): jieba's,
-    or those of the tagger checkpoint `segmenter`, all texts through it in one batch."""
-    if segmenter == JIEBA:
-        return [jieba.lcut(t, HMM=True) for t in texts]
-    parts = [[p for p in _SPACES.split(t) if p] for t in texts]
-    runs = [p for ps in parts for p in ps if not p.isspace()]
-    segmented = iter(_tagger(segmenter).segment(runs))
-    return [[w for p in ps for w in ([p] if p.isspace() else next(segmented).words)] for ps in parts]

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from hanlm.atomic import atomic_path
-from hanlm.checkpoint import load_checkpoint, model_of, require_language_model, resolve_served
+from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
 from hanlm.config import ModelConfig
 from hanlm.data.tokenizer import BYTE_BASE, BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, ConfigError
-from hanlm.export.hf import RMS_EPS
-from hanlm.models.gpt import ROPE_THETA, SwiGLU
+from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
 
 DTYPES = ("f32", "f16", "q8_0")
 # GGUF token types (llama.cpp's llama_token_type): normal, unknown, control, byte.
@@ -130,7 +129,7 @@ def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
     """Write the GPT checkpoint `spec` as one GGUF file `out` with matrices in `dtype`; returns it."""
     _gguf(dtype)  # before loading: a wrong --dtype fails at once
     path = resolve_served(spec)
-    ckpt = require_language_model(load_checkpoint(path))
+    ckpt = require_language_model(open_checkpoint(path))
     if ckpt.config.model.arch != "gpt":
         raise CheckpointError(f"{path}: cannot export a {ckpt.config.model.arch} model to GGUF: only the gpt "
                               "architecture has a llama form")

@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from hanlm.checkpoint import Checkpoint, load_checkpoint, model_of, require_language_model, resolve_served
+from hanlm.checkpoint import Checkpoint
 from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError
-from hanlm.models.gpt import ROPE_THETA, SwiGLU
-
-RMS_EPS = 1e-5
+from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
+from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
 
 
 def _to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -103,7 +102,7 @@ def _tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict[str, An
 def export_hf(spec: str, out: str | Path) -> Path:
     """Write the Hugging Face directory of the GPT checkpoint `spec` into `out`; returns it."""
     path = resolve_served(spec)
-    ckpt = require_language_model(load_checkpoint(path))
+    ckpt = require_language_model(open_checkpoint(path))
     arch = ckpt.config.model.arch
     if arch != "gpt":
         why = "an n-gram model is an ARPA file already (model.arpa in the checkpoint)" if arch == "ngram" else \

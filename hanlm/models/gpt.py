@@ -23,6 +23,7 @@ from hanlm.models.base import LanguageModel
 from hanlm.models.loss import linear_cross_entropy
 
 ROPE_THETA = 10000.0
+RMS_EPS = 1e-5  # every RMSNorm's epsilon (Llama's)
 
 
 class KVStore:
@@ -151,9 +152,9 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=1e-5)
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=1e-5)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
         self.mlp = SwiGLU(cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -172,7 +173,7 @@ class GPT(LanguageModel):
         self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
         self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd, eps=1e-5)
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

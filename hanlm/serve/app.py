@@ -37,9 +37,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from hanlm.checkpoint import ARPA_SUFFIXES
 from hanlm.config import Config
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.eval import perplexity
+from hanlm.loading import load_for_inference, resolve_served
+from hanlm.mixture_file import is_mixture, read_mixture
 from hanlm.models.base import LanguageModel
 from hanlm.serve import generation
 from hanlm.serve.body import Schema, parse_body
@@ -331,8 +334,6 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
     speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k)."""
     import uvicorn
 
-    from hanlm.checkpoint import ARPA_SUFFIXES, load_for_inference, resolve_served
-    from hanlm.mix import is_mixture, read_mixture
 
     if is_mixture(spec):
         read_mixture(spec)  # fail fast on a damaged mixture.json
@@ -353,7 +354,6 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
 
 def _drafts(g, mode: str | None, draft_model: str | None, k: int | None) -> Callable[[Tokenizer], Speculation | None]:
     """The engine's speculation, made once the tokenizer is loaded; a wrong draft model fails here, first."""
-    from hanlm.checkpoint import ARPA_SUFFIXES, resolve_served
 
     path = draft_model or g.draft_model
     if (mode or g.speculative) == "ngram" and path and not path.endswith(ARPA_SUFFIXES):

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.generate import SamplingParams, TextStream, sample, sample_rows
+from hanlm.generate import TextStream
+from hanlm.sampling import SamplingParams, sample, sample_rows
 from hanlm.models.base import LanguageModel
 from hanlm.serve.metrics import Metrics
 from hanlm.speculative import DraftLength, Speculation, accept

@@ -15,7 +15,8 @@ from starlette.requests import Request
 
 from hanlm.config import Config
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.generate import SamplingParams, prompt_ids
+from hanlm.generate import prompt_ids
+from hanlm.sampling import SamplingParams
 from hanlm.models.base import LanguageModel
 from hanlm.serve.engine import Engine, QueueFull
 from hanlm.serve.engine import Request as Job

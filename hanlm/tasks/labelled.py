@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hanlm.config import Config
-from hanlm.data.prepare import text_bucket
+from hanlm.data.splits import text_bucket
 from hanlm.data.reader import DocumentReader
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import DataError

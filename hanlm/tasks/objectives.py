@@ -1,6 +1,6 @@
 """What `hanlm finetune` trains for: the data, head, batches and scores of each task, behind one interface.
 
-The Finetuner (`hanlm.tasks.finetune`) owns everything the tasks share: the pretrained
+The Finetuner (`hanlm.finetune.run`) owns everything the tasks share: the pretrained
 backbone, the optimizer and schedule, distributed steps, checkpoints, resume, dev selection and
 the report. A task supplies the rest: `classify` (a label per text: `hanlm.tasks.labelled`,
 `hanlm.tasks.classifier`) and `tag` (a tag per character: `hanlm.tasks.tagging`,

@@ -1,4 +1,4 @@
-"""Running a classifier: label probabilities for texts, batched by length; loading a classifier checkpoint.
+"""Running a classifier: label probabilities for texts, batched by length; classifying files.
 
 The one path every consumer takes (the fine-tuning evaluator, `hanlm classify`, `POST
 /v1/classify`), so their predictions agree.
@@ -7,14 +7,16 @@ The one path every consumer takes (the fine-tuning evaluator, `hanlm classify`, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from hanlm.config import Config
+from hanlm.data.reader import DocumentReader
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.errors import CheckpointError, DataError
+from hanlm.errors import DataError
 from hanlm.tasks.classifier import SequenceClassifier
 from hanlm.tasks.labelled import collate, encode_texts
 from hanlm.tasks.metrics import ClassificationScores
@@ -80,29 +82,12 @@ def rows_probabilities(model: SequenceClassifier, rows: Sequence[list[int]], *, 
     return out
 
 
-def load_classifier(spec: str, device: str | torch.device = "cpu") -> Classifier:
-    """The classifier in a checkpoint written by `hanlm finetune`: a step directory, or its checkpoints or
-    run directory (then the best checkpoint by dev accuracy); CheckpointError when it holds a language
-    model instead."""
-    from hanlm.checkpoint import load_checkpoint, model_of, resolve_served
-
-    ckpt = load_checkpoint(resolve_served(spec), device)
-    if ckpt.config.model.task != "classify":
-        raise CheckpointError(f"{ckpt.path} is a language model (model.task {ckpt.config.model.task}), not a "
-                              "classifier: fine-tune it first with `hanlm finetune`")
-    return Classifier(model_of(ckpt, device), ckpt.config, ckpt.tokenizer)
-
-
 def classify_file(classifier: Classifier, sources: list[str], *, label_field: str | None = None,
                   batch_size: int = 64) -> tuple[list[dict], ClassificationScores | None]:
     """Classify every text of `sources` (read with the classifier's data.* settings and
     finetune.text_field): one record per text, in order. With `label_field`, each record's gold label
     is read too and the scores come back; a label the classifier does not know is an error that names
     the file and the field."""
-    import dataclasses
-
-    from hanlm.data.reader import DocumentReader
-
     data_cfg = dataclasses.replace(classifier.config.data, text_field=classifier.config.finetune.text_field)
     reader = DocumentReader(sources, data_cfg, text_key="finetune.text_field")
     if label_field is None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from hanlm.config import Config
 from hanlm.errors import ConfigError, HanlmError
+from hanlm.train.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,6 @@ def run_worker(job: Callable[[], int]) -> int:
 def setup_worker(cfg: Config, info: DistInfo) -> torch.device:
     """This worker's device (its own GPU by local rank under CUDA), joined to the process group, with
     train.threads applied and the seed set (the same on every rank: identical initial weights)."""
-    from hanlm.train.loop import pick_device
-
     device = pick_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -171,7 +170,7 @@ def setup_worker(cfg: Config, info: DistInfo) -> torch.device:
 def torchrun_args(worker_args: list[str], *, nproc: int, nnodes: int, node_rank: int,
                   rdzv_endpoint: str | None, max_restarts: int, module: str = "hanlm.train") -> list[str]:
     """torchrun's command line that runs `python -m <module> <worker_args>` on every worker
-    (hanlm.train for training, hanlm.tasks for fine-tuning)."""
+    (hanlm.train for training, hanlm.finetune for fine-tuning)."""
     if nnodes > 1 and not rdzv_endpoint:
         raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     args = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]

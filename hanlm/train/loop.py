@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import signal
 import threading
@@ -37,8 +36,7 @@ from hanlm.checkpoint import (
     load_weights,
     probe_writable,
     remove_stale,
-    require_language_model,
-    resolve_checkpoint,
+    resolve_stored,
     save_checkpoint,
     scan,
     set_aside,
@@ -51,6 +49,7 @@ from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
 from hanlm.eval import EvalResult, evaluate, split_characters
 from hanlm.generate import config_samples
+from hanlm.loading import open_checkpoint, require_language_model, resolve_checkpoint
 from hanlm.log import RunLogger, measure_matmul_peak
 from hanlm.models import build_model
 from hanlm.runlock import RunLock
@@ -66,8 +65,9 @@ from hanlm.train.distributed import (
     set_rng_state,
     setup_worker,
 )
+from hanlm.train.device import autocast_dtype
 from hanlm.train.optim import build_optimizer, lr_at, set_lr
-from hanlm.train.sync import build_sync
+from hanlm.train.strategies import build_sync
 
 
 @dataclass
@@ -82,33 +82,6 @@ class TrainResult:
     report: Path | None = None
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA and on CPUs that multiply bf16 natively; none (fp32) on other CPUs,
-    where bf16 matmul is emulated and ~100× slower, unless train.precision asks."""
-    wanted = cfg.train.precision
-    if wanted == "auto":
-        wanted = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
-    return torch.bfloat16 if wanted == "bf16" else None
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16, from Linux's
-    /proc/cpuinfo): there a bf16 matmul runs 2–4× faster than fp32 (measured on an AMD EPYC)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def find_resume(root: str, resume: str | None, device: torch.device, echo: Callable[[str], None], *,
                 restart_if_damaged: bool, main: bool) -> Checkpoint | None:
     """The checkpoint a run continues from: none for `none`, the given path, or with `auto` the newest
@@ -118,7 +91,7 @@ def find_resume(root: str, resume: str | None, device: torch.device, echo: Calla
     if resume in (None, "", "none"):
         return None
     if resume != "auto":
-        return load_checkpoint(resolve_checkpoint(resume), device)
+        return load_checkpoint(resolve_stored(resume), device)
     found = scan(root, device, echo)
     if found.checkpoint is None and found.damaged and not restart_if_damaged:
         raise CheckpointError(f"every checkpoint in {root} is damaged, so there is nothing to resume:\n"
@@ -187,7 +160,7 @@ class Trainer:
             if cfg.train.micro_batch == "auto":  # keep the size the run started with: resume stays exact
                 cfg = with_micro_batch(cfg, ckpt.config.train.micro_batch)
         elif cfg.train.init_from:
-            source = require_language_model(load_checkpoint(resolve_checkpoint(cfg.train.init_from), self.device))
+            source = require_language_model(open_checkpoint(resolve_checkpoint(cfg.train.init_from), self.device))
             load_weights(self.model, source.weights, source.path)
             self.echo(f"initialised from {source.path} (step {source.step})")
         # Measured on rank 0 and shared: every rank must run the same batch size.

@@ -7,6 +7,8 @@
 - `dist.shard: fsdp`: FSDP2, parameters, gradients and optimizer state sharded across workers.
 - `diloco`: DiLoCo, local SGD and Streaming DiLoCo (`hanlm.train.diloco`).
 
+`hanlm.train.strategies.build_sync` picks one from the config.
+
 Every strategy counts the bytes this rank sends (`bytes_total`, `step_bytes`; see
 `hanlm.train.collectives`), so strategies can be compared, and sends them over `dist.link_mbps`'
 simulated link when one is set.
@@ -192,17 +194,3 @@ class FSDPSync(Sync):
     def after_backward(self, step: int) -> None:
         self._pending += self.bytes_per_step
         self.link.hold(self.bytes_per_step)
-
-
-def build_sync(cfg: Config, device: torch.device, world_size: int) -> Sync:
-    """The strategy `dist.sync` names; plain `Sync` for a single worker."""
-    if world_size == 1:
-        return Sync()
-    link = Link(cfg.dist.link_mbps, cfg.dist.link_latency_ms)
-    if cfg.dist.shard == "fsdp":
-        return FSDPSync(cfg, world_size, link)
-    if cfg.dist.sync == "diloco":
-        from hanlm.train.diloco import DiLoCo  # (it builds on Sync, above)
-
-        return DiLoCo(cfg, device, link)
-    return DDPSync(cfg, device, link, world_size)

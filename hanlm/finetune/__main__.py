@@ -1,4 +1,4 @@
-"""The fine-tuning worker torchrun runs: `torchrun --nproc-per-node 2 -m hanlm.tasks [--config F] [--set K=V]`.
+"""The fine-tuning worker torchrun runs: `torchrun --nproc-per-node 2 -m hanlm.finetune [--config F] [--set K=V]`.
 
 `hanlm finetune --nproc N` launches it for you.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from hanlm.tasks.finetune import run_finetune_worker
+from hanlm.finetune.run import run_finetune_worker
 
 if __name__ == "__main__":
     code = run_finetune_worker(sys.argv[1:])

@@ -7,7 +7,7 @@ with finetune.from_scratch the same shape and tokenizer start from random weight
 reads and splits the task's data, trains with AdamW on a warm-up + cosine schedule, evaluates
 the dev split every finetune.eval_every_steps steps and checkpoints there; the checkpoint with
 the best dev score (accuracy, or word F1) is the result, and only it is scored on the test
-split, once, at the end. (The hmm and crf taggers train without a network: `hanlm.tasks.taggers`.)
+split, once, at the end. (The hmm and crf taggers train without a network: `hanlm.finetune.counted`.)
 
 Distributed like training: `--nproc N` runs DDP (dist.sync full), each worker taking its share
 of every global batch. A resumed run is exact: the batch order follows from the seed and the
@@ -37,12 +37,11 @@ from hanlm.checkpoint import (
     load_weights,
     read_best,
     remove_stale,
-    require_language_model,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from hanlm.config import Config, config_options, derive, load_config
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
+from hanlm.loading import open_checkpoint, require_language_model, resolve_checkpoint
 from hanlm.log import METRICS_FILE, RunLogger, line_plot, read_metrics
 from hanlm.runlock import RunLock
 from hanlm.tasks.objectives import TASKS, headline_table
@@ -59,7 +58,8 @@ from hanlm.train.distributed import (
     set_rng_state,
     setup_worker,
 )
-from hanlm.train.loop import autocast_dtype, find_resume, set_earlier_aside, stop_on_signals
+from hanlm.train.device import autocast_dtype
+from hanlm.train.loop import find_resume, set_earlier_aside, stop_on_signals
 from hanlm.train.optim import _roles, scheduled_lr, set_lr
 
 RESULTS_FILE = "results.json"
@@ -156,7 +156,7 @@ class Finetuner:
         if self.info.main:
             remove_stale(self.ckpt_root)
         self.device = setup_worker(cfg, self.info)
-        source = load_checkpoint(resolve_checkpoint(cfg.finetune.init_from), self.device)
+        source = open_checkpoint(resolve_checkpoint(cfg.finetune.init_from), self.device)
         cfg = finetune_config(cfg, source)
         self.tokenizer = source.tokenizer
         self.task = TASKS[cfg.finetune.task]()
@@ -430,8 +430,8 @@ def print_result(result: FinetuneResult) -> None:
 
 
 def run_finetune_worker(argv: Sequence[str]) -> int:
-    """One worker of a distributed fine-tuning run, as torchrun starts it (`python -m hanlm.tasks`)."""
-    parser = argparse.ArgumentParser(prog="python -m hanlm.tasks", parents=[config_options()],
+    """One worker of a distributed fine-tuning run, as torchrun starts it (`python -m hanlm.finetune`)."""
+    parser = argparse.ArgumentParser(prog="python -m hanlm.finetune", parents=[config_options()],
                                      description="A fine-tuning worker: run it through hanlm finetune --nproc.")
     parser.add_argument("--resume", metavar="auto|PATH")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """A Hugging Face Llama directory as a hanlm checkpoint: `train.init_from`, `hanlm eval`, `generate`
 and `serve` accept one wherever they accept a checkpoint.
 
-The mapping is `hf.hf_state_dict` run backwards. What hanlm's GPT cannot express is refused with the
+The mapping is `hanlm.export.hf.hf_state_dict` run backwards. What hanlm's GPT cannot express is refused with the
 config field that says so: biases, grouped-query attention, rope scaling, another rope theta, norm
 epsilon, activation or MLP width. The tokenizer must be one hanlm can be: byte-level BPE with
 hanlm's special tokens at ids 0–3 (what `hanlm export` writes for bpe), or the per-character form
@@ -21,8 +21,7 @@ from hanlm.checkpoint import Checkpoint
 from hanlm.config import load_config
 from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, DataError
-from hanlm.export.hf import RMS_EPS
-from hanlm.models.gpt import ROPE_THETA, SwiGLU
+from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
 
 
 def is_hf_dir(path: str) -> bool:
