@@ -36,8 +36,11 @@ sshd:
 	@test -x /usr/sbin/sshd && test -x /usr/lib/openssh/sftp-server || \
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; }
 
-# HANLM_REQUIRE_SERVERS=1: a test whose server (sshd, moto's S3) is missing fails instead of skipping.
+# lint-imports: the layer contracts of pyproject.toml (an import that climbs a layer or closes a loop fails here,
+# named; tests/test_layers.py proves that it would). HANLM_REQUIRE_SERVERS=1: a test whose server (sshd, moto's S3)
+# is missing fails instead of skipping.
 test: install browser sshd
+	$(BIN)/lint-imports --no-cache
 	HANLM_REQUIRE_SERVERS=1 $(BIN)/python -m pytest -q
 
 clean:
