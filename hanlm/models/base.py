@@ -25,15 +25,17 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
     lm_head: nn.Linear
     vector_report: VectorReport | None = None  # set by build_model when pretrained vectors were loaded
     eval_block_size: int | None = None  # evaluation windows of this length instead of train.block_size
+    generates: bool = True  # False for a bidirectional encoder: it reads both sides and predicts no next token
 
     @abstractmethod
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """x, y: (B, T) int64. With y: the mean cross-entropy over positions where y != -1
         (float32 scalar). Without y: logits (B, T, V)."""
 
-    def hidden(self, x: Tensor) -> Tensor:
-        """The hidden states (B, T, C) the output head reads, for x (B, T) int64: what a task head
-        (hanlm.tasks) builds on. Networks override it; other models have none."""
+    def hidden(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The hidden states (B, T, C) the output head reads, for x (B, T) int64, right-padded rows of
+        `lengths` (B,) when given: what a task head (hanlm.tasks) builds on. Networks override it; other
+        models have none."""
         raise TypeError(f"{type(self).__name__} has no hidden states for a task head; use a gpt or lstm model")
 
     @abstractmethod

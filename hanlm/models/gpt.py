@@ -93,6 +93,26 @@ def rotary_tables(head_dim: int, length: int) -> tuple[Tensor, Tensor]:
     return angles.cos().float(), angles.sin().float()
 
 
+def register_rotary(module: nn.Module, head_dim: int, length: int) -> None:
+    """Give `module` the rotary tables of `length` positions as buffers `rope_cos` / `rope_sin`: real, not
+    complex, so that casting the model to another dtype keeps them intact; not persistent: they follow from
+    the config, so checkpoints hold only learned weights."""
+    cos, sin = rotary_tables(head_dim, length)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+
+
+def init_weights(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """GPT-2's initialisation: N(0, 0.02) for every linear and embedding weight, and each block's two branches
+    into the residual stream shrunk by √(2 · layers) so that its variance stays put."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+    for b in blocks:
+        for w in (b.attn.proj.weight, b.mlp.down.weight):
+            nn.init.normal_(w, std=0.02 / math.sqrt(2 * len(blocks)))
+
+
 def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
     """Rotate each pair (x[..., 2i], x[..., 2i+1]) of x by the unit complex numbers rot, which
     broadcast against x's pairs (..., head_dim / 2).
@@ -105,10 +125,10 @@ def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
-        self.n_head = cfg.n_head
+        self.n_head, self.causal = cfg.n_head, causal
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
@@ -118,7 +138,8 @@ class Attention(nn.Module):
         made for. With a `cache` (key buffer, value buffer, P), the new keys and values are written
         at P .. P + T - 1 of the buffers (B, H, capacity, hd) and attention sees positions up to
         P + T - 1. `mask` (boolean, broadcast to (B, H, T, P + T)) replaces the causal mask: rows
-        padded to a common length."""
+        padded to a common length. A non-causal attention (the encoder's) sees every position but those
+        `mask` hides."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k = apply_rotary(qkv[:, :, :2], rot).transpose(1, 3).unbind(2)  # (B, H, T, hd) each
@@ -129,7 +150,7 @@ class Attention(nn.Module):
             k_buf[:, :, P:P + T] = k
             v_buf[:, :, P:P + T] = v
             k, v = k_buf[:, :, :P + T], v_buf[:, :, :P + T]
-        causal = mask is None and P == 0 and T > 1
+        causal = self.causal and mask is None and P == 0 and T > 1
         if mask is None and P and T > 1:
             # is_causal aligns the mask top-left, right only without a past; a single new token sees everything.
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
@@ -150,10 +171,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, causal)
         self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
         self.mlp = SwiGLU(cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -177,22 +198,9 @@ class GPT(LanguageModel):
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.context_length)
-        # Real, not complex, so that casting the model to another dtype keeps them intact; not persistent:
-        # they follow from the config, so checkpoints hold only learned weights.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length)
         self.checkpointing = False
-        self._init_weights(cfg.n_layer)
-
-    def _init_weights(self, n_layer: int) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-        # Each block adds two branches to the residual stream; shrink them so its variance stays put.
-        for b in self.blocks:
-            for w in (b.attn.proj.weight, b.mlp.down.weight):
-                nn.init.normal_(w, std=0.02 / math.sqrt(2 * n_layer))
+        init_weights(self, self.blocks)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in backward instead of storing them (training only)."""
@@ -212,8 +220,9 @@ class GPT(LanguageModel):
         h = self.hidden(x)
         return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
 
-    def hidden(self, x: Tensor) -> Tensor:
-        """The final normalised hidden states (B, T, C) of x (B, T): what the head reads."""
+    def hidden(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The final normalised hidden states (B, T, C) of x (B, T): what the head reads. (`lengths` of
+        right-padded rows need no mask here: a causal position never sees the padding after it.)"""
         T = x.size(1)
         self._check_length(T, "the input")
         rot = self._rotations(slice(0, T))

@@ -42,8 +42,9 @@ class LSTMLM(LanguageModel):
         h = self.hidden(x)
         return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
 
-    def hidden(self, x: Tensor) -> Tensor:
-        """The top layer's outputs (B, T, C) from the zero state: what the head reads."""
+    def hidden(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The top layer's outputs (B, T, C) from the zero state: what the head reads (a left-to-right
+        model: the padding after a row's `lengths` changes nothing before it)."""
         return self._features(x, None)[0]
 
     def initial_state(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
