@@ -1,7 +1,12 @@
 """`hanlm export --format hf|gguf` and importing Hugging Face directories: transformers loads the export and
 computes what hanlm computes, and the export comes back as the same model."""
 
+import errno
+import hashlib
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +30,9 @@ transformers = pytest.importorskip("transformers")
 TEXTS = ["１２月３１日，中共中央总书记、国家主席江泽民发表１９９８年新年讲话。", "GPT模型 2024 年在北京", "写<eos>字"]
 
 
-def checkpoint(tmp_path, people_daily, kind: str, *overrides: str) -> str:
-    """A randomly initialised tiny GPT (untrained weights exercise every row) saved as a checkpoint."""
+def checkpoint(tmp_path, people_daily, kind: str, *overrides: str, root: str = "ckpt") -> str:
+    """A randomly initialised tiny GPT (untrained weights exercise every row) saved as a checkpoint under
+    `tmp_path / root`."""
     cfg = load_config("tiny", [f"tokenizer.kind={kind}", "tokenizer.vocab_size=600", *overrides])
     tokenizer = train_tokenizer(kind, people_daily[:300], vocab_size=600)
     torch.manual_seed(0)
@@ -35,7 +41,7 @@ def checkpoint(tmp_path, people_daily, kind: str, *overrides: str) -> str:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    return save_checkpoint(str(tmp_path / "ckpt"), model, cfg, tokenizer, {"step": 1})
+    return save_checkpoint(str(tmp_path / root), model, cfg, tokenizer, {"step": 1})
 
 
 @pytest.mark.parametrize("kind, overrides", [("char", ()), ("bpe", ("model.tie_embeddings=false",))])
@@ -179,3 +185,143 @@ def test_llama_cpp_computes_hanlm_logits_and_greedy_text_from_the_gguf(tmp_path,
         if len(greedy) == len(result.token_ids):
             break
     assert greedy == result.token_ids
+
+
+# Hostile outputs (issue 29): nothing an export is pointed at is destroyed, and every refusal is a hanlm error
+# (exit 2, one line on stderr, no traceback) that names the path and says what to give instead.
+
+def contents(directory) -> dict[str, str]:
+    """Every file under `directory` by its relative path → sha256: what must not change."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, argv: list[str], *message: str) -> str:
+    """Run `hanlm ARGV`, expect the exit status 2 and each of `message` in its one-line error; returns it."""
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("hanlm: error: ") and "Traceback" not in err, err
+    for part in message:
+        assert part in err, (part, err)
+    return err
+
+
+def test_an_export_onto_or_into_its_own_checkpoint_is_refused(tmp_path, people_daily, capsys):
+    step = checkpoint(tmp_path, people_daily, "char", root="run/checkpoints")
+    run, root = str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints")
+    before = contents(run)
+    os.symlink(step, tmp_path / "alias")
+    for argv, why in [
+        ([step, step], "is the checkpoint being exported"),  # 1: the hostile tester's `export STEP STEP`
+        ([step, step, "--force"], "is the checkpoint being exported"),
+        ([step, str(tmp_path / "alias"), "--force"], "is the checkpoint being exported"),  # through a symlink
+        ([run, run, "--force"], "contains the checkpoint being exported"),  # a run directory, resolved
+        ([root, root, "--force"], "contains the checkpoint being exported"),
+        ([run, f"{step}/hf"], "lies inside the checkpoint being exported"),
+        ([step, f"{step}/model.safetensors", "--format", "gguf"], "lies inside"),  # 2
+        ([step, f"{step}/config.yaml", "--format", "gguf"], "lies inside"),
+        ([run, f"{tmp_path}/alias/model.safetensors", "--format", "gguf"], "lies inside"),
+        ([step, step, "--format", "gguf"], "is the checkpoint being exported"),
+    ]:
+        err = refused(capsys, ["export", *argv], f"export OUT {argv[1]} ", why, step, "give an OUT outside")
+        assert err.count("\n") == 1
+    assert contents(run) == before
+    assert load_checkpoint(step).step == 1  # loads and verifies against its manifest
+
+
+def test_a_hugging_face_input_is_protected_as_well(tmp_path, people_daily, capsys):
+    hf = str(export_hf(checkpoint(tmp_path, people_daily, "char"), tmp_path / "hf"))
+    before = contents(hf)
+    refused(capsys, ["export", hf, hf, "--force"], "is the checkpoint being exported")
+    refused(capsys, ["export", hf, f"{hf}/model.safetensors", "--format", "gguf"], "lies inside the checkpoint")
+    assert contents(hf) == before and open_checkpoint(hf).step == 0
+
+
+def test_a_directory_that_holds_anything_is_replaced_only_with_force(tmp_path, people_daily, capsys):
+    step = checkpoint(tmp_path, people_daily, "char")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused(capsys, ["export", step, str(out)], f"export OUT {out} is a directory that is not empty (notes.txt)",
+            "add --force to replace it")  # 3
+    assert contents(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert main(["export", step, str(out), "--force"]) == 0
+    assert not (out / "notes.txt").exists() and open_checkpoint(str(out)).step == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+    assert load_checkpoint(step).step == 1
+
+
+def test_an_empty_directory_is_written_into_where_it_is(tmp_path, people_daily, capsys):
+    step = checkpoint(tmp_path, people_daily, "char")
+    out = tmp_path / "mounted"  # an empty directory stays itself (a mount point cannot be renamed)
+    out.mkdir()
+    inode = out.stat().st_ino
+    assert main(["export", step, str(out)]) == 0
+    assert out.stat().st_ino == inode and open_checkpoint(str(out)).step == 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_forced_export_leaves_the_old_directory(tmp_path, people_daily, capsys, monkeypatch):
+    step = checkpoint(tmp_path, people_daily, "char")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("hanlm.export.hf.save_file", full)
+    refused(capsys, ["export", step, str(out), "--force"], f"export OUT {out}: cannot write there: No space left",
+            "nothing that was there before has been replaced")
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+
+
+def test_device_nodes_fifos_and_links_to_them_are_never_replaced(tmp_path, people_daily, capsys):
+    step = checkpoint(tmp_path, people_daily, "char")
+    if os.path.exists("/dev/full"):  # 4: the atomic rename would put a regular file in the device's place
+        refused(capsys, ["export", step, "/dev/full", "--format", "gguf"],
+                "export OUT /dev/full is a character device, not a regular file")
+        refused(capsys, ["export", step, "/dev/full", "--force"], "is a character device, not a directory")
+        assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    os.symlink(fifo, tmp_path / "link")
+    refused(capsys, ["export", step, str(fifo), "--format", "gguf"], "is a FIFO (named pipe), not a regular file")
+    refused(capsys, ["export", step, str(tmp_path / "link"), "--format", "gguf"], f"(a symlink to {fifo}) is a FIFO")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(tmp_path / "link")
+    assert load_checkpoint(step).step == 1
+
+
+def test_impossible_output_paths_are_refused_by_name(tmp_path, people_daily, capsys, monkeypatch):
+    step = checkpoint(tmp_path, people_daily, "char")
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    under = f"export OUT {afile}/x.gguf: {afile} is a regular file, not a directory"
+    refused(capsys, ["export", step, f"{afile}/x.gguf", "--format", "gguf"], under)  # 5
+    refused(capsys, ["export", step, f"{afile}/deeper/x.gguf", "--format", "gguf"], f"{afile} is a regular file")
+    refused(capsys, ["export", step, f"{afile}/hf"], f"{afile} is a regular file, not a directory")
+    refused(capsys, ["export", step, str(afile)], f"export OUT {afile} is a regular file, not a directory",
+            "use --format gguf")
+    (tmp_path / "adir").mkdir()
+    refused(capsys, ["export", step, str(tmp_path / "adir"), "--format", "gguf"], "is a directory, but --format "
+            f"gguf writes one file: give a file path, e.g. {tmp_path}/adir/model.gguf")
+    refused(capsys, ["export", step, "s3://bucket/model.gguf", "--format", "gguf"], "writes local files only")
+    assert afile.read_text() == "keep"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # an empty OUT used to write the export into the current directory
+    refused(capsys, ["export", step, ""], "export OUT is empty ('')")
+    refused(capsys, ["export", step, "", "--format", "gguf"], "export OUT is empty ('')", "e.g. model.gguf")
+    assert list(cwd.iterdir()) == [] and load_checkpoint(step).step == 1
+
+
+def test_a_gguf_replaces_a_regular_file_and_writes_through_a_link_to_one(tmp_path, people_daily, capsys):
+    pytest.importorskip("gguf")
+    step = checkpoint(tmp_path, people_daily, "char")
+    old = tmp_path / "old.gguf"
+    old.write_text("an older export")
+    os.symlink(old, tmp_path / "current.gguf")
+    assert main(["export", step, str(tmp_path / "current.gguf"), "--format", "gguf"]) == 0
+    assert os.path.islink(tmp_path / "current.gguf") and old.read_bytes()[:4] == b"GGUF"

@@ -10,9 +10,10 @@ from hanlm.export.hf import export_hf
 FORMATS = ("hf", "gguf")
 
 
-def export(spec: str, fmt: str, out: str | Path, dtype: str = "f32") -> Path:
+def export(spec: str, fmt: str, out: str | Path, dtype: str = "f32", force: bool = False) -> Path:
     """Write the checkpoint `spec` in format `fmt` to `out` (gguf: matrices in `dtype`); returns what was
-    written."""
+    written. Nothing is written over the checkpoint itself, over what is not a regular file (gguf) or a
+    directory (hf), or (hf, unless `force`) over a directory that holds anything (`hanlm.export.target`)."""
     if fmt == "gguf":
         return export_gguf(spec, out, dtype)
-    return export_hf(spec, out)
+    return export_hf(spec, out, force)

@@ -21,6 +21,7 @@ from hanlm.loading import model_of, open_checkpoint, require_language_model, res
 from hanlm.config import ModelConfig
 from hanlm.data.tokenizer import BYTE_BASE, BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, ConfigError
+from hanlm.export.target import check_output
 from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -126,13 +127,20 @@ def write_gguf(out: str | Path, weights: dict[str, np.ndarray], m: ModelConfig, 
 
 
 def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
-    """Write the GPT checkpoint `spec` as one GGUF file `out` with matrices in `dtype`; returns it."""
+    """Write the GPT checkpoint `spec` as one GGUF file `out` with matrices in `dtype`; returns it. An `out`
+    inside the checkpoint, a directory or anything but a regular file is refused before anything is written
+    (`hanlm.export.target`); an existing regular file is replaced once the new one is complete."""
     _gguf(dtype)  # before loading: a wrong --dtype fails at once
     path = resolve_served(spec)
+    target = check_output(out, "gguf", path)
     ckpt = require_language_model(open_checkpoint(path))
     if ckpt.config.model.arch != "gpt":
         raise CheckpointError(f"{path}: cannot export a {ckpt.config.model.arch} model to GGUF: only the gpt "
                               "architecture has a llama form")
     weights = {k: v.float().numpy() for k, v in model_of(ckpt).state_dict().items()}
-    return write_gguf(out, weights, ckpt.config.model, ckpt.tokenizer, dtype,
-                      name=Path(path).parent.parent.name or "hanlm", source=str(path))
+    try:  # written at the real path: a symlink to a file stays one, its file gets the export
+        write_gguf(target.path, weights, ckpt.config.model, ckpt.tokenizer, dtype,
+                   name=Path(path).parent.parent.name or "hanlm", source=str(path))
+    except OSError as e:
+        raise target.failed(e) from None
+    return Path(out)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from hanlm.checkpoint import Checkpoint
 from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError
+from hanlm.export.target import check_output, output_dir
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
 from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
 
@@ -99,9 +100,12 @@ def _tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict[str, An
     }
 
 
-def export_hf(spec: str, out: str | Path) -> Path:
-    """Write the Hugging Face directory of the GPT checkpoint `spec` into `out`; returns it."""
+def export_hf(spec: str, out: str | Path, force: bool = False) -> Path:
+    """Write the Hugging Face directory of the GPT checkpoint `spec` into `out`; returns it. An `out` that is,
+    lies inside or contains the checkpoint, is not a directory, or (unless `force`) is a directory holding
+    anything is refused before anything is written (`hanlm.export.target`)."""
     path = resolve_served(spec)
+    target = check_output(out, "hf", path, force)
     ckpt = require_language_model(open_checkpoint(path))
     arch = ckpt.config.model.arch
     if arch != "gpt":
@@ -109,20 +113,21 @@ def export_hf(spec: str, out: str | Path) -> Path:
             "only the gpt architecture has a Llama form"
         raise CheckpointError(f"{path}: cannot export a {arch} model to Hugging Face: {why}")
     tokenizer_json = hf_tokenizer_json(ckpt.tokenizer, path)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     m = ckpt.config.model
     weights = model_of(ckpt).state_dict()  # every name, tied ones too (a checkpoint stores a tied tensor once)
-    save_file(hf_state_dict(weights, m.n_head, m.tie_embeddings), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(ckpt), indent=2) + "\n")
     tok = ckpt.tokenizer
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
                   "do_sample": ckpt.config.generate.temperature > 0, "temperature": ckpt.config.generate.temperature,
                   "top_k": ckpt.config.generate.top_k, "max_new_tokens": ckpt.config.generate.max_tokens}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok, m.context_length), indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}, indent=2) + "\n")
-    return out
+    with output_dir(target) as tmp:  # complete or not there: a failed export leaves what was
+        save_file(hf_state_dict(weights, m.n_head, m.tie_embeddings), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(ckpt), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok, m.context_length), indent=2)
+                                                   + "\n")
+        (tmp / "special_tokens_map.json").write_text(json.dumps(
+            {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}, indent=2)
+            + "\n")
+    return Path(out)
