@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +132,44 @@ def test_an_interrupted_prepare_leaves_the_previous_shards_untouched(tmp_path, p
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_source_that_changes_midway_fails_prepare_and_publishes_nothing(tmp_path, people_daily, monkeypatch):
+    """Issue 29's hostile tester, without the clock: the source is cut inside a character once prepare has
+    read its first documents. The error names the file and the change (not the invalid UTF-8 the cut makes),
+    and no shards of the part read before the cut are published, the previous directory staying as it was."""
+    src = tmp_path / "pd.txt"
+    data = ("\n".join(people_daily[:3000]) + "\n").encode()  # more than the reader reads ahead
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cut = len(data) // 2
+    while data[cut] & 0xC0 != 0x80:  # inside a multi-byte character
+        cut += 1
+
+    real_add, added = spool_module.DocumentSpool.add, []
+
+    def add_then_cut(self, doc):
+        added.append(doc)
+        if len(added) == 10:
+            os.truncate(src, cut)
+        real_add(self, doc)
+
+    monkeypatch.setattr(spool_module.DocumentSpool, "add", add_then_cut)
+    changed = rf"{re.escape(str(src))} changed while it was being read \(size {len(data):,} → {cut:,} bytes\); " \
+        "run again"
+    with pytest.raises(DataError, match=changed):
+        prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), out, progress=False, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pd.txt"], "a temporary was left behind"
+
+    src.write_bytes(data)
+    added.clear()
+    with pytest.raises(DataError, match=changed):
+        prepare(load_config(None, [f"data.source={src}", "tokenizer.kind=char"]), tmp_path / "fresh",
+                progress=False)
     assert not (tmp_path / "fresh").exists()
 
 

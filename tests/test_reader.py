@@ -3,6 +3,7 @@
 import bz2
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -241,3 +242,119 @@ def test_a_byte_order_mark_never_reaches_the_vocabulary(tmp_path, sample):
                      progress=False)
     vocabulary = Tokenizer.load(result.directory / "tokenizer.json").token_strings()
     assert "\ufeff" not in "".join(vocabulary)
+
+
+# -- a source that changes while it is read: the error says so, whatever the change broke ---------------------
+# The files are bigger than what the reader has read ahead when the first documents come out (64 KiB, and
+# gzip's 128 KiB of compressed input), so a change made then lands in bytes not yet read.
+
+@pytest.fixture(scope="module")
+def big(people_daily) -> list[str]:
+    return people_daily[:3000]  # 0.8 MB of text, 0.36 MB gzipped
+
+
+def half_read(path: Path, **cfg):
+    """The documents of `path` still to come, after the first five: the file is open and partly read."""
+    docs = iter(DocumentReader([str(path)], DataConfig(**cfg)))
+    for _ in range(5):
+        next(docs)
+    return docs
+
+
+def cut_inside_a_character(data: bytes, at: int) -> int:
+    """The first offset from `at` on that falls inside a multi-byte UTF-8 character."""
+    while data[at] & 0xC0 != 0x80:
+        at += 1
+    return at
+
+
+def changed(path: Path, before: int, after: str) -> str:
+    return rf"^{re.escape(str(path))} changed while it was being read \(size {before:,} → {after}\); run again$"
+
+
+@pytest.mark.parametrize("where", ["ahead of the reader", "behind it, as in issue 29"])
+def test_a_file_truncated_inside_a_character_while_read_says_it_changed_not_invalid_utf8(tmp_path, big, where):
+    path = tmp_path / "pd.txt"
+    data = ("\n".join(big) + "\n").encode()
+    path.write_bytes(data)
+    docs = half_read(path)
+    cut = cut_inside_a_character(data, len(data) // 2 if where.startswith("ahead") else 1000)
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    with pytest.raises(DataError, match=changed(path, len(data), f"{cut:,} bytes")):
+        list(docs)
+    with pytest.raises(DataError, match=r"invalid UTF-8 at byte offset"):  # what the cut alone makes of it
+        read([path])
+
+
+def test_a_file_cut_then_written_on_is_changed_not_invalid_utf8_midway(tmp_path, big):
+    """Truncated inside a character and written on (a log rewritten in place): the invalid UTF-8 comes in
+    mid-file, before the end is reached; the reader looks at the file again and blames the change."""
+    path = tmp_path / "pd.txt"
+    data = ("\n".join(big) + "\n").encode()
+    path.write_bytes(data)
+    docs = half_read(path)
+    cut = cut_inside_a_character(data, len(data) // 2)
+    more = ("\n".join(big[:10]) + "\n").encode()
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+        f.seek(cut)
+        f.write(more)
+    with pytest.raises(DataError, match=changed(path, len(data), f"{cut + len(more):,} bytes")) as caught:
+        list(docs)
+    assert "invalid UTF-8" in str(caught.value.__cause__)
+
+
+def test_a_file_that_grows_or_goes_while_read_says_it_changed(tmp_path, big):
+    path = tmp_path / "pd.jsonl"
+    data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in big).encode()
+    path.write_bytes(data)
+    docs = half_read(path)
+    extra = (json.dumps({"text": big[0]}, ensure_ascii=False) + "\n").encode()
+    with open(path, "ab") as f:
+        f.write(extra)
+    with pytest.raises(DataError, match=changed(path, len(data), f"{len(data) + len(extra):,} bytes")):
+        list(docs)
+
+    path.write_bytes(data)
+    docs = half_read(path)
+    path.unlink()  # the open file is read to its end, but the source is no more
+    with pytest.raises(DataError, match=changed(path, len(data), "removed")):
+        list(docs)
+
+
+def test_a_gz_file_shrunk_while_read_says_it_changed_not_damaged(tmp_path, big):
+    path = tmp_path / "pd.txt.gz"
+    write_compressed(path, big)
+    size = path.stat().st_size
+    docs = half_read(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(DataError, match=changed(path, size, f"{size // 2:,} bytes")):
+        list(docs)
+    with pytest.raises(DataError, match=r"damaged gzip data, the file ends early"):  # the cut alone
+        read([path])
+
+
+def test_a_gz_file_rewritten_in_place_while_read_says_it_changed_not_damaged(tmp_path, big):
+    """The same size, bad bytes in the middle and a new modification time: the decompressor fails midway,
+    and the error it raises is the cause of the 'changed' one."""
+    path = tmp_path / "pd.txt.gz"
+    write_compressed(path, big)
+    size, mtime = path.stat().st_size, path.stat().st_mtime
+    docs = half_read(path)
+    with open(path, "r+b") as f:
+        f.seek(size * 3 // 4)
+        f.write(b"\x55" * 64)
+    os.utime(path, (mtime + 10, mtime + 10))  # the clock need not have moved on since the file was written
+    with pytest.raises(DataError, match=changed(path, size, f"{size:,} bytes, modified meanwhile")) as caught:
+        list(docs)
+    assert caught.value.__cause__ is not None
+    with pytest.raises(DataError, match=r"damaged gzip data|invalid UTF-8"):  # the damage alone
+        read([path])
+
+
+def test_an_unchanged_file_read_twice_is_fine(tmp_path, big):
+    path = tmp_path / "pd.txt.gz"
+    write_compressed(path, big)
+    assert read([path]) == big and read([path]) == big

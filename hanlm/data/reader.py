@@ -7,6 +7,9 @@ modification time), so a second run with an unchanged file does not download it 
 changed file is always downloaded afresh: the bytes read are the bytes fingerprinted. `.gz`,
 `.bz2` and `.zst` are decompressed on the fly; a truncated or damaged stream is a DataError that
 names the file and how far it got. A UTF-8 byte-order mark at the start of a file is dropped.
+Each file is checked against its fingerprint once it has been read (one stat): a file that changed
+while it was being read is a DataError saying so (`sources.SourceChanged`), and that error wins over
+the invalid UTF-8, cut record or damaged stream the change caused midway.
 
 Formats: `.txt` (a document per line or per blank-line-separated paragraph), `.jsonl` (one
 field), `.csv` (one column, a header row first) and `.parquet` (one column). Labelled data for
@@ -25,14 +28,15 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TypeVar
 
 from hanlm.config import DataConfig
-from hanlm.data.sources import SourceFile, expand_sources, open_binary
+from hanlm.data.sources import SourceChanged, SourceFile, expand_sources, open_binary, source_changed, verify_source
 from hanlm.errors import DataError
 
 _WHITESPACE = re.compile(r"\s+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -134,7 +138,7 @@ class DocumentReader:
                 lines = self._decoded_lines(src, f)
                 if src.builtin:
                     lines = ((n, json.loads(line)["text"]) for n, line in lines)
-                for number, line in lines:
+                for number, line in _held_to_fingerprint(f, lines):
                     yield src, number, self.normalise(line)
 
     def _keys(self, label_field: str | None) -> str:
@@ -154,19 +158,23 @@ class DocumentReader:
         """(raw text, raw label or None) for each record of one file."""
         text_field = "text" if src.builtin else self.cfg.text_field
         with open_binary(src) as f:
-            if src.format == "parquet":  # pyarrow seeks: a compressed file is decompressed into memory first
-                yield from self._parquet(src, f if f.seekable() else io.BytesIO(f.read()), text_field, label_field)
-                return
-            lines = self._decoded_lines(src, f)
-            if src.format == "jsonl":
-                yield from self._jsonl(src, lines, text_field, label_field)
-            elif src.format == "csv":
-                yield from self._csv(src, lines, text_field, label_field)
-            elif label_field is not None:
-                raise DataError(f"{src.url}: a .txt file holds only text, no {label_field!r} field for labels; "
-                                "give labelled data as .jsonl, .csv or .parquet")
-            else:
-                yield from ((doc, None) for doc in self._txt(lines))
+            yield from _held_to_fingerprint(f, self._parsed(src, f, text_field, label_field))
+
+    def _parsed(self, src: SourceFile, f: IO[bytes], text_field: str,
+                label_field: str | None) -> Iterator[tuple[str, str | None]]:
+        if src.format == "parquet":  # pyarrow seeks: a compressed file is decompressed into memory first
+            yield from self._parquet(src, f if f.seekable() else io.BytesIO(f.read()), text_field, label_field)
+            return
+        lines = self._decoded_lines(src, f)
+        if src.format == "jsonl":
+            yield from self._jsonl(src, lines, text_field, label_field)
+        elif src.format == "csv":
+            yield from self._csv(src, lines, text_field, label_field)
+        elif label_field is not None:
+            raise DataError(f"{src.url}: a .txt file holds only text, no {label_field!r} field for labels; "
+                            "give labelled data as .jsonl, .csv or .parquet")
+        else:
+            yield from ((doc, None) for doc in self._txt(lines))
 
     def _txt(self, lines: Iterator[tuple[int, str]]) -> Iterator[str]:
         if self.cfg.txt_documents == "line":
@@ -301,6 +309,22 @@ class DocumentReader:
                     raise DataError(f"{src.url}: row {row}: column {text_field!r} is {type(value).__name__}, "
                                     "not text")
                 yield value, None if label_field is None else _label(label, f"{src.url}: row {row}", label_field)
+
+
+def _held_to_fingerprint(f: IO[bytes], items: Iterator[_T]) -> Iterator[_T]:
+    """`items`, parsed from `f`, then the file checked against its fingerprint (free when reading to its end
+    did it). An error met on the way (invalid UTF-8, a JSON line cut short, damaged Parquet) gives way to
+    SourceChanged, caused by it, when the file changed meanwhile: the change is what needs fixing."""
+    try:
+        yield from items
+    except SourceChanged:
+        raise
+    except Exception as e:
+        changed = source_changed(f)
+        if changed is not None:
+            raise changed from e
+        raise
+    verify_source(f)
 
 
 def _label(value: object, where: str, field_name: str) -> str:

@@ -3,6 +3,12 @@ URLs) expanded into `SourceFile`s with fingerprints, remote files copied into `$
 their fingerprint, filesystems whose missing drivers are named, and files opened as bytes with
 `.gz`, `.bz2` and `.zst` decompressed on the fly (damage named with how far it got).
 `hanlm.data.reader` turns the bytes into documents.
+
+Sources are fingerprinted after reading too: a file whose size or modification time (a remote one's
+size and ETag) differs once it has been read from what its fingerprint saw, or whose read ended at
+another offset than the fingerprinted size, raises `SourceChanged` ("... changed while it was being
+read"); that error wins over the decompression or decoding errors the change caused midway. It costs
+one stat at the end of each file (and one fsspec info after each download), nothing per line.
 """
 
 from __future__ import annotations
@@ -58,7 +64,20 @@ class SourceFile:
     format: str  # txt | jsonl | csv | parquet
     fingerprint: str  # changes whenever the file does (size, mtime or ETag)
     builtin: bool = False  # an extracted built-in corpus: fixed format, user format keys ignored
-    size: int | None = None  # bytes, as the fingerprint saw them (checks a remote file's download)
+    size: int | None = None  # bytes, as the fingerprint saw them (checked after each read and download)
+    mtime_ns: int | None = None  # a local file's modification time, as the fingerprint saw it
+    version: str | None = None  # a remote file's ETag (else its modification time), as the fingerprint saw it
+
+
+class SourceChanged(DataError):
+    """A source file changed while it was being read: its bytes may belong to no fingerprint at all."""
+
+
+def _changed(url: str, before: int | None, after: int | None, how: str = "") -> SourceChanged:
+    """The error for a file found changed: `before` the fingerprinted size, `after` the size now (None: removed)."""
+    was = f"{before:,}" if before is not None else "unknown"
+    now = "removed" if after is None else f"{after:,} bytes{how}"
+    return SourceChanged(f"{url} changed while it was being read (size {was} → {now}); run again")
 
 
 def _is_url(spec: str) -> bool:
@@ -97,7 +116,8 @@ def expand_sources(specs: list[str], cfg: DataConfig) -> list[SourceFile]:
         if spec in CORPORA:
             path = corpus_file(spec)
             st = path.stat()
-            files.append(SourceFile(str(path), True, "jsonl", f"{spec}:{st.st_size}:{st.st_mtime_ns}", True))
+            files.append(SourceFile(str(path), True, "jsonl", f"{spec}:{st.st_size}:{st.st_mtime_ns}", True,
+                                    size=st.st_size, mtime_ns=st.st_mtime_ns))
         elif _is_url(spec):
             files.extend(_expand_url(spec, cfg))
         else:
@@ -124,7 +144,8 @@ def _expand_local(spec: str, cfg: DataConfig) -> list[SourceFile]:
     out = []
     for p in paths:
         st = p.stat()
-        out.append(SourceFile(str(p), True, _format_of(p.name, cfg), f"{p}:{st.st_size}:{st.st_mtime_ns}"))
+        out.append(SourceFile(str(p), True, _format_of(p.name, cfg), f"{p}:{st.st_size}:{st.st_mtime_ns}",
+                              size=st.st_size, mtime_ns=st.st_mtime_ns))
     return out
 
 
@@ -193,7 +214,7 @@ def _expand_url(spec: str, cfg: DataConfig) -> list[SourceFile]:
     for p, info in zip(paths, infos):
         url = p if p.startswith(f"{protocol}://") else prefix + p if prefix is not None else fs.unstrip_protocol(p)
         out.append(SourceFile(url, False, _format_of(p, cfg), f"{url}:{info.get('size')}:{_stamp(info)}",
-                              size=info.get("size")))
+                              size=info.get("size"), version=_version(info)))
     return out
 
 
@@ -202,6 +223,13 @@ def _stamp(info: dict) -> str:
     each under the names the drivers use (http: ETag, Last-Modified; s3: ETag, LastModified; sftp: mtime)."""
     keys = ("ETag", "etag", "Last-Modified", "LastModified", "mtime", "modification_time")
     return "|".join(str(info[k]) for k in keys if info.get(k))
+
+
+def _version(info: dict) -> str:
+    """What a second look at a remote file compares: its ETag where the driver gives one (a listing's and a
+    HEAD's agree; their modification times need not, S3's differ in precision), else its `_stamp`."""
+    etag = info.get("ETag") or info.get("etag")
+    return f"ETag {etag}" if etag else _stamp(info)
 
 
 def _cached_copy(src: SourceFile) -> Path:
@@ -228,37 +256,151 @@ def _cached_copy(src: SourceFile) -> Path:
             raise DataError(f"cannot download {src.url!r}: {type(e).__name__}: {_first_line(e)}") from None
         got = tmp.stat().st_size
         if src.size is not None and got != src.size:
-            raise DataError(f"{src.url} changed while it was being read ({src.size:,} bytes when listed, "
-                            f"{got:,} downloaded); run again")
+            raise _changed(src.url, src.size, got, " downloaded")
+        _check_after_download(src, fs, path)
     for old in folder.iterdir():  # older versions of the same URL; temporaries (dot names) are atomic_path's
         if old != copy and not old.name.startswith("."):
             old.unlink(missing_ok=True)
     return copy
 
 
+def _check_after_download(src: SourceFile, fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """One fsspec info after a download: a remote file whose size or version (ETag, else modification time)
+    is no longer the fingerprinted one changed while it was being downloaded (SourceChanged)."""
+    try:
+        fs.invalidate_cache(path)  # the server's answer now, not the listing's
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise _changed(src.url, src.size, None) from None
+    except Exception as e:  # the driver's own types, as in filesystem()
+        raise DataError(f"cannot download {src.url!r}: {type(e).__name__}: {_first_line(e)}") from None
+    size = info.get("size")
+    if src.size is not None and size is not None and size != src.size:
+        raise _changed(src.url, src.size, size)
+    if src.version is not None and _version(info) != src.version:
+        raise _changed(src.url, src.size, size, f", {src.version} → {_version(info)}")
+
+
+def source_changed(f: IO[bytes]) -> SourceChanged | None:
+    """The error to raise if the source `f` (from `open_binary`) is no longer as fingerprinted (one stat now),
+    else None. For the reader to call when the bytes make no sense (invalid UTF-8, a record cut short): a
+    change explains them."""
+    return _watched(f).changed()
+
+
+def verify_source(f: IO[bytes]) -> None:
+    """Raise SourceChanged if the source `f` (from `open_binary`) changed since it was fingerprinted; free when
+    reading it to its end checked it already."""
+    watched = _watched(f)
+    if not watched.verified:
+        watched.verify(None)
+
+
+def _watched(f: IO[bytes]) -> _Watched:
+    raw = f.raw  # type: ignore[attr-defined]
+    return raw if isinstance(raw, _Watched) else raw.watched
+
+
 def open_binary(src: SourceFile) -> IO[bytes]:
-    """The decompressed bytes of a source, buffered; remote ones from their cached copy."""
+    """The decompressed bytes of a source, buffered; remote ones from their cached copy. Reading to the end of
+    the file checks it against its fingerprint (SourceChanged); `source_changed` and `verify_source` check it
+    on demand."""
     compression = _suffixes(src.url)[1]
     path = Path(src.url) if src.local else _cached_copy(src)
     try:
-        raw = open(path, "rb")
+        # A remote file's cached copy is checked against the fingerprinted size only: the copy's own
+        # modification time is no part of the fingerprint (another run may place the same copy anew).
+        watched = _Watched(path, src.url, src.size, src.mtime_ns if src.local else None)
     except FileNotFoundError:
         raise DataError(f"data source {src.url!r} not found") from None
     except OSError as e:
         raise DataError(f"cannot read {src.url!r}: {e}") from None
     if compression is None:
-        return raw
-    return io.BufferedReader(_Decompressing(raw, compression, src.url), buffer_size=_CHUNK)
+        return io.BufferedReader(watched, buffer_size=_CHUNK)
+    raw = io.BufferedReader(watched, buffer_size=_CHUNK)
+    return io.BufferedReader(_Decompressing(raw, compression, src.url, watched), buffer_size=_CHUNK)
+
+
+class _Watched(io.RawIOBase):
+    """A source file's raw bytes, held to its fingerprint. Reaching the end of the file stats it once (one stat a
+    file, none per line) and raises SourceChanged when its size or modification time differ from the
+    fingerprinted ones, or when a front-to-back read ended at another offset than the fingerprinted size."""
+
+    def __init__(self, path: Path, url: str, size: int | None, mtime_ns: int | None):
+        super().__init__()
+        self._file = open(path, "rb", buffering=0)
+        self._path, self._url = path, url
+        # A SourceFile made without them (by hand, by an older hanlm) is held to the file as it was opened.
+        self._size = os.fstat(self._file.fileno()).st_size if size is None else size
+        self._mtime_ns = mtime_ns
+        self._read = 0  # bytes read front to back; None once the file was seeked (Parquet)
+        self.verified = False  # the end of the file was reached and checked
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._file.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        position = self._file.seek(offset, whence)
+        if position != self._read:
+            self._read = None
+        return position
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def readinto(self, buffer) -> int:
+        n = self._file.readinto(buffer)
+        if n:
+            if self._read is not None:
+                self._read += n
+        elif len(memoryview(buffer)) and not self.verified:  # the end of the file
+            self.verify(self._read)
+        return n
+
+    def verify(self, read: int | None) -> None:
+        """Raise SourceChanged if the file changed; `read`: the bytes a front-to-back read got, if it was one."""
+        self.verified = True
+        error = self.changed(read)
+        if error is not None:
+            raise error
+
+    def changed(self, read: int | None = None) -> SourceChanged | None:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return _changed(self._url, self._size, None)
+        except OSError as e:
+            return SourceChanged(f"{self._url} changed while it was being read (it can no longer be looked at: {e}); "
+                                 "run again")
+        if st.st_size != self._size:
+            return _changed(self._url, self._size, st.st_size)
+        if self._mtime_ns is not None and st.st_mtime_ns != self._mtime_ns:
+            return _changed(self._url, self._size, st.st_size, ", modified meanwhile")
+        if read is not None and read != self._size:
+            return _changed(self._url, self._size, read, " read")
+        return None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
 
 
 class _Decompressing(io.RawIOBase):
     """The decompressed bytes of a compressed file. A stream that ends early or holds bad bytes raises
     DataError naming the file, the decompressed bytes read before the error, and how far into the
-    compressed file the decompressor had read (it reads ahead, so that is where the damage was seen)."""
+    compressed file the decompressor had read (it reads ahead, so that is where the damage was seen); unless
+    the file changed since it was fingerprinted, which explains the damage: then SourceChanged."""
 
-    def __init__(self, raw: IO[bytes], compression: str, name: str):
+    def __init__(self, raw: IO[bytes], compression: str, name: str, watched: _Watched):
         super().__init__()
-        self._raw, self._compression, self._name = raw, compression, name
+        self._raw, self._compression, self._name, self.watched = raw, compression, name, watched
         self._stream: IO[bytes] = {"gzip": lambda: gzip.GzipFile(fileobj=raw, mode="rb"),
                                    "bz2": lambda: bz2.BZ2File(raw, "rb"),
                                    "zstd": lambda: _ZstdFrames(raw)}[compression]()
@@ -271,6 +413,9 @@ class _Decompressing(io.RawIOBase):
         try:
             n = self._stream.readinto(buffer)
         except _DECOMPRESSION_ERRORS as e:
+            changed = self.watched.changed()  # a file cut short or rewritten while read: that is the error
+            if changed is not None:
+                raise changed from e
             raise DataError(self._damage(e)) from None
         self.delivered += n
         return n
