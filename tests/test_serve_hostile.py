@@ -14,7 +14,8 @@ import pytest
 from serve_helpers import AUTH, KEY, FailAfter, checkpoints, error_of, metric, serve  # noqa: F401
 
 from hanlm.serve.engine import FinishEvent, TokenEvent
-from hanlm.serve.protocol import DETOKENIZE_LIMIT, MAX_TOKENS_LIMIT, SEED_LIMIT
+from hanlm.limits import MAX_TOKENS_LIMIT, SEED_LIMIT
+from hanlm.serve.protocol import DETOKENIZE_LIMIT
 from hanlm.serve.streaming import sse_stream
 
 MAX_QUEUE = 4

@@ -16,10 +16,16 @@ with a 400; a classifier answers /v1/classify and a tagger /v1/segment, and each
 others the same way. Every error has OpenAI's
 shape; bad input is a 4xx, never a 500. With an API key, every route but
 /health and the page needs `Authorization: Bearer KEY`; /metrics too unless `metrics_public`.
+
+A language model computes on the engine's thread (and /v1/score under its lock); a classifier or
+tagger on the task worker's one thread (hanlm.serve.worker), where at most `max_task_queue` batches
+wait and the next gets a 429 at once. Each connection's request head must arrive within
+`header_timeout_s` (hanlm.serve.connections).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import threading
@@ -46,6 +52,7 @@ from hanlm.mixture_file import is_mixture, read_mixture
 from hanlm.models.base import LanguageModel
 from hanlm.serve import generation
 from hanlm.serve.body import Schema, parse_body
+from hanlm.serve.connections import HEAD_TIMEOUT_S, uvicorn_settings
 from hanlm.serve.engine import Engine
 from hanlm.serve.generation import Loaded
 from hanlm.serve.metrics import Metrics
@@ -58,9 +65,11 @@ from hanlm.serve.protocol import (
     JSONAnswer,
     ScoreRequest,
     SegmentRequest,
+    TextsRequest,
     TokenizeRequest,
 )
-from hanlm.serve.streaming import CLIENT_GONE, ClientGone
+from hanlm.serve.streaming import CLIENT_GONE, DISCONNECT_POLL_S, ClientGone
+from hanlm.serve.worker import Job, TaskQueueFull, TaskWorker, TaskWorkerStopped
 from hanlm.speculative import Speculation, speculation_from_config
 
 # The rest of a body that was not read (too big, too slow) would be taken for the next request.
@@ -77,6 +86,7 @@ class _Service:
     max_json_depth: int
     body_timeout_s: float
     loaded: Loaded | None = None
+    worker: TaskWorker | None = None  # a classifier's or tagger's, once it has loaded
     error: str | None = None  # why the model failed to load
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -96,20 +106,33 @@ class _Service:
                      "lm": "this route needs a language model"}
             raise APIError(400, f"the model {self.model_name} is {answers[served]}; {needs[task]}",
                            code="wrong_task")
+        if task == "lm" and self.loaded.engine is None:
+            raise APIError(400, f"the model {self.model_name} is a bidirectional encoder (model.arch encoder): it "
+                           "reads both sides of each token, so it neither generates nor scores text; fine-tune it "
+                           "with hanlm finetune and serve the classifier or tagger", code="wrong_task")
         return self.loaded
 
     async def body(self, request: Request, schema: type[Schema]) -> Schema:
         return await parse_body(request, schema, max_bytes=self.max_body_bytes, timeout_s=self.body_timeout_s,
                                 max_depth=self.max_json_depth)
 
-    async def texts_route(self, request: Request, task: str, schema: type[Schema], endpoint: str,
+    async def texts_route(self, request: Request, task: str, schema: type[TextsRequest], endpoint: str,
                           answer: Callable[[Loaded, list[str]], dict[str, Any]]) -> JSONResponse:
-        """A route over a batch of texts (/v1/classify, /v1/segment): the model of `task`, the body's
-        `input` as a list, and `answer` run off the event loop, since it runs the model."""
+        """A route over a batch of texts (/v1/classify, /v1/segment): the model of `task`, and `answer`
+        over the body's texts run by the task worker; 429 when its queue is full."""
         loaded = self.ready(task)
         req = await self.body(request, schema)
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        body = await run_in_threadpool(_one_batch_at_a_time, answer, loaded, texts)
+        worker = self.worker
+        assert worker is not None  # a classifier or tagger has one from the moment it is ready
+        try:
+            job = worker.submit(lambda: answer(loaded, req.input))
+        except TaskQueueFull:
+            raise APIError(429, f"the server is busy: {worker.max_waiting} classify and segment requests can wait "
+                                "(serve.max_task_queue) and that many already do; retry later",
+                           type="rate_limit_error", code="queue_full") from None
+        except TaskWorkerStopped:
+            raise _shutting_down() from None
+        body = await _outcome(request, job)
         return self.ok(endpoint, {**body, "model": self.model_name})
 
     def counter(self, endpoint: str) -> Callable[[str], None]:
@@ -177,13 +200,32 @@ def segment_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
                                                       "words": sum(len(s.words) for s in sentences)}}
 
 
-_task_lock = threading.Lock()  # one batch at a time through a classifier or tagger: its threads are the machine's
+async def _outcome(request: Request, job: Job) -> Any:
+    """The job's result once the worker has run it. ClientGone when the client leaves first, checked
+    every DISCONNECT_POLL_S (a waiting job is then skipped); the job is cancelled however this ends."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                try:
+                    return job.future.result()
+                except TaskWorkerStopped:
+                    raise _shutting_down() from None
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        job.cancel()
 
 
-def _one_batch_at_a_time(answer: Callable[[Loaded, list[str]], dict[str, Any]], loaded: Loaded,
-                         texts: list[str]) -> dict[str, Any]:
-    with _task_lock:
-        return answer(loaded, texts)
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
+def task_threads_for(cfg: Config) -> int:
+    """The task worker's intra-op threads when none are asked for: 1 for an hmm or crf tagger, whose
+    work is a step per character too small to share between threads (more only add their waking up),
+    torch's default (the machine's cores) for a network: a classifier, a neural tagger."""
+    return 1 if _arch(cfg) in ("hmm", "crf") else torch.get_num_threads()
 
 
 def _arch(cfg: Config) -> str:
@@ -291,21 +333,30 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
 def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, model_name: str,
                api_key: str | None = None, max_batch: int = 16, max_queue: int = 256, max_body_bytes: int = 1 << 20,
                max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
-               speculation: Callable[[Tokenizer], Speculation | None] | None = None) -> FastAPI:
+               speculation: Callable[[Tokenizer], Speculation | None] | None = None, max_task_queue: int = 8,
+               task_threads: int | None = None) -> FastAPI:
     """The app; `load` runs in a background thread at startup (/health says 503 until it is done).
     `speculation` makes the engine's drafter for the loaded tokenizer (None: no speculative decoding).
+    A classifier or tagger runs its batches on a worker thread with `task_threads` intra-op threads
+    (None: `task_threads_for` its config), where at most `max_task_queue` batches wait.
 
     `app.state.hanlm.loaded` is the model and engine once loaded (None before)."""
+    if max_task_queue < 0 or (task_threads is not None and task_threads < 1):
+        raise ValueError(f"max_task_queue must be ≥ 0 and task_threads ≥ 1 (got {max_task_queue}, {task_threads})")
     s = _Service(model_name, Metrics(), max_body_bytes, max_json_depth, body_timeout_s)
 
     def load_model() -> None:
         try:
             model, cfg, tokenizer = load()
             engine = None
-            if cfg.model.task == "lm":
+            if cfg.model.task == "lm" and model.generates:
                 engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=s.metrics,
                                 speculation=speculation(tokenizer) if speculation else None)
                 engine.start()
+            elif cfg.model.task != "lm":
+                s.worker = TaskWorker(max_waiting=max_task_queue, threads=task_threads or task_threads_for(cfg),
+                                      metrics=s.metrics)
+                s.worker.start()
             s.loaded = Loaded(model, cfg, tokenizer, engine)
         except Exception as e:  # reported by /health and every API call
             s.error = f"{type(e).__name__}: {e}"
@@ -318,6 +369,8 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
         loader.join(timeout=60)
         if s.loaded is not None and s.loaded.engine is not None:
             s.loaded.engine.stop()
+        if s.worker is not None:
+            s.worker.stop()
 
     app = FastAPI(title="hanlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _error_handlers(app, s.metrics)
@@ -329,11 +382,12 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
 
 def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_body_bytes: int, max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
-          model_name: str | None = None, device: str = "cpu", draft: tuple | None = None) -> None:
+          model_name: str | None = None, device: str = "cpu", draft: tuple | None = None, max_task_queue: int = 8,
+          task_threads: int | None = None, header_timeout_s: float = HEAD_TIMEOUT_S) -> None:
     """Run the server until interrupted; the model loads while it already answers /health. `draft`:
-    speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k)."""
+    speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k).
+    `header_timeout_s`: how long a client may take to send a request head (then the connection closes)."""
     import uvicorn
-
 
     if is_mixture(spec):
         read_mixture(spec)  # fail fast on a damaged mixture.json
@@ -347,9 +401,11 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
                      model_name=model_name or default_name, api_key=api_key, max_batch=max_batch,
                      max_queue=max_queue, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
                      body_timeout_s=body_timeout_s, metrics_public=metrics_public,
-                     speculation=_drafts(*draft) if draft else None)
+                     speculation=_drafts(*draft) if draft else None, max_task_queue=max_task_queue,
+                     task_threads=task_threads)
     # Ctrl-C: finish what can finish in a few seconds, then cancel the rest (whose generations stop).
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                **uvicorn_settings(header_timeout_s))
 
 
 def _drafts(g, mode: str | None, draft_model: str | None, k: int | None) -> Callable[[Tokenizer], Speculation | None]:

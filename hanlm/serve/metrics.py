@@ -10,7 +10,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
-    """Requests running and waiting, TTFT, inter-token latency, token totals, requests by outcome."""
+    """Requests running and waiting (generation, and the task worker's batches), TTFT, inter-token latency,
+    token totals, requests by outcome."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -30,6 +31,10 @@ class Metrics:
         self.draft_seconds = Counter("hanlm_draft_seconds", "Seconds spent drafting", registry=r)
         self.cancelled = Counter("hanlm_sequences_cancelled", "Sequences dropped because the client went away",
                                  registry=r)
+        self.task_waiting = Gauge("hanlm_task_requests_waiting",
+                                  "/v1/classify and /v1/segment batches waiting for the task worker", registry=r)
+        self.task_running = Gauge("hanlm_task_requests_running",
+                                  "/v1/classify and /v1/segment batches the task worker runs (0 or 1)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,16 +12,10 @@ import math
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-# Seeds fit a signed 64-bit integer, as OpenAI's do; torch takes at most 2^64 − 1, and choice i of a
-# request is seeded with seed + i.
-SEED_LIMIT = 1 << 63
-# No model here generates 2^20 tokens in less than hours; the cap matters for the LSTM and n-gram,
-# which have no context to bound max_tokens.
-MAX_TOKENS_LIMIT = 1 << 20
-# top_k at or above the vocabulary size is off; 2^31 − 1 is above every vocabulary.
-TOP_K_LIMIT = (1 << 31) - 1
+from hanlm.limits import MAX_TOKENS_LIMIT, SEED_LIMIT, TEMPERATURE_MAX, TOP_K_LIMIT
+
 # More ids than any context holds; bounds the work (and the vocabulary dump) of one /detokenize.
 DETOKENIZE_LIMIT = 1 << 16
 MAX_CHOICES = 16  # n
@@ -59,7 +53,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=TEMPERATURE_MAX)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, le=TOP_K_LIMIT)  # 0 or -1: off (vLLM uses -1)
     stop: list[str] = Field([], max_length=MAX_STOPS)
@@ -153,30 +147,57 @@ class ScoreRequest(BaseModel):
     text: str = Field(min_length=1)
 
 
-MAX_CLASSIFY_INPUTS = 256  # texts in one /v1/classify request
+MAX_TEXTS = 256  # texts in one /v1/classify or /v1/segment request
+MAX_TEXT_CHARS = 100_000  # characters in one of them
+MAX_TEXTS_CHARS = 300_000  # characters in all of them together
 
 
-class ClassifyRequest(BaseModel):
+def _text_length(text: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"the text has {len(text):,} characters; at most {MAX_TEXT_CHARS:,} per text")
+    return text
+
+
+class TextsRequest(BaseModel):
+    """One text or a list of them, run as one batch. Each limit is named in its 400, with the number
+    the request has: `input: 257 texts; at most 256 per request`, `input.3: the text has 120,000
+    characters; at most 100,000 per text`."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    # A string arrives as a list of one.
+    input: list[Annotated[str, Field(min_length=1), AfterValidator(_text_length)]]
+
+    # The count is checked before the texts are, and without pydantic's union and length messages,
+    # which named neither the field nor the limit ("Input should be a valid string").
+    @field_validator("input", mode="before", json_schema_input_type=str | list[str])
+    @classmethod
+    def _texts(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        if not isinstance(v, list):
+            raise ValueError("must be a string or a list of strings")
+        if not v:
+            raise ValueError(f"no texts: send a string or a list of 1 to {MAX_TEXTS} strings")
+        if len(v) > MAX_TEXTS:
+            raise ValueError(f"{len(v):,} texts; at most {MAX_TEXTS} per request")
+        return v
+
+    @field_validator("input")
+    @classmethod
+    def _total(cls, v: list[str]) -> list[str]:
+        total = sum(map(len, v))
+        if total > MAX_TEXTS_CHARS:
+            raise ValueError(f"the texts have {total:,} characters in all; at most {MAX_TEXTS_CHARS:,} per request")
+        return v
+
+
+class ClassifyRequest(TextsRequest):
     """/v1/classify: one text or a list of them, labelled in one batch (hanlm's own endpoint)."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    input: Annotated[str, Field(min_length=1)] | Annotated[
-        list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CLASSIFY_INPUTS)]
 
-
-MAX_SEGMENT_INPUTS = 256  # texts in one /v1/segment request
-MAX_SEGMENT_CHARS = 100_000  # characters in one text of it
-
-
-class SegmentRequest(BaseModel):
+class SegmentRequest(TextsRequest):
     """/v1/segment: one text or a list of them, segmented (and POS-tagged, by a bmes-pos tagger) in one batch."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    input: Annotated[str, Field(min_length=1, max_length=MAX_SEGMENT_CHARS)] | Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=MAX_SEGMENT_CHARS)]],
-        Field(min_length=1, max_length=MAX_SEGMENT_INPUTS)]
 
 
 class TokenizeRequest(BaseModel):
