@@ -44,7 +44,7 @@ from hanlm.atomic import atomic_dir, owner_tag, remove_stale_temporaries
 from hanlm.config import Config, load_config
 from hanlm.data.sources import filesystem
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.errors import CheckpointError
+from hanlm.errors import CheckpointError, ConfigError
 from hanlm.manifest import MANIFEST, verify, write_manifest
 from hanlm.mixture_file import MIXTURE_FILE
 from hanlm.models.arpa import arpa_words, read_arpa, write_arpa
@@ -287,41 +287,70 @@ def _recorded_loss(fs: fsspec.AbstractFileSystem, path: str) -> float:
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
                     note: Callable[[str], None] = _note) -> Checkpoint:
     """Read one checkpoint directory, after checking its files against its manifest;
-    CheckpointError naming the damaged file if anything is off. Nothing read here can run code.
+    CheckpointError naming the damaged file if anything is off, CheckpointGone when the directory
+    disappeared while it was being read (retention pruned it). Nothing read here can run code.
     (Directories of other ecosystems are read by `hanlm.loading.open_checkpoint`.)"""
+    _require_device(map_location)
     fs, base = _fs(path)
     if not fs.isdir(base):
         raise CheckpointError(f"{path} is not a checkpoint directory")
+    try:
+        with tempfile.TemporaryDirectory(prefix="hanlm-load-") as tmp:
+            local = Path(base if not _is_remote(path) else _download(fs, base, tmp))
+            return _read_parts(local, path, map_location, note)
+    except (CheckpointError, OSError) as e:
+        if not fs.exists(base):
+            raise CheckpointGone(f"{path} was removed while it was being read: a running training's retention "
+                                 "(checkpoint.keep_last) prunes older checkpoints; load the newest one") from None
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+
+
+class CheckpointGone(CheckpointError):
+    """The checkpoint was removed (by a training run's retention) while it was being read."""
+
+
+def _require_device(map_location: str | torch.device) -> None:
+    """A device that exists here: a checkpoint is never blamed for a missing GPU."""
+    try:
+        device = torch.device(map_location)
+    except RuntimeError:
+        raise ConfigError(f"device {map_location!r} is not a device name (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {map_location}: no CUDA device is available here; use --device cpu")
+
+
+def _read_parts(local: Path, path: str, map_location: str | torch.device, note: Callable[[str], None]) -> Checkpoint:
+    """The checkpoint in the local directory `local` (named `path` in messages), verified part by part."""
     weights: dict[str, torch.Tensor] = {}
     ngram = None
-    with tempfile.TemporaryDirectory(prefix="hanlm-load-") as tmp:
-        local = Path(base if not _is_remote(path) else _download(fs, base, tmp))
-        if not verify(local, path):
-            note(f"note: {path} has no {MANIFEST} (saved by an older hanlm): its files are loaded unverified")
-        model_file = next((f for f in MODEL_FILES if (local / f).is_file()), MODEL_FILES[0])
-        state_file = STATE_FILE if (local / STATE_FILE).is_file() or not (local / LEGACY_STATE).is_file() \
-            else LEGACY_STATE
-        for f in (model_file, *FILES, state_file):
-            if not (local / f).is_file():
-                raise CheckpointError(f"{_join(path, f)} is missing: {path} is not a complete checkpoint")
-        current = ""
-        try:
-            current = "config.yaml"
-            config = load_config(str(local / current))
-            current = "tokenizer.json"
-            tokenizer = Tokenizer.load(local / current)
-            current = model_file
-            if model_file == "model.arpa":
-                ngram, _ = read_arpa(str(local / current), arpa_words(tokenizer.token_strings()))
-            else:
-                weights = load_file(str(local / current), device=str(map_location))
-            current = state_file
-            if state_file == STATE_FILE:
-                train_state = load_state(local / current, map_location)
-            else:  # older checkpoints: torch's restricted unpickler, which refuses anything but tensors and data
-                train_state = torch.load(local / current, map_location=map_location, weights_only=True)
-        except Exception as e:  # whatever a damaged file makes its parser raise, named with the file
-            raise CheckpointError(f"{_join(path, current)} is damaged ({type(e).__name__}: {e})") from None
+    model_file = next((f for f in MODEL_FILES if (local / f).is_file()), MODEL_FILES[0])
+    state_file = STATE_FILE if (local / STATE_FILE).is_file() or not (local / LEGACY_STATE).is_file() \
+        else LEGACY_STATE
+    if not verify(local, path, required=(model_file, *FILES, state_file)):
+        note(f"note: {path} has no {MANIFEST} (saved by an older hanlm): its files are loaded unverified")
+    for f in (model_file, *FILES, state_file):
+        if not (local / f).is_file():
+            raise CheckpointError(f"{_join(path, f)} is missing: {path} is not a complete checkpoint")
+    current = ""
+    try:
+        current = "config.yaml"
+        config = load_config(str(local / current))
+        current = "tokenizer.json"
+        tokenizer = Tokenizer.load(local / current)
+        current = model_file
+        if model_file == "model.arpa":
+            ngram, _ = read_arpa(str(local / current), arpa_words(tokenizer.token_strings()))
+        else:
+            weights = load_file(str(local / current), device=str(map_location))
+        current = state_file
+        if state_file == STATE_FILE:
+            train_state = load_state(local / current, map_location)
+        else:  # older checkpoints: torch's restricted unpickler, which refuses anything but tensors and data
+            train_state = torch.load(local / current, map_location=map_location, weights_only=True)
+    except Exception as e:  # whatever a damaged file makes its parser raise, named with the file
+        raise CheckpointError(f"{_join(path, current)} is damaged ({type(e).__name__}: {e})") from None
     if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):
         raise CheckpointError(f"{_join(path, state_file)} holds no training state")
     return Checkpoint(path, config, tokenizer, weights, train_state, ngram)
@@ -371,7 +400,7 @@ def stored_task(path: str) -> str:
     try:
         with fs.open(_join(base, "config.yaml"), "r", encoding="utf-8") as f:
             task = (yaml.safe_load(f.read(1 << 20)) or {}).get("model", {}).get("task", "lm")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+    except (OSError, ValueError, AttributeError, yaml.YAMLError, RecursionError):
         return "lm"
     return task if isinstance(task, str) else "lm"
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hanlm import __version__
-from hanlm.argtypes import positive_int
+from hanlm.argtypes import bounded_int, positive_int
 from hanlm.bench import SUITES
 from hanlm.commands import (
     cmd_bench,
@@ -28,6 +28,7 @@ from hanlm.commands import (
 )
 from hanlm.config import config_options
 from hanlm.errors import HanlmError
+from hanlm.limits import CONTEXT_MAX, NPROC_MAX
 from hanlm.train.run import RESTART_HELP, STOP_AFTER_HELP
 
 
@@ -72,12 +73,15 @@ def _pipeline_verbs(verbs: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument("--restart-if-damaged", action="store_true", help=RESTART_HELP)
     p.add_argument("--stop-after", type=positive_int, metavar="N", help=STOP_AFTER_HELP)
     launcher = p.add_argument_group("distributed launch (torchrun)")
-    launcher.add_argument("--nproc", type=int, default=1, metavar="N", help="workers on this machine (default 1)")
-    launcher.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines in the job (default 1)")
-    launcher.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's index, 0..M-1")
+    launcher.add_argument("--nproc", type=bounded_int(1, NPROC_MAX), default=1, metavar="N",
+                          help="workers on this machine (default 1)")
+    launcher.add_argument("--nnodes", type=bounded_int(1, 1 << 20), default=1, metavar="M",
+                          help="machines in the job (default 1)")
+    launcher.add_argument("--node-rank", type=bounded_int(0, 1 << 20), default=0, metavar="R",
+                          help="this machine's index, 0..M-1")
     launcher.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address, the same on every "
                           "machine (needed with --nnodes > 1)")
-    launcher.add_argument("--max-restarts", type=int, default=0, metavar="K",
+    launcher.add_argument("--max-restarts", type=bounded_int(0, 1 << 20), default=0, metavar="K",
                           help="restart the workers up to K times when one fails; each resumes from the latest "
                           "checkpoint")
     launcher.add_argument("--launcher", choices=("torchrun", "spark"), default="torchrun",
@@ -95,9 +99,9 @@ def _pipeline_verbs(verbs: argparse._SubParsersAction, common: argparse.Argument
                    help="evaluate on this text instead: a file, directory, glob, URL or built-in corpus, read with "
                    "the checkpoint's data.* settings (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--stride", type=int, metavar="N", help="sliding windows: the model's train.block_size windows "
-                   "move by N tokens and score their last N, so every token sees at least block_size − N tokens of "
-                   "context (default: the checkpoint's eval.stride, or windows side by side)")
+    p.add_argument("--stride", type=bounded_int(1, CONTEXT_MAX), metavar="N", help="sliding windows: the model's "
+                   "train.block_size windows move by N tokens and score their last N, so every token sees at least "
+                   "block_size − N tokens of context (default: the checkpoint's eval.stride, or windows side by side)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -128,11 +132,12 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
                          "instead. Concurrent requests are decoded together (continuous batching). Defaults come "
                          "from the serve.* keys.")
     p.add_argument("checkpoint", help="checkpoint path, checkpoint directory, mixture directory or ARPA file")
-    p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
+    p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1; without an API key, loopback "
+                   "only unless given here)")
     p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every endpoint but /health and the "
-                   "playground page / (default: $HANLM_API_KEY, which keeps the key out of `ps`: prefer it; "
-                   "none: no key)")
+                   "playground page / (default: $HANLM_API_KEY, which keeps the key out of `ps`: prefer it). An "
+                   "empty key is an error; with no key at all the server binds loopback only unless --host is given")
     p.add_argument("--max-batch", type=int, metavar="N", help="sequences decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests before 429 (default: serve.max_queue)")
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")
@@ -186,7 +191,8 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                    "(sets finetune.from_scratch): the baseline that measures pretraining")
     p.add_argument("--resume", metavar="auto|PATH", help="continue this run from its latest good checkpoint (auto) "
                    "or from a checkpoint path")
-    p.add_argument("--nproc", type=int, default=1, metavar="N", help="workers on this machine, DDP (default 1)")
+    p.add_argument("--nproc", type=bounded_int(1, NPROC_MAX), default=1, metavar="N",
+                   help="workers on this machine, DDP (default 1)")
     p.set_defaults(func=cmd_finetune)
 
     p = verbs.add_parser("classify", help="label texts with a fine-tuned classifier (JSON lines out)",
@@ -234,6 +240,8 @@ def _tool_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="the format (default hf)")
     p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="gguf: the matrices' type "
                    "(norms stay f32; default f32)")
+    p.add_argument("--force", action="store_true", help="hf: replace an existing directory that is not empty "
+                   "(never the checkpoint being exported, nor one holding it)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("bench", help="measure speed and memory against the machine's limit and peer tools",

@@ -5,12 +5,14 @@ The parser that fills the arguments is `hanlm.cli`."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from hanlm.bench import SUITES
-from hanlm.config import Config, keys_markdown, load_config
+from hanlm.config import Config, keys_markdown, load_config, set_key
 from hanlm.errors import ConfigError, HanlmError
 
 
@@ -76,13 +78,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from hanlm.loading import load_for_inference
-    from hanlm.generate import Generation, generate
+    from hanlm.generate import Generation, generate, require_generating
     from hanlm.sampling import SamplingParams
     from hanlm.speculative import speculation_from_config
 
     model, cfg, tokenizer = load_for_inference(args.checkpoint, args.device or "cpu")
-    params = SamplingParams.from_config(cfg.generate, max_tokens=args.max_tokens, temperature=args.temperature,
-                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    try:
+        require_generating(model)
+    except ValueError as e:
+        raise HanlmError(str(e)) from None
+    # The flags are the generate.* keys: one rule (hanlm.limits' bounds, as the server's request fields have).
+    _apply_flags(cfg, {"generate.max_tokens": ("--max-tokens", args.max_tokens),
+                       "generate.temperature": ("--temperature", args.temperature),
+                       "generate.top_k": ("--top-k", args.top_k), "generate.top_p": ("--top-p", args.top_p),
+                       "generate.seed": ("--seed", args.seed)})
+    params = SamplingParams.from_config(cfg.generate, stop=args.stop)
     speculation = speculation_from_config(cfg.generate, tokenizer, args.speculative, args.draft_model,
                                           args.draft_tokens)
     result = Generation()
@@ -103,23 +113,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+def _apply_flags(cfg: Config, flags: dict[str, tuple[str, object]]) -> None:
+    """Set each config key from its flag (`{key: (flag, value)}`, None: not given) under the key's own rule:
+    a refused value is named by its flag."""
+    for key, (flag, value) in flags.items():
+        if value is not None:
+            set_key(cfg, key, value, flag)
 
+
+def _api_key(flag: str | None) -> str | None:
+    """The key from --api-key, else $HANLM_API_KEY; None only when neither is given. An empty one (a flag
+    given an unset variable, `HANLM_API_KEY=`) is an error: it would otherwise serve everyone."""
+    env = os.environ.get("HANLM_API_KEY")
+    if flag is not None and not flag.strip():
+        raise ConfigError("--api-key is empty (was the variable it names unset?): give a key, or leave --api-key "
+                          "out to serve without one on loopback only")
+    if flag is None and env is not None and not env.strip():
+        raise ConfigError("HANLM_API_KEY is set but empty: give it a key, or unset it to serve without one on "
+                          "loopback only")
+    return (flag or env or "").strip() or None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from hanlm.serve.app import serve
 
     cfg = _load(args)
+    _apply_flags(cfg, {"serve.port": ("--port", args.port), "serve.max_batch": ("--max-batch", args.max_batch),
+                       "serve.max_queue": ("--max-queue", args.max_queue)})
     s = cfg.serve
-    api_key = args.api_key or os.environ.get("HANLM_API_KEY") or None
+    api_key = _api_key(args.api_key)
     host = args.host or s.host
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"hanlm: warning: serving on {host} without an API key: anyone who can reach it can use it",
-              file=sys.stderr)
-    serve(args.checkpoint, host=host, port=args.port or s.port, api_key=api_key, model_name=args.model_name,
-          max_batch=args.max_batch or s.max_batch, max_queue=args.max_queue or s.max_queue,
+    if api_key is None and not _is_loopback(host):
+        if args.host:
+            print(f"hanlm: warning: serving on {host} without an API key: anyone who can reach it can use it",
+                  file=sys.stderr)
+        else:  # an address from a config file does not open the server to the network by itself
+            print(f"hanlm: note: no API key, so serving on 127.0.0.1 rather than serve.host {host}; give --host "
+                  f"{host} to serve there without a key, or set HANLM_API_KEY", file=sys.stderr)
+            host = "127.0.0.1"
+    serve(args.checkpoint, host=host, port=s.port, api_key=api_key, model_name=args.model_name,
+          max_batch=s.max_batch, max_queue=s.max_queue,
           max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
           metrics_public=s.metrics_public, device=args.device or "cpu",
-          draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens))
+          draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens),
+          max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s)
     return 0
 
 
@@ -192,7 +236,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hanlm.export import export
 
-    print(f"wrote {export(args.checkpoint, args.format, args.out, args.dtype)}")
+    print(f"wrote {export(args.checkpoint, args.format, args.out, args.dtype, force=args.force)}")
     return 0
 
 

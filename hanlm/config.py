@@ -44,6 +44,7 @@ from hanlm.config_sections import (  # re-exported: the one typed config is hanl
 from hanlm.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+NETWORKS = ("gpt", "lstm", "encoder")  # the archs with weights (and hidden states for task heads)
 
 __all__ = [
     "CONFIG_DIR",
@@ -57,6 +58,7 @@ __all__ = [
     "GenerateConfig",
     "LogConfig",
     "MODEL_PRESETS",
+    "NETWORKS",
     "ModelConfig",
     "SECTIONS",
     "ServeConfig",
@@ -147,8 +149,15 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    """The one rule for numbers: finite, and within the key's declared bounds (each item of a list too)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(f"{name}[{i}]", item, meta)
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
     if lo is not None and value < lo:
         raise ConfigError(f"{name} must be >= {lo}, got {value}")
@@ -156,6 +165,19 @@ def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         raise ConfigError(f"{name} must be > {above}, got {value}")
     if hi is not None and value > hi:
         raise ConfigError(f"{name} must be <= {hi}, got {value}")
+
+
+def _number(value: float) -> str:
+    """A bound as the key table shows it: 1,099,511,627,776 rather than 1099511627776."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def describe_range(meta: typing.Mapping[str, Any]) -> str:
+    """A key's allowed range for the key table: `≥ 0, ≤ 10`, `> 0`, or empty when it has none."""
+    parts = [f"≥ {_number(meta['min'])}" if meta.get("min") is not None else "",
+             f"> {_number(meta['above'])}" if meta.get("above") is not None else "",
+             f"≤ {_number(meta['max'])}" if meta.get("max") is not None else ""]
+    return ", ".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +243,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:  # a document nested thousands of levels deep
+        raise ConfigError(f"{path}: nested too deeply to be a hanlm config (sections hold keys, two levels)") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -262,12 +286,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = text
         set_key(cfg, name.strip(), value, f"--set {override}")
     if world_size is not None:
         set_key(cfg, "dist.world_size", world_size, "launcher")
     _apply_preset(cfg.model)
+    _check_paths(cfg)
     check(cfg)
     cfg.derived = derive(cfg)
     return cfg
@@ -281,16 +306,24 @@ def _apply_preset(model: ModelConfig) -> None:
             setattr(model, name, value)
 
 
+def _check_paths(cfg: Config) -> None:
+    """Directories a run writes into are named: an empty one would scatter its files in the current directory."""
+    for name, value in (("train.run_dir", cfg.train.run_dir), ("finetune.run_dir", cfg.finetune.run_dir),
+                        ("checkpoint.dir", cfg.checkpoint.dir), ("data.prepared_dir", cfg.data.prepared_dir)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{name} is empty: name a directory (null, where allowed, means the default)")
+
+
 def check(cfg: Config) -> None:
     """Checks that involve more than one key."""
     m, t = cfg.model, cfg.train
-    if m.arch in ("gpt", "lstm"):
-        missing = [k for k in ("n_layer", "n_embd", "context_length") + (("n_head",) if m.arch == "gpt" else ())
+    if m.arch in NETWORKS:
+        missing = [k for k in ("n_layer", "n_embd", "context_length") + (("n_head",) if m.arch != "lstm" else ())
                    if getattr(m, k) is None]
         if missing:
             raise ConfigError(f"model.{missing[0]} is not set and model.preset is null: set a preset "
                               f"({', '.join(MODEL_PRESETS)}) or model.{missing[0]}")
-    if m.arch == "gpt":
+    if m.arch in ("gpt", "encoder"):
         if m.n_embd % m.n_head:
             raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
                               f"e.g. n_head={_divisor_near(m.n_embd, m.n_head)}")
@@ -303,8 +336,10 @@ def check(cfg: Config) -> None:
     if m.arch == "ngram":
         _check_ngram(cfg)
     neural_task = m.task == "classify" or (m.task == "tag" and cfg.finetune.tagger == "neural")
-    if neural_task and m.arch not in ("gpt", "lstm"):
-        raise ConfigError(f"model.task {m.task} needs a neural network (model.arch gpt or lstm), not {m.arch}")
+    if neural_task and m.arch not in NETWORKS:
+        raise ConfigError(f"model.task {m.task} needs a neural network (model.arch {', '.join(NETWORKS)}), not "
+                          f"{m.arch}")
+    _check_objective(cfg)
     if cfg.finetune.dev_fraction + cfg.finetune.test_fraction >= 1:
         raise ConfigError(f"finetune.dev_fraction ({cfg.finetune.dev_fraction}) + finetune.test_fraction "
                           f"({cfg.finetune.test_fraction}) leave no train split; keep their sum below 1")
@@ -343,6 +378,19 @@ def check(cfg: Config) -> None:
     if cfg.dist.sync == "bf16" and (cfg.dist.backend == "gloo" or t.device == "cpu"):
         raise ConfigError("dist.sync bf16 compresses through NCCL, which needs CUDA; gloo cannot all-reduce "
                           "bf16. Use dist.sync=fp16 on CPU")
+
+
+def _check_objective(cfg: Config) -> None:
+    """train.objective fits model.arch: next tokens for decoders, masked ones for the encoder."""
+    arch, objective = cfg.model.arch, cfg.train.objective
+    if arch == "encoder" and objective == "lm" and cfg.model.task == "lm":
+        raise ConfigError("model.arch encoder reads both sides, so it cannot learn next tokens: set "
+                          "train.objective=mlm or train.objective=electra")
+    if arch != "encoder" and objective != "lm":
+        raise ConfigError(f"train.objective {objective} pretrains an encoder (model.arch encoder); model.arch "
+                          f"{arch} learns next tokens (train.objective lm)")
+    if cfg.train.mask_whole_words is not None and objective == "lm":
+        raise ConfigError("train.mask_whole_words applies to train.objective mlm or electra")
 
 
 def _check_diloco(d: DistConfig) -> None:
@@ -421,14 +469,14 @@ def config_options() -> argparse.ArgumentParser:
 
 
 def keys_markdown() -> str:
-    """The table of every key, type, default and meaning, as the README shows it."""
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    """The table of every key, type, default, allowed range and meaning, as docs/guide/config.md shows it."""
+    rows = ["| key | type | default | range | meaning |", "|---|---|---|---|---|"]
     for section, cls in SECTIONS.items():
         hints = _hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             rows.append(f"| `{section}.{f.name}` | {_describe(hints[f.name])} | `{_yaml_scalar(default)}` "
-                        f"| {f.metadata['help']} |")
+                        f"| {describe_range(f.metadata)} | {f.metadata['help']} |")
     return "\n".join(rows) + "\n"
 
 

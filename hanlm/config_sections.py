@@ -16,6 +16,18 @@ from typing import Any, Literal
 import yaml
 
 from hanlm.atomic import atomic_write_text
+from hanlm.limits import (
+    CONTEXT_MAX,
+    MAX_TOKENS_LIMIT,
+    NPROC_MAX,
+    SEED_LIMIT,
+    STEPS_MAX,
+    TEMPERATURE_MAX,
+    THREADS_MAX,
+    TOKENS_MAX,
+    TOP_K_LIMIT,
+    WIDTH_MAX,
+)
 
 
 def key(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -44,16 +56,17 @@ class DataConfig:
     clean_whitespace: bool = key(True, "Strip documents and collapse runs of whitespace into one space.")
     t2s: bool = key(False, "Convert Traditional to Simplified Chinese with OpenCC (`pip install hanlm[opencc]`).")
     dedup: bool = key(False, "Drop exact duplicate documents, keeping the first.")
-    min_chars: int = key(1, "Drop documents shorter than this many characters after normalisation.", min=0)
+    min_chars: int = key(1, "Drop documents shorter than this many characters after normalisation.", min=0,
+                         max=1_000_000)
     on_decode_error: Literal["error", "replace", "skip"] = key(
         "error", "Invalid UTF-8: stop with the file and byte offset, replace the bad bytes with U+FFFD, or "
         "skip the line that holds them; replace and skip report the damage.")
     prepared_dir: str | None = key(None, "Where `hanlm prepare` writes shards; default "
                                    "`$HANLM_HOME/prepared/<sources>-<tokenizer kind>-<hash of every setting that "
                                    "changes the shards>`.")
-    num_workers: int = key(0, "Processes that encode documents; 0 means one per CPU core.", min=0)
+    num_workers: int = key(0, "Processes that encode documents; 0 means one per CPU core.", min=0, max=NPROC_MAX)
     shard_tokens: int = key(1 << 28, "Most tokens in one shard file: a bigger split is written as several files "
-                            "listed in meta.json, which the loader memory-maps together.", min=1024)
+                            "listed in meta.json, which the loader memory-maps together.", min=1024, max=TOKENS_MAX)
 
 
 @dataclass
@@ -61,9 +74,9 @@ class TokenizerConfig:
     kind: Literal["char", "bpe", "word"] = key("char", "Characters, byte-level BPE, or jieba words with "
                                                "character fallback.")
     vocab_size: int = key(8000, "Target vocabulary for bpe, upper bound for word; char keeps every "
-                          "character seen `min_freq` times.", min=8)
+                          "character seen `min_freq` times.", min=8, max=1 << 24)
     min_freq: int = key(1, "Rarer characters (char, word) or words (word) map to `<unk>` or fall back to "
-                        "characters.", min=1)
+                        "characters.", min=1, max=1 << 40)
     split_digits: bool = key(True, "bpe: split numbers into single digits before merging.")
     path: str | None = key(None, "Load this tokenizer.json instead of training one.")
     segmenter: str = key("jieba", "word: what splits text into words: jieba, or a tagger checkpoint (run directory) "
@@ -72,7 +85,7 @@ class TokenizerConfig:
                               "reserved ids), so any text is encoded and decoded back exactly; false: `<unk>`.")
     train_chars: int = key(20_000_000, "bpe, word: train on at most this many characters of the train split, a "
                            "deterministic sample spread over all of it (char counts every character); 0: all.",
-                           min=0)
+                           min=0, max=TOKENS_MAX)
 
 
 # Shapes of the model presets; explicit model.* keys override them.
@@ -86,24 +99,28 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    arch: Literal["gpt", "lstm", "ngram", "mix"] = key(
-        "gpt", "Model family; `mix` is what a mixture made by `hanlm mix` reports, never trained.")
+    arch: Literal["gpt", "lstm", "ngram", "mix", "encoder"] = key(
+        "gpt", "Model family; `encoder` is a bidirectional transformer (pretrained with train.objective mlm or "
+        "electra, then fine-tuned); `mix` is what a mixture made by `hanlm mix` reports, never trained.")
     preset: Literal["tiny", "small", "base", "1b"] | None = key("small", "Shape preset: " + ", ".join(
         f"{n} ({p['n_layer']}L/{p['n_head']}H/{p['n_embd']}d/{p['context_length']}ctx)"
         for n, p in MODEL_PRESETS.items()) + ".")
-    n_layer: int | None = key(None, "Layers; default from the preset.", min=1)
-    n_head: int | None = key(None, "Attention heads (gpt); default from the preset.", min=1)
-    n_embd: int | None = key(None, "Embedding width; default from the preset.", min=1)
-    context_length: int | None = key(None, "Longest sequence the model accepts; default from the preset.", min=1)
+    n_layer: int | None = key(None, "Layers; default from the preset.", min=1, max=4096)
+    n_head: int | None = key(None, "Attention heads (gpt); default from the preset.", min=1, max=WIDTH_MAX)
+    n_embd: int | None = key(None, "Embedding width; default from the preset.", min=1, max=WIDTH_MAX)
+    context_length: int | None = key(None, "Longest sequence the model accepts; default from the preset.", min=1,
+                                     max=CONTEXT_MAX)
     dropout: float = key(0.0, "Dropout probability.", min=0.0, max=0.9)
     tie_embeddings: bool = key(True, "Share the input embedding and output projection.")
     order: int = key(5, "n-gram order (arch ngram).", min=1, max=6)
     discount_fallback: list[float] = key(
         [], "ngram: discounts D1 D2 D3+ for an order whose counts-of-counts give no valid modified Kneser-Ney "
-        "discounts (tiny or artificial data), e.g. [0.5, 1, 1.5] as lmplz --discount_fallback; empty: an error.")
+        "discounts (tiny or artificial data), e.g. [0.5, 1, 1.5] as lmplz --discount_fallback; empty: an error.",
+        min=0.0, max=3.0)
     prune: list[int] = key(
         [], "ngram: drop n-grams seen at most this many times, one threshold per order from unigrams (0: keep "
-        "all; non-decreasing; the last repeats for higher orders), as lmplz --prune; empty keeps every n-gram.")
+        "all; non-decreasing; the last repeats for higher orders), as lmplz --prune; empty keeps every n-gram.",
+        min=0, max=TOKENS_MAX)
     vectors: str | None = key(None, "Pretrained word or character vectors (word2vec text or binary) for the "
                               "embedding.")
     task: Literal["lm", "classify", "tag"] = key(
@@ -114,21 +131,22 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    block_size: int = key(256, "Tokens per training sequence; at most model.context_length.", min=1)
+    block_size: int = key(256, "Tokens per training sequence; at most model.context_length.", min=1, max=CONTEXT_MAX)
     micro_batch: int | Literal["auto"] = key(
-        16, "Sequences per forward pass on one worker; `auto` picks the largest that fits memory.", min=1)
-    micro_batch_max: int = key(512, "Upper bound of the `micro_batch: auto` search.", min=1)
+        16, "Sequences per forward pass on one worker; `auto` picks the largest that fits memory.", min=1, max=1 << 20)
+    micro_batch_max: int = key(512, "Upper bound of the `micro_batch: auto` search.", min=1, max=1 << 20)
     memory_fraction: float = key(0.8, "Share of free RAM (CPU) or device memory (CUDA) that `micro_batch: "
                                  "auto` may fill.", above=0.0, max=1.0)
-    grad_accum: int = key(1, "Micro-batches accumulated per optimizer step.", min=1)
-    lr: float = key(1e-3, "Peak learning rate for one worker; see lr_scaling.", above=0.0)
+    grad_accum: int = key(1, "Micro-batches accumulated per optimizer step.", min=1, max=1 << 20)
+    lr: float = key(1e-3, "Peak learning rate for one worker; see lr_scaling.", above=0.0, max=10.0)
     lr_scaling: Literal["none", "linear", "sqrt"] = key(
         "none", "Scale lr with the number of workers: lr × W, lr × √W, or not at all.")
-    warmup_steps: int | None = key(None, "Linear warm-up steps; default warmup_frac × max steps.", min=0)
+    warmup_steps: int | None = key(None, "Linear warm-up steps; default warmup_frac × max steps.", min=0, max=STEPS_MAX)
     warmup_frac: float = key(0.02, "Warm-up as a share of the run when warmup_steps is unset.", min=0.0, max=1.0)
-    max_steps: int = key(2000, "Stop after this many optimizer steps.", min=1)
-    max_tokens: int | None = key(None, "Stop after this many training tokens (all workers), if sooner.", min=1)
-    max_minutes: float | None = key(None, "Stop after this much wall time, if sooner.", above=0.0)
+    max_steps: int = key(2000, "Stop after this many optimizer steps.", min=1, max=STEPS_MAX)
+    max_tokens: int | None = key(None, "Stop after this many training tokens (all workers), if sooner.", min=1,
+                                 max=TOKENS_MAX)
+    max_minutes: float | None = key(None, "Stop after this much wall time, if sooner.", above=0.0, max=525_600.0)
     schedule: Literal["cosine", "wsd"] = key(
         "cosine", "After warm-up: cosine decay to min_lr_ratio × lr, or warmup-stable-decay (constant, then a "
         "linear decay over the last decay_frac of the run).")
@@ -142,14 +160,14 @@ class TrainConfig:
         "adamw", "adamw for every weight, or Muon (orthogonalised momentum) for the 2-D hidden matrices with "
         "AdamW on embeddings, head, norms and biases.")
     muon_lr: float = key(0.02, "muon: peak learning rate of the hidden matrices (train.lr is AdamW's); it follows "
-                         "the same schedule and lr_scaling.", above=0.0)
+                         "the same schedule and lr_scaling.", above=0.0, max=10.0)
     muon_momentum: float = key(0.95, "muon: momentum (Nesterov).", min=0.0, max=1.0)
     weight_decay: float = key(0.1, "Weight decay of the projection matrices, AdamW's or Muon's (never on norms, "
-                              "biases or embeddings).", min=0.0)
+                              "biases or embeddings).", min=0.0, max=10.0)
     beta1: float = key(0.9, "AdamW beta1.", min=0.0, max=1.0)
     beta2: float = key(0.95, "AdamW beta2.", min=0.0, max=1.0)
-    grad_clip: float = key(1.0, "Clip the gradient norm to this; 0 turns clipping off.", min=0.0)
-    seed: int = key(1337, "Seed for initialisation, data order and sampling.", min=0)
+    grad_clip: float = key(1.0, "Clip the gradient norm to this; 0 turns clipping off.", min=0.0, max=1e6)
+    seed: int = key(1337, "Seed for initialisation, data order and sampling.", min=0, max=(1 << 32) - 1)
     device: Literal["auto", "cpu", "cuda"] = key("auto", "`auto` uses CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = key(
         "auto", "`auto`: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16 or AMX, e.g. AMD "
@@ -157,15 +175,27 @@ class TrainConfig:
         "~100× slower).")
     compile: bool = key(False, "Compile the model with torch.compile.")
     activation_checkpointing: bool = key(False, "Recompute activations in the backward pass to save memory.")
-    threads: int = key(0, "CPU threads for torch; 0 keeps torch's default (one per core).", min=0)
+    threads: int = key(0, "CPU threads for torch; 0 keeps torch's default (one per core).", min=0, max=THREADS_MAX)
     init_from: str | None = key(None, "Start from this checkpoint's weights (continued training) with a fresh "
                                 "optimizer and step count.")
     run_dir: str = key("runs/default", "Run directory: resolved config, logs, checkpoints.")
+    objective: Literal["lm", "mlm", "electra"] = key(
+        "lm", "What the network learns: next tokens (lm: gpt, lstm), masked tokens (mlm: encoder, BERT's), or "
+        "replaced-token detection with a small masked-LM generator (electra: encoder; Clark et al. 2020).")
+    mask_rate: float = key(0.15, "mlm, electra: share of the (non-special) tokens, or words, chosen for masking; "
+                           "each becomes the mask token (80%), a random token (10%) or stays (10%).", above=0.0,
+                           max=0.9)
+    mask_whole_words: str | None = key(None, "mlm, electra: mask whole words of this segmenter (jieba, or a tagger "
+                                       "checkpoint) instead of single tokens; needs tokenizer.kind char.")
+    electra_generator: float = key(0.25, "electra: the generator's width as a share of the discriminator's (same "
+                                   "depth, shared token embeddings); at most 1.", above=0.0, max=1.0)
+    rtd_weight: float = key(50.0, "electra: weight of the discriminator's replaced-token-detection loss beside the "
+                            "generator's masked-LM loss (the paper's 50).", above=0.0, max=1000.0)
 
 
 @dataclass
 class DistConfig:
-    world_size: int = key(1, "Number of workers; the launcher sets it.", min=1)
+    world_size: int = key(1, "Number of workers; the launcher sets it.", min=1, max=1 << 20)
     backend: Literal["auto", "gloo", "nccl"] = key("auto", "`auto`: NCCL on CUDA, gloo on CPU.")
     sync: Literal["full", "diloco", "powersgd", "fp16", "bf16"] = key(
         "full", "How workers synchronise: all-reduce gradients every step (DDP), DiLoCo / local SGD every "
@@ -174,11 +204,12 @@ class DistConfig:
                                          "workers with FSDP2 (fully_shard), for models that do not fit one device; "
                                          "checkpoints gather the weights and optimizer state to rank 0.")
     bucket_mb: float = key(25.0, "DDP gradient bucket size in MB; buckets overlap communication with backward.",
-                           above=0.0)
-    sync_every: int = key(32, "diloco: inner steps between synchronisations (H).", min=1)
-    sync_warmup_steps: int = key(0, "diloco: all-reduce gradients every step for this many steps first.", min=0)
+                           above=0.0, max=1 << 16)
+    sync_every: int = key(32, "diloco: inner steps between synchronisations (H).", min=1, max=STEPS_MAX)
+    sync_warmup_steps: int = key(0, "diloco: all-reduce gradients every step for this many steps first.", min=0,
+                                 max=STEPS_MAX)
     outer_lr: float = key(0.7, "diloco: outer SGD learning rate (1.0 with outer_momentum 0 is plain parameter "
-                          "averaging).", above=0.0)
+                          "averaging).", above=0.0, max=10.0)
     outer_momentum: float = key(0.9, "diloco: outer Nesterov momentum.", min=0.0, max=1.0)
     pseudo_grad_bits: Literal[32, 16, 8, 4] = key(
         32, "diloco: bits per pseudo-gradient value on the wire: 32 (fp32 all-reduce), 16 (fp16), or 8 / 4 (integers "
@@ -187,10 +218,10 @@ class DistConfig:
     quant_block: int = key(64, "diloco: values per quantisation scale for pseudo_grad_bits 8 and 4.", min=2, max=65536)
     stream_fragments: int = key(1, "diloco: split the parameters into this many fragments synchronised on a "
                                 "staggered schedule (Streaming DiLoCo): each every sync_every steps, offset by "
-                                "sync_every / stream_fragments from the last; 1: all at once.", min=1)
+                                "sync_every / stream_fragments from the last; 1: all at once.", min=1, max=1 << 16)
     stream_delay: int = key(0, "diloco: inner steps a fragment's synchronisation overlaps with training before its "
                             "outer update is applied (tau); 0 waits for it. Below sync_every / stream_fragments.",
-                            min=0)
+                            min=0, max=STEPS_MAX)
     stream_merge: Literal["replay", "mix"] = key(
         "replay", "diloco with stream_delay > 0, when a fragment's update arrives: `replay`: the worker's weights "
         "become the new global ones plus the inner steps it took since sending; `mix`: stream_mix × its own + (1 − "
@@ -199,43 +230,47 @@ class DistConfig:
                             "the global weights).", min=0.0, max=1.0)
     link_mbps: float = key(0.0, "Simulated slow link for benchmarks: after each collective, a rank waits as long as "
                            "its bytes take at this many megabits per second, queued behind its earlier ones (on a "
-                           "background thread for overlapped work); 0: no shaping.", min=0.0)
-    link_latency_ms: float = key(0.0, "Simulated link: milliseconds added to every transfer on it.", min=0.0)
-    powersgd_rank: int = key(1, "powersgd: rank of the low-rank approximation.", min=1)
-    powersgd_start_step: int = key(10, "powersgd: plain all-reduce before this step.", min=1)
+                           "background thread for overlapped work); 0: no shaping.", min=0.0, max=1e9)
+    link_latency_ms: float = key(0.0, "Simulated link: milliseconds added to every transfer on it.", min=0.0,
+                                 max=3_600_000.0)
+    powersgd_rank: int = key(1, "powersgd: rank of the low-rank approximation.", min=1, max=WIDTH_MAX)
+    powersgd_start_step: int = key(10, "powersgd: plain all-reduce before this step.", min=1, max=STEPS_MAX)
     powersgd_error_feedback: bool = key(True, "powersgd: carry the compression error into the next step.")
 
 
 @dataclass
 class CheckpointConfig:
     dir: str | None = key(None, "Checkpoint directory or fsspec URL; default `<run_dir>/checkpoints`.")
-    every_steps: int = key(500, "Save every this many steps (and at the end).", min=1)
-    keep_last: int = key(3, "Keep this many recent checkpoints.", min=1)
+    every_steps: int = key(500, "Save every this many steps (and at the end).", min=1, max=STEPS_MAX)
+    keep_last: int = key(3, "Keep this many recent checkpoints.", min=1, max=1 << 20)
     keep_best: bool = key(True, "Also keep the checkpoint with the lowest val loss.")
     resume: str = key("none", "`none`, `auto` (latest good checkpoint) or a checkpoint path.")
 
 
 @dataclass
 class EvalConfig:
-    every_steps: int = key(250, "Evaluate on the val split every this many steps (and at the end).", min=1)
+    every_steps: int = key(250, "Evaluate on the val split every this many steps (and at the end).", min=1,
+                           max=STEPS_MAX)
     max_batches: int | None = key(20, "Cap on val batches per periodic evaluation; null for the whole split. "
-                                  "The final evaluation always reads the whole split.", min=1)
-    batch_size: int = key(16, "Sequences per evaluation batch.", min=1)
+                                  "The final evaluation always reads the whole split.", min=1, max=STEPS_MAX)
+    batch_size: int = key(16, "Sequences per evaluation batch.", min=1, max=1 << 20)
     stride: int | None = key(None, "Sliding-window evaluation: windows of train.block_size tokens move by this many, "
                              "each scoring its last `stride` tokens, so every token is scored once with at least "
                              "block_size − stride tokens of context; null: windows side by side (stride = "
-                             "block_size), each token seeing only what precedes it in its window.", min=1)
+                             "block_size), each token seeing only what precedes it in its window.", min=1,
+                             max=CONTEXT_MAX)
 
 
 @dataclass
 class GenerateConfig:
     prompts: list[str] = key(["今天", "中国经济", "人民日报记者"], "Prompts whose continuations end a training run.")
-    max_tokens: int = key(60, "Tokens to generate.", min=1)
-    temperature: float = key(0.8, "Sampling temperature; 0 is greedy.", min=0.0)
-    top_k: int = key(50, "Sample from the k most likely tokens; 0 turns it off.", min=0)
+    max_tokens: int = key(60, "Tokens to generate.", min=1, max=MAX_TOKENS_LIMIT)
+    temperature: float = key(0.8, "Sampling temperature; 0 is greedy.", min=0.0, max=TEMPERATURE_MAX)
+    top_k: int = key(50, "Sample from the k most likely tokens; 0 (or -1, as vLLM) turns it off.", min=-1,
+                     max=TOP_K_LIMIT)
     top_p: float = key(0.95, "Sample from the smallest set of tokens whose probability reaches p.", above=0.0,
                        max=1.0)
-    seed: int | None = key(1, "Sampling seed; null for a different sample each time.", min=0)
+    seed: int | None = key(1, "Sampling seed; null for a different sample each time.", min=0, max=SEED_LIMIT - 1)
     speculative: Literal["none", "ngram", "prompt"] = key(
         "none", "Speculative decoding: a draft proposes tokens the model checks several per forward (same greedy "
         "output, same sampling distribution). `ngram`: the greedy continuation of generate.draft_model; `prompt`: "
@@ -251,15 +286,22 @@ class GenerateConfig:
 class ServeConfig:
     host: str = key("127.0.0.1", "Address to bind; loopback by default.")
     port: int = key(8000, "TCP port.", min=1, max=65535)
-    max_batch: int = key(16, "Sequences decoded together.", min=1)
-    max_queue: int = key(256, "Waiting requests before new ones get 429.", min=1)
-    max_body_bytes: int = key(1 << 20, "Largest request body; bigger ones get 413.", min=1)
+    max_batch: int = key(16, "Sequences decoded together.", min=1, max=4096)
+    max_queue: int = key(256, "Waiting requests before new ones get 429.", min=1, max=1 << 20)
+    max_body_bytes: int = key(1 << 20, "Largest request body; bigger ones get 413.", min=1, max=1 << 30)
     max_json_depth: int = key(32, "Deepest nesting of arrays and objects a JSON body may have; deeper ones get 400 "
                               "before they are parsed.", min=2, max=500)
     body_timeout_s: float = key(30.0, "Seconds a client may take to send its whole body (e.g. one shorter than its "
-                                "Content-Length); then 408.", above=0.0)
+                                "Content-Length); then 408.", above=0.0, max=3600.0)
     metrics_public: bool = key(False, "Serve /metrics without the API key (e.g. for a Prometheus scraper that sends "
                                "none); every other endpoint but /health always needs it.")
+    max_task_queue: int = key(8, "/v1/classify and /v1/segment: batches waiting behind the running one before new "
+                              "ones get 429 (they run one at a time on one worker thread).", min=0, max=1 << 16)
+    task_threads: int | None = key(None, "Torch threads of that worker; null: 1 for hmm and crf taggers (their "
+                                   "decode gains nothing from more), torch's default for networks.", min=1,
+                                   max=THREADS_MAX)
+    header_timeout_s: float = key(10.0, "Seconds a client may take to send a request head (line and headers); then "
+                                  "408 and the connection closes.", above=0.0, max=3600.0)
 
 
 @dataclass
@@ -296,35 +338,37 @@ class FinetuneConfig:
         "bilstm", "neural tagger: how a character sees the text to its right, which a causal model does not: a "
         "BiLSTM over the network's states (bilstm), the state finetune.tag_lookahead characters ahead joined "
         "to its own (lookahead), or nothing (causal).")
-    tag_lookahead: int = key(2, "lookahead head: characters to the right whose state is joined.", min=1)
-    hmm_smoothing: float = key(0.1, "hmm: add-δ smoothing of the counts.", above=0.0)
+    tag_lookahead: int = key(2, "lookahead head: characters to the right whose state is joined.", min=1, max=64)
+    hmm_smoothing: float = key(0.1, "hmm: add-δ smoothing of the counts.", above=0.0, max=1e6)
     crf_c1: float = key(0.1, "crf: L1 regularisation (OWL-QN): it zeroes most feature weights, so the model is "
-                        "small.", min=0.0)
-    crf_c2: float = key(0.1, "crf: L2 regularisation.", min=0.0)
-    crf_iterations: int = key(120, "crf: L-BFGS iterations at most.", min=1)
-    pooling: Literal["last", "mean"] = key("last", "The text's vector: the last token's hidden state (it has "
-                                           "seen the whole text), or the mean over its tokens.")
-    max_length: int = key(128, "Tokens kept per text (the first ones); at most the model's context_length.", min=2)
-    epochs: float = key(2.0, "Passes over the train split.", above=0.0)
+                        "small.", min=0.0, max=1e6)
+    crf_c2: float = key(0.1, "crf: L2 regularisation.", min=0.0, max=1e6)
+    crf_iterations: int = key(120, "crf: L-BFGS iterations at most.", min=1, max=1_000_000)
+    pooling: Literal["last", "mean", "first"] = key(
+        "last", "The text's vector: the last token's hidden state (a decoder's has seen the whole text), the "
+        "mean over its tokens, or the first token's (the <eos> that opens every text: an encoder's [CLS]).")
+    max_length: int = key(128, "Tokens kept per text (the first ones); at most the model's context_length.", min=2,
+                          max=CONTEXT_MAX)
+    epochs: float = key(2.0, "Passes over the train split.", above=0.0, max=10_000.0)
     lr: float = key(3e-4, "Peak learning rate (linear warm-up, cosine decay to train.min_lr_ratio × lr).",
-                    above=0.0)
+                    above=0.0, max=10.0)
     warmup_frac: float = key(0.06, "Warm-up as a share of the run.", min=0.0, max=1.0)
-    weight_decay: float = key(0.01, "AdamW weight decay of the projection matrices and the head.", min=0.0)
+    weight_decay: float = key(0.01, "AdamW weight decay of the projection matrices and the head.", min=0.0, max=10.0)
     dropout: float = key(0.1, "Dropout in the backbone and before the head.", min=0.0, max=0.9)
     micro_batch: int | Literal["auto"] = key(32, "Texts per forward pass on one worker; `auto` picks the "
-                                             "largest that fits memory (train.memory_fraction).", min=1)
+                                             "largest that fits memory (train.memory_fraction).", min=1, max=1 << 20)
     eval_every_steps: int = key(100, "Evaluate on the dev split (and checkpoint) every this many steps, and at "
-                                "the end.", min=1)
+                                "the end.", min=1, max=STEPS_MAX)
     run_dir: str = key("runs/finetune", "Run directory: resolved config, logs, checkpoints, report.")
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = key(10, "Console and metrics.jsonl line every this many steps.", min=1)
+    every_steps: int = key(10, "Console and metrics.jsonl line every this many steps.", min=1, max=STEPS_MAX)
     progress: bool = key(True, "Show progress bars.")
     tensorboard: bool = key(True, "Write TensorBoard event files.")
     peak_tflops: float | None = key(None, "Peak TFLOP/s for MFU; default measured at start (dense matmul in the "
-                                    "training precision).", above=0.0)
+                                    "training precision).", above=0.0, max=1e6)
 
 
 @dataclass

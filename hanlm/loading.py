@@ -28,6 +28,7 @@ import torch
 from hanlm.checkpoint import (
     ARPA_SUFFIXES,
     Checkpoint,
+    CheckpointGone,
     load_checkpoint,
     load_weights,
     read_best,
@@ -40,7 +41,7 @@ from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, DataError
 from hanlm.imports.hf import is_hf_dir, load_hf
 from hanlm.mixture_file import is_mixture, manifest_digest, mixture_file, read_mixture
-from hanlm.models import build_model
+from hanlm.models import build_for_training
 from hanlm.models.arpa import read_arpa, tokenizer_for
 from hanlm.models.mixture import MixtureLM
 from hanlm.models.ngram import NGramLM
@@ -68,6 +69,25 @@ def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:
     """A checkpoint directory from a path that is one (hanlm's or a Hugging Face directory), a checkpoint
     root (its `latest`) or a run directory (its checkpoints)."""
     return spec if is_hf_dir(spec) else resolve_stored(spec, note)
+
+
+def open_served(spec: str, device: str | torch.device = "cpu", note: Callable[[str], None] = _note) -> Checkpoint:
+    """`open_checkpoint(resolve_served(spec))`; when `spec` is a run or checkpoint directory and the checkpoint
+    it resolved to is pruned by a running training while it is read, the newest one is resolved and read
+    instead (a path to one checkpoint is never swapped for another)."""
+    path = resolve_served(spec, note)
+    for _ in range(_RETRIES - 1):
+        try:
+            return open_checkpoint(path, device, note)
+        except CheckpointGone as e:
+            if path == spec:
+                raise
+            note(f"note: {e}; reading the newest in {spec} instead")
+            path = resolve_served(spec, note)
+    return open_checkpoint(path, device, note)
+
+
+_RETRIES = 3  # a training that saves faster than a checkpoint loads would prune each one found
 
 
 def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
@@ -98,8 +118,10 @@ def require_language_model(ckpt: Checkpoint) -> Checkpoint:
 def _language_model(ckpt: Checkpoint, device: str | torch.device) -> torch.nn.Module:
     if ckpt.ngram is not None:
         return ckpt.ngram.eval()
-    # The weights already hold any pretrained vectors the run started from.
-    model = build_model(dataclasses.replace(ckpt.config.model, vectors=None), ckpt.tokenizer.vocab_size)
+    # The weights already hold any pretrained vectors the run started from. An ELECTRA checkpoint loads whole
+    # (generator, discriminator, RTD head): what evaluating its objective needs.
+    cfg = dataclasses.replace(ckpt.config, model=dataclasses.replace(ckpt.config.model, vectors=None))
+    model = build_for_training(cfg, ckpt.tokenizer.vocab_size)
     load_weights(model, ckpt.weights, ckpt.path)
     return model.to(device).eval()
 
@@ -173,7 +195,7 @@ def load_for_inference(spec: str, device: str | torch.device = "cpu", *, tasks: 
     for matches, read in SOURCES:
         if matches(spec):
             return read(spec, device)
-    ckpt = open_checkpoint(resolve_served(spec), device)
+    ckpt = open_served(spec, device)
     if ckpt.config.model.task not in tasks:
         require_language_model(ckpt)
     return model_of(ckpt, device), ckpt.config, ckpt.tokenizer
@@ -183,7 +205,7 @@ def load_classifier(spec: str, device: str | torch.device = "cpu") -> Classifier
     """The classifier in a checkpoint written by `hanlm finetune`: a step directory, or its checkpoints or
     run directory (then the best checkpoint by dev accuracy); CheckpointError when it holds a language
     model instead."""
-    ckpt = open_checkpoint(resolve_served(spec), device)
+    ckpt = open_served(spec, device)
     if ckpt.config.model.task != "classify":
         raise CheckpointError(f"{ckpt.path} is a language model (model.task {ckpt.config.model.task}), not a "
                               "classifier: fine-tune it first with `hanlm finetune`")
@@ -193,7 +215,7 @@ def load_classifier(spec: str, device: str | torch.device = "cpu") -> Classifier
 def load_tagger(spec: str, device: str | torch.device = "cpu") -> LoadedTagger:
     """The tagger in a checkpoint of `hanlm finetune --task tag` (a step directory, or its checkpoints or
     run directory: then the best by dev F1)."""
-    ckpt = open_checkpoint(resolve_served(spec), device)
+    ckpt = open_served(spec, device)
     return LoadedTagger(tagger_of(ckpt, device), ckpt.config, ckpt.tokenizer, ckpt.path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ def write_manifest(directory: Path, **info: Any) -> None:
                                       encoding="utf-8")
 
 
+def listed(directory: Path, label: str) -> set[str]:
+    """The files the manifest of `directory` lists (empty when it has none)."""
+    manifest = read_manifest(directory, label)
+    return set(manifest["files"]) if manifest else set()
+
+
 def read_manifest(directory: Path, label: str) -> dict[str, Any] | None:
     """The manifest of the checkpoint in `directory` (None when it has none); CheckpointError when it
     is unreadable. `label` names the checkpoint in messages."""
@@ -58,12 +65,19 @@ def read_manifest(directory: Path, label: str) -> dict[str, Any] | None:
     return manifest
 
 
-def verify(directory: Path, label: str) -> bool:
-    """Check every file the manifest lists against its size and sha256. False when the checkpoint has
-    no manifest (saved by an older hanlm); CheckpointError naming the first file that differs."""
+def verify(directory: Path, label: str, required: Sequence[str] = ()) -> bool:
+    """Check every file the manifest lists against its size and sha256, and that it lists each file of
+    `required` (what the loader will read: a file it omits would load unchecked). False when the
+    checkpoint has no manifest (saved by an older hanlm); CheckpointError naming the first file that
+    differs or is not covered."""
     manifest = read_manifest(directory, label)
     if manifest is None:
         return False
+    for name in required:
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{label}/{MANIFEST} does not list {name}, which the checkpoint holds and the "
+                                  "loader reads: its contents cannot be checked, so it is refused (the manifest "
+                                  "was edited or written by something else)")
     for name, entry in manifest["files"].items():
         path = directory / name
         if ".." in Path(name).parts or Path(name).is_absolute():

@@ -46,7 +46,7 @@ def read_mixture(spec: str) -> dict[str, Any]:
     path = mixture_file(spec)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
     if not isinstance(record, dict) or record.get("format") != MIXTURE_FORMAT:
         raise CheckpointError(f"{path} is not a hanlm mixture (its format is not {MIXTURE_FORMAT!r})")

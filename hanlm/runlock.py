@@ -27,8 +27,9 @@ class RunLockedError(HanlmError):
 class RunLock:
     """The lock of one run directory, held from `acquire()` until `release()` or process exit."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, key: str = "train.run_dir"):
         self.path = Path(run_dir) / LOCK_NAME
+        self.key = key  # the config key that named the directory, for messages
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -37,15 +38,15 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise HanlmError(f"cannot create the run's lock file {self.path} ({e.strerror}); is train.run_dir "
+            raise HanlmError(f"cannot create the run's lock file {self.path} ({e.strerror}); is {self.key} "
                              "a writable directory?") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
-            raise RunLockedError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
-                                 f"finish or stop it, or give this run another train.run_dir") from None
+            raise RunLockedError(f"{self.path.parent} is in use by another run ({holder}); wait for it to "
+                                 f"finish or stop it, or give this run another {self.key}") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
@@ -73,5 +74,5 @@ def _describe(text: bytes) -> str:
     try:
         info = json.loads(text)
         return f"pid {int(info['pid'])} on {info['host']}, since {info['since']}"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "holder unknown"

@@ -22,7 +22,7 @@ from hanlm.checkpoint import (
 from hanlm.loading import load_for_inference, resolve_checkpoint
 from hanlm.cli import main
 from hanlm.config import load_config
-from hanlm.errors import CheckpointError
+from hanlm.errors import CheckpointError, ConfigError
 from hanlm.eval import evaluate
 from hanlm.manifest import MANIFEST, sha256_file
 from hanlm.models import build_model
@@ -209,7 +209,7 @@ def test_a_second_writer_on_the_same_run_directory_fails_at_once(run_dir):
         done = subprocess.run([sys.executable, "-m", "hanlm.cli", "train", "--config", "tiny", "--set",
                                f"train.run_dir={run_dir}", "--resume", "auto"], capture_output=True, text=True)
         assert done.returncode == 2 and "Traceback" not in done.stderr
-        assert f"in use by another training run (pid {os.getpid()} on {socket.gethostname()}" in done.stderr
+        assert f"in use by another run (pid {os.getpid()} on {socket.gethostname()}" in done.stderr
         with pytest.raises(RunLockedError):
             Trainer(tiny(run_dir), resume="auto", echo=quiet)
     assert list_checkpoints(str(run_dir / "checkpoints")) == ["step-00000010", "step-00000020", "step-00000030"]
@@ -330,3 +330,61 @@ def test_a_huge_loss_gives_infinite_perplexity_not_a_crash(run_dir):
     result = evaluate(model, tokens, block_size=32, batch_size=4, characters=200)
     assert result.loss > 1000 and math.isinf(result.ppl_token) and math.isinf(result.ppl_char)
     assert math.isfinite(result.bpc) and "inf" in result.summary()
+
+
+# -- manifests cover what loads; readers and retention; the device -------------------------------
+
+@pytest.mark.parametrize("listing", ["without the weights", "empty"])
+def test_a_manifest_that_skips_a_file_the_loader_reads_is_refused(run_dir, listing):
+    ckpt = step_dir(run_dir, 30)
+    flip_bytes(ckpt / "model.safetensors")  # damage it would hide
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"] = {} if listing == "empty" else {k: v for k, v in manifest["files"].items()
+                                                        if k != "model.safetensors"}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="manifest.json does not list (model.safetensors|config.yaml)"):
+        load_checkpoint(str(ckpt))
+    assert main(["eval", str(ckpt)]) == 2
+    found = Trainer(tiny(run_dir), resume="auto", echo=quiet)  # --resume auto walks past it, to step 20
+    try:
+        assert found.step == 20
+    finally:
+        found.close()
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_named_and_the_newest_is_read_instead(run_dir, monkeypatch, capsys):
+    import hanlm.checkpoint as storage
+
+    real, pruned = storage.load_config, []
+
+    def retention_strikes(path):  # the running training prunes step 30 the moment a reader opens it
+        if not pruned and "step-00000030" in str(path):
+            pruned.append(path)
+            shutil.rmtree(step_dir(run_dir, 30))
+            (run_dir / "checkpoints" / "latest").write_text("step-00000020\n")
+        return real(path)
+
+    monkeypatch.setattr(storage, "load_config", retention_strikes)
+    model, _, _ = load_for_inference(str(run_dir))  # a run directory: the newest that is still there
+    assert pruned and model is not None and not step_dir(run_dir, 30).exists()
+    err = capsys.readouterr().err
+    assert "was removed while it was being read" in err and "checkpoint.keep_last" in err and "damaged" not in err
+    pruned.clear()
+    shutil.copytree(step_dir(run_dir, 20), step_dir(run_dir, 30))
+    with pytest.raises(CheckpointError, match="was removed while it was being read"):
+        load_checkpoint(str(step_dir(run_dir, 30)))  # a path to one checkpoint is never swapped for another
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_blames_the_device_not_the_checkpoint(run_dir, capsys):
+    with pytest.raises(ConfigError, match="no CUDA device is available here"):
+        load_checkpoint(str(step_dir(run_dir, 30)), map_location="cuda")
+    assert main(["eval", str(run_dir), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "damaged" not in err
+
+
+def test_the_lock_message_names_the_key_of_the_run_that_asks(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunLockedError, match="give this run another finetune.run_dir"):
+            RunLock(tmp_path, "finetune.run_dir").acquire()

@@ -159,6 +159,7 @@ def test_parts_in_the_wrong_order_or_with_other_tokenizers_are_named(checkpoints
      "neural.path must be"),
     ('{"format": "hanlm-mixture/1", "neural": {"path": "a"}, "ngram": {"path": "b"}, "weights": [2]}',
      "weights must be a list of numbers between 0 and 1"),
+    ("[" * 100_000 + "]" * 100_000, "is damaged (RecursionError"),  # nested 100,000 deep
 ])
 def test_a_damaged_mixture_file_is_named(tmp_path, damage, message, capsys):
     (tmp_path / "mixture.json").write_text(damage)

@@ -81,7 +81,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise DataError(f"{path} not found: {directory} is not a prepared data directory; run `hanlm prepare`") \
             from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{path} is unreadable ({e}); delete {directory} and run `hanlm prepare` again") from None
     missing = [k for k in ("format", "dtype", "vocab_size", "splits") if k not in meta] if isinstance(meta, dict) \
         else ["everything"]

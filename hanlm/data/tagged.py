@@ -100,8 +100,14 @@ def _conll_sentence(rows: list[tuple[int, list[str]]], url: str) -> TaggedSenten
             raise DataError(f"{url}:{missing}: token {forms[tags.index(None)]!r} has no tag column while others "
                             "in its sentence do")
         return TaggedSentence(forms, None, where)
-    if all(len(f) == 1 for f in forms) and all(_CHAR_TAG.match(t) for t in tags):
+    char_tagged = [bool(_CHAR_TAG.match(t)) for t in tags]
+    if all(len(f) == 1 for f in forms) and all(char_tagged):
         return _char_sentence(forms, tags, rows, url)
+    if all(len(f) == 1 for f in forms) and any(char_tagged):
+        # One character per line, mostly B/M/E/S: a tag outside them is a mistake, not a word's POS tag.
+        (number, _), tag = next((row, t) for row, t, ok in zip(rows, tags, char_tagged) if not ok)
+        raise DataError(f"{url}:{number}: tag {tag!r} is not B, M, E or S (optionally with -TAG) while its sentence "
+                        "is tagged a character per line with them")
     return TaggedSentence(forms, tags, where)
 
 

@@ -144,7 +144,7 @@ class Tokenizer(ABC):
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise DataError(f"{path}: cannot read tokenizer file ({e.strerror or e}); train one or fix the path") from e
-        except ValueError as e:  # bad UTF-8 or bad JSON
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, or JSON nested thousands deep
             raise DataError(f"{path}: not a tokenizer JSON file ({e})") from e
         return Tokenizer.from_dict(data, source=str(path))
 

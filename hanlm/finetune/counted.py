@@ -36,7 +36,7 @@ def fit_counted(cfg: Config, echo: Callable[[str], None] = print) -> FinetuneRes
     cfg = counted_config(cfg)
     ft = cfg.finetune
     run_dir = Path(ft.run_dir)
-    lock = RunLock(run_dir).acquire()
+    lock = RunLock(run_dir, "finetune.run_dir").acquire()
     try:
         data = read_tagged_data(cfg)
         ft.labels = data.tags

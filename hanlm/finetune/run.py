@@ -42,6 +42,7 @@ from hanlm.checkpoint import (
 from hanlm.config import Config, config_options, derive, load_config
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
 from hanlm.loading import open_checkpoint, require_language_model, resolve_checkpoint
+from hanlm.models.electra import backbone_weights
 from hanlm.log import METRICS_FILE, RunLogger, line_plot, read_metrics
 from hanlm.runlock import RunLock
 from hanlm.tasks.objectives import TASKS, headline_table
@@ -83,7 +84,7 @@ def finetune_config(cfg: Config, source: Checkpoint) -> Config:
     data normalisation, which the task's network must share with it."""
     if source.ngram is not None:
         raise ConfigError(f"finetune.init_from {source.path} is an n-gram model, which has no hidden states to "
-                          "fine-tune; start from a gpt or lstm checkpoint")
+                          "fine-tune; start from a gpt, lstm or encoder checkpoint")
     require_language_model(source)
     if cfg.finetune.task == "tag" and cfg.finetune.tagger != "neural":
         raise ConfigError(f"finetune.tagger {cfg.finetune.tagger} is trained without a network: run hanlm finetune "
@@ -91,7 +92,7 @@ def finetune_config(cfg: Config, source: Checkpoint) -> Config:
     model = dataclasses.replace(source.config.model, vectors=None, task=cfg.finetune.task,
                                 dropout=cfg.finetune.dropout)
     run = dataclasses.replace(cfg, model=model, tokenizer=source.config.tokenizer, data=source.config.data)
-    limit = model.context_length if model.arch == "gpt" else None
+    limit = model.context_length if model.arch in ("gpt", "encoder") else None
     if limit is not None and cfg.finetune.max_length > limit:
         raise ConfigError(f"finetune.max_length ({cfg.finetune.max_length}) is above the model's context_length "
                           f"({limit}); lower finetune.max_length")
@@ -145,7 +146,7 @@ class Finetuner:
         self.echo = echo if self.info.main else (lambda _: None)
         self.run_dir = Path(cfg.finetune.run_dir)
         self.ckpt_root = str(self.run_dir / "checkpoints")
-        self._lock = RunLock(self.run_dir).acquire() if self.info.main else None
+        self._lock = RunLock(self.run_dir, "finetune.run_dir").acquire() if self.info.main else None
         try:
             self._build(cfg, resume)
         except BaseException:
@@ -173,7 +174,7 @@ class Finetuner:
             load_weights(self.model, ckpt.weights, ckpt.path)
             ft.micro_batch = ckpt.config.finetune.micro_batch
         elif not ft.from_scratch:
-            load_weights(self.model.backbone, source.weights, source.path)
+            load_weights(self.model.backbone, backbone_weights(source.weights), source.path)
             self.echo(f"initialised from {source.path} (step {source.step})")
         else:
             self.echo(f"from scratch: the shape and tokenizer of {source.path}, random weights")

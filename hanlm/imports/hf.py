@@ -33,7 +33,7 @@ def is_hf_dir(path: str) -> bool:
 def _config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path / 'config.json'} is unreadable ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / 'config.json'} is not a JSON object")
@@ -122,7 +122,7 @@ def _tokenizer(path: Path) -> Tokenizer:
         return BpeTokenizer(HFTokenizer.from_str(json.dumps(data)))
     except OSError as e:
         raise CheckpointError(f"{source}: cannot read it ({e})") from None
-    except (ValueError, KeyError, TypeError, AttributeError, DataError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, DataError, RecursionError) as e:
         raise CheckpointError(f"{source}: not a tokenizer hanlm can use ({type(e).__name__}: {e}); it needs "
                               f"{', '.join(SPECIAL_TOKENS)} at ids 0–3 and byte-level BPE, or the char form "
                               "`hanlm export` writes") from None

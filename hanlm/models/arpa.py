@@ -18,6 +18,7 @@ time and names the line of anything malformed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -222,7 +223,7 @@ def _parse_section(body: str, k: int, order: int, header: tuple[int, int], lines
                         words.append(w)
             ids = np.stack([np.fromiter(map(word_id.__getitem__, flat[1 + j::width]), np.int64, declared)
                             for j in range(k)], axis=1)
-            if not (logp <= 0).all():
+            if not (logp <= 0).all() or not np.isfinite(logp).all() or (bow is not None and not np.isfinite(bow).all()):
                 raise ValueError
             if bow is not None and k == order:
                 raise ValueError
@@ -244,6 +245,9 @@ def _parse_section(body: str, k: int, order: int, header: tuple[int, int], lines
                 bow[r] = float(fields[-1])
         except ValueError:
             raise lines.error(f"not a number in {row!r}", at) from None
+        if not (math.isfinite(logp[r]) and (len(fields) == k + 1 or math.isfinite(bow[r]))):
+            raise lines.error(f"{row!r} holds a value that is not a finite number (nan or inf): ARPA log10 "
+                              "probabilities and backoffs are finite (-99 stands for 'never')", at)
         if logp[r] > 0:
             raise lines.error(f"log10 probability {fields[0]} is above 0", at)
         for j, w in enumerate(fields[1:k + 1]):

@@ -105,6 +105,8 @@ def _token_ids(tokenizer: Tokenizer) -> dict[bytes, list[int]]:
 
 
 def _open(path: Path) -> BinaryIO:
+    if Path(path).exists() and not Path(path).is_file():  # /dev/zero, a FIFO or a directory would never end
+        raise DataError(f"{path}: model.vectors must be a regular file (word2vec text or binary)")
     try:
         f = open(path, "rb")
     except OSError as e:

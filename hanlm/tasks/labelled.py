@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from hanlm.config import Config
+from hanlm.data.corpora import CORPORA
 from hanlm.data.splits import text_bucket
 from hanlm.data.reader import DocumentReader
 from hanlm.data.tokenizer import Tokenizer
-from hanlm.errors import DataError
+from hanlm.errors import ConfigError, DataError
 
 SPLITS = ("train", "dev", "test")
 REVIEWS_CORPUS = "chn-reviews"  # the default labelled data
@@ -65,6 +66,20 @@ def split_of(text: str, dev_fraction: float, test_fraction: float) -> str:
     return "dev" if bucket < (test_fraction + dev_fraction) * 1_000_000 else "train"
 
 
+def _check_fields_apply(cfg: Config, sources: list[str]) -> None:
+    """finetune.text_field / label_field name fields of the user's files: on built-in corpora alone, whose
+    fields are fixed, a changed one would be silently ignored, so it is an error instead."""
+    if not all(source in CORPORA for source in sources):
+        return
+    for key in ("text_field", "label_field"):
+        value = getattr(cfg.finetune, key)
+        default = next(f.default for f in dataclasses.fields(cfg.finetune) if f.name == key)
+        if value != default:
+            raise ConfigError(f"finetune.{key} {value!r} does not apply to the built-in corpus "
+                              f"{', '.join(sources)}, whose fields are fixed; drop it, or name your own files in "
+                              "finetune.data")
+
+
 def read_labelled(cfg: Config, sources: list[str] | None = None) -> LabelledData:
     """Read `sources` (default finetune.data, or chn-reviews when it is empty) with the data.* normalisation
     of `cfg`, keep each distinct
@@ -72,6 +87,7 @@ def read_labelled(cfg: Config, sources: list[str] | None = None) -> LabelledData
     error naming its file), else every label of the train split, sorted."""
     ft = cfg.finetune
     sources = sources if sources is not None else (list(ft.data) or [REVIEWS_CORPUS])
+    _check_fields_apply(cfg, sources)
     reader = DocumentReader(sources, dataclasses.replace(cfg.data, text_field=ft.text_field),
                             text_key="finetune.text_field")
     first: dict[str, str] = {}  # text -> the label it was first read with
