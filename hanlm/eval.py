@@ -24,6 +24,7 @@ from hanlm.config import Config
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import DataError
 from hanlm.models import LanguageModel
+from hanlm.models.masking import Masker
 
 
 @dataclass
@@ -54,6 +55,86 @@ class EvalResult:
     def summary(self) -> str:
         return (f"val loss {self.loss:.4f} | bpc {self.bpc:.4f} | ppl/char {self.ppl_char:.2f} | "
                 f"ppl/token {self.ppl_token:.2f} | {self.tokens:,} tokens, {self.characters:,.0f} characters")
+
+
+@dataclass
+class MaskedEvalResult:
+    """An encoder's figures on masked text (`evaluate_masked`): bits per character need a model that predicts
+    each token from its left, which an encoder is not, so it has none."""
+
+    loss: float  # the pretraining loss per masked token (mlm: cross-entropy; electra: generator + weighted RTD)
+    masked_accuracy: float  # mlm: the encoder's; electra: the generator's
+    tokens: int  # masked tokens scored
+    rtd_accuracy: float | None = None  # electra: the discriminator's, over every position
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.as_dict().items() if k != "tokens"}
+
+    def table(self, unigram_bpc: float | None = None) -> str:
+        rows = ["| metric | value |", "|---|---|", f"| val masked loss (nats/masked token) | {self.loss:.4f} |",
+                f"| val masked-token accuracy | {self.masked_accuracy:.4f} |"]
+        if self.rtd_accuracy is not None:
+            rows.append(f"| val replaced-token detection accuracy | {self.rtd_accuracy:.4f} |")
+        rows.append("| val BPC | does not apply: an encoder reads both sides of each token |")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        rtd = f" | rtd accuracy {self.rtd_accuracy:.4f}" if self.rtd_accuracy is not None else ""
+        return (f"val masked loss {self.loss:.4f} | masked-token accuracy {self.masked_accuracy:.4f}{rtd} | "
+                f"{self.tokens:,} masked tokens (BPC does not apply to an encoder)")
+
+
+@torch.no_grad()
+def evaluate_masked(model: LanguageModel, tokens: np.ndarray, masker: Masker, *, block_size: int, batch_size: int,
+                    max_batches: int | None = None, seed: int = 0) -> MaskedEvalResult:
+    """Mask `tokens` in windows of `block_size` side by side, always the same way (`seed`), and score the
+    model's pretraining objective on them: the same positions at every evaluation, so figures compare."""
+    device = model.device
+    starts = np.arange(0, max(1, len(tokens) - 1), block_size)
+    if max_batches is not None:
+        starts = starts[: max_batches * batch_size]
+    masks = torch.Generator().manual_seed(seed)
+    loss = correct = rtd = 0.0
+    count = positions = 0
+    was_training = model.training
+    model.eval()
+    # ELECTRA samples its replacements from torch's generator: draw them from a fixed one, and leave the
+    # training run's own random state as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for i in range(0, len(starts), batch_size):
+                x, _ = _windows(tokens, starts[i:i + batch_size], block_size)
+                inputs, targets = masker(x, masks)
+                n = int(targets.ne(-1).sum())
+                if n == 0:
+                    continue
+                inputs, targets = inputs.to(device), targets.to(device)
+                batch_loss = float(model(inputs, targets))
+                last = getattr(model, "last", None)
+                if last is not None:  # electra: the generator's accuracy is not its loss's by-product here
+                    rtd += last["rtd_accuracy"] * x.numel()
+                    positions += x.numel()
+                    correct += _generator_hits(model, inputs, targets)
+                else:
+                    correct += int((model(inputs).argmax(-1) == targets).sum())
+                loss += batch_loss * n
+                count += n
+        finally:
+            model.train(was_training)
+    if count == 0:
+        raise ValueError("nothing to evaluate: no token of the split could be masked")
+    return MaskedEvalResult(loss / count, correct / count, count, rtd / positions if positions else None)
+
+
+def _generator_hits(model: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many masked tokens an ELECTRA generator puts first."""
+    masked = targets.ne(-1)
+    g = model.generator(model.discriminator.tok_emb(inputs))[masked]
+    return int((torch.nn.functional.linear(g, model.discriminator.tok_emb.weight).argmax(-1) == targets[masked]).sum())
 
 
 def split_characters(meta: dict[str, Any], split: str) -> int:
@@ -141,9 +222,10 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tens
 
 
 def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | None = None,
-                        stride: int | None = None) -> EvalResult:
+                        stride: int | None = None) -> EvalResult | MaskedEvalResult:
     """Evaluate a checkpoint on its run's val split, or on the documents of `data` sources, in windows
-    of its train.block_size sliding by `stride` (default: its eval.stride; see `evaluate`)."""
+    of its train.block_size sliding by `stride` (default: its eval.stride; see `evaluate`); an encoder on
+    its masked objective (`evaluate_masked`)."""
     from hanlm.loading import load_for_inference
     from hanlm.data.reader import DocumentReader
 
@@ -157,6 +239,9 @@ def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | 
         tokens, characters = tokenizer.encode_documents(docs), sum(map(len, docs)) + len(docs)
     else:
         tokens, characters = prepared_split(cfg, tokenizer, "val")
+    if not model.generates:  # an encoder: its masked objective on the text, the same masks every time
+        masker = Masker(cfg.train.mask_rate, tokenizer.vocab_size, tokenizer, cfg.train.mask_whole_words)
+        return evaluate_masked(model, tokens, masker, block_size=cfg.train.block_size, batch_size=cfg.eval.batch_size)
     return evaluate(model, tokens, block_size=cfg.train.block_size, batch_size=cfg.eval.batch_size,
                     characters=characters, autocast_dtype=torch.bfloat16 if device == "cuda" else None,
                     stride=stride or cfg.eval.stride)

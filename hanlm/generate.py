@@ -75,6 +75,13 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [tokenizer.eos_id, *tokenizer.encode(prompt)]
 
 
+def require_generating(model: LanguageModel) -> None:
+    """ValueError naming the arch when `model` predicts no next token (an encoder)."""
+    if not model.generates:
+        raise ValueError("an encoder (model.arch encoder) reads both sides of each token and predicts no next token: "
+                         "it does not generate; fine-tune it (hanlm finetune) for classification or tagging")
+
+
 def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,
              use_cache: bool = True, result: Generation | None = None,
              speculation: Speculation | None = None) -> Iterator[str]:
@@ -85,6 +92,7 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
     tokens that the model checks several per forward (hanlm.speculative): the same greedy output,
     the same distribution when sampling; its `stats` count what was kept.
     """
+    require_generating(model)
     result = result if result is not None else Generation()
     device = model.device
     generator = None

@@ -92,6 +92,8 @@ class BatchLoader:
         starts = self._rank_starts()[self._batch * B : (self._batch + 1) * B]  # (B,)
         # One gather of just the B*(T+1) tokens needed, one widening copy; x and y are views of it.
         t = torch.from_numpy(self.tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64))  # (B, T+1)
+        # What identifies each row whatever the ranks: a masked objective seeds each row's masks by it.
+        self.last_rows = [(self.epoch, int(s)) for s in starts]
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self.epoch += 1

@@ -42,9 +42,11 @@ class SequenceClassifier(nn.Module):
 
     def pooled(self, x: Tensor, lengths: Tensor) -> Tensor:
         """The text vectors (B, C) of right-padded ids x (B, T) with `lengths` (B,)."""
-        h = self.backbone.hidden(x)  # (B, T, C)
+        h = self.backbone.hidden(x, lengths)  # (B, T, C)
         if self.pooling == "last":
             return h[torch.arange(x.size(0), device=x.device), lengths - 1]
+        if self.pooling == "first":
+            return h[:, 0]
         keep = (torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)
         return (h * keep).sum(1) / lengths.clamp(min=1)[:, None].to(h.dtype)
 

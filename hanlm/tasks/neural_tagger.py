@@ -115,7 +115,7 @@ class SequenceTagger(nn.Module):
     def forward(self, ids: Tensor, char_token: Tensor, char_piece: Tensor, char_ids: Tensor, lengths: Tensor,
                 targets: Tensor | None = None) -> Tensor:
         """Emission logits (B, N, n_tags) in float32; with targets, their mean cross-entropy instead."""
-        h = self.backbone.hidden(ids)
+        h = self.backbone.hidden(ids, ids.ne(0).sum(1))  # rows right-padded with <pad> (id 0), which no text holds
         states = (h.gather(1, char_token.unsqueeze(-1).expand(-1, -1, h.size(-1))) + self.piece_emb(char_piece)
                   + self.char_emb(char_ids))
         states = self.dropout(states)

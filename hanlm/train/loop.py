@@ -47,11 +47,12 @@ from hanlm.data.prepare import prepare
 from hanlm.data.shards import open_split
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
-from hanlm.eval import EvalResult, evaluate, split_characters
+from hanlm.eval import EvalResult, MaskedEvalResult, evaluate, evaluate_masked, split_characters
 from hanlm.generate import config_samples
 from hanlm.loading import open_checkpoint, require_language_model, resolve_checkpoint
 from hanlm.log import RunLogger, measure_matmul_peak
-from hanlm.models import build_model
+from hanlm.models import build_for_training
+from hanlm.models.masking import Masker, row_seed
 from hanlm.runlock import RunLock
 from hanlm.train.autobatch import resolve_micro_batch
 from hanlm.train.distributed import (
@@ -152,7 +153,12 @@ class Trainer:
         # Weights from a checkpoint replace the embedding anyway: don't read a vectors file for nothing.
         fresh = ckpt is None and not cfg.train.init_from
         model_cfg = cfg.model if fresh else dataclasses.replace(cfg.model, vectors=None)
-        self.model = build_model(model_cfg, self.tokenizer.vocab_size, self.tokenizer).to(self.device)
+        self.model = build_for_training(dataclasses.replace(cfg, model=model_cfg), self.tokenizer.vocab_size,
+                                        self.tokenizer).to(self.device)
+        # mlm, electra: each row is masked on the CPU, seeded by the window it holds (the same on any rank, after resume).
+        t = cfg.train
+        self.masker = (Masker(t.mask_rate, self.tokenizer.vocab_size, self.tokenizer, t.mask_whole_words)
+                       if t.objective != "lm" else None)
         if self.model.vector_report is not None:
             self.echo(self.model.vector_report.summary())
         if ckpt is not None:
@@ -268,11 +274,14 @@ class Trainer:
         accum, total = cfg.train.grad_accum, 0.0
         for micro in range(accum):
             x, y = self.loader.next_batch()  # (B, T), (B, T)
+            if self.masker is not None:  # the masked input, and the original tokens at the masked positions
+                seeds = [row_seed(cfg.train.seed, epoch, start) for epoch, start in self.loader.last_rows]
+                x, y = self.masker(x, row_seeds=seeds)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # Gradients are synchronised once per step, on the last micro-batch's backward.
             with self.sync.no_sync() if micro < accum - 1 else contextlib.nullcontext(), self._amp():
                 loss = self.step_model(x, y)
-                (loss / accum).backward()
+                (loss * self._loss_weight(y) / accum).backward()
             total += loss.item()
         self.sync.after_backward(self.step)
         if not math.isfinite(total):
@@ -288,7 +297,21 @@ class Trainer:
         self.sync.after_step(self.step)
         return {"loss": all_reduce_mean(total / accum), "lr": lr, "grad_norm": grad_norm}
 
-    def evaluate(self, full: bool = False) -> EvalResult:
+    def _loss_weight(self, y: torch.Tensor) -> torch.Tensor | float:
+        """mlm: the batch's masked tokens over the number expected (mask_rate × tokens), so that the gradient is
+        the sum over masked tokens divided by a count that adds up over rows: workers holding different
+        numbers of masked tokens then average to exactly the one-process gradient. 1 for the other objectives."""
+        if self.cfg.train.objective != "mlm":
+            return 1.0
+        return y.ne(-1).sum() / (self.cfg.train.mask_rate * y.numel())
+
+    def evaluate(self, full: bool = False) -> EvalResult | MaskedEvalResult:
+        if self.masker is not None:
+            result = evaluate_masked(self.model, self.val_tokens, self.masker, block_size=self.cfg.train.block_size,
+                                     batch_size=self.cfg.eval.batch_size,
+                                     max_batches=None if full else self.cfg.eval.max_batches)
+            self._reshard()
+            return result
         result = evaluate(self.model, self.val_tokens, block_size=self.cfg.train.block_size,
                           batch_size=self.cfg.eval.batch_size, characters=self.val_characters,
                           max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype,
@@ -457,7 +480,10 @@ class Trainer:
         return psutil.Process().memory_info().rss
 
     def samples(self) -> list[tuple[str, str]]:
-        """Continuations of the configured prompts with the configured sampling settings."""
+        """Continuations of the configured prompts with the configured sampling settings (none from an
+        encoder, which does not generate)."""
+        if not self.model.generates:
+            return []
         samples = config_samples(self.model, self.tokenizer, self.cfg.generate)
         self._reshard()
         return samples

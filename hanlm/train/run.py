@@ -56,8 +56,9 @@ def train(cfg: Config, resume: str | None, *, restart_if_damaged: bool = False, 
         return 0
     unigram = prepared.meta["splits"]["val"]["unigram_bpc"]
     print(f"\nfinal (whole val split): {result.final_eval.summary()}")
-    print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is "
-          f"{result.final_eval.bpc / unigram:.0%} of it)")
+    bpc = getattr(result.final_eval, "bpc", None)  # an encoder's masked figures have none
+    if bpc is not None:
+        print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is {bpc / unigram:.0%} of it)")
     print(f"checkpoint: {result.checkpoint}\nreport: {result.report}\n\nsamples:")
     for prompt, continuation in result.samples:
         print(f"  {prompt}|{continuation}")
