@@ -11,12 +11,10 @@ attends to padding. An encoder predicts no next token: generation refuses it by 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from hanlm.config import ModelConfig
-from hanlm.models.base import LanguageModel
-from hanlm.models.gpt import RMS_EPS, Block, init_weights, register_rotary
+from hanlm.models.gpt import Transformer
 from hanlm.models.loss import linear_cross_entropy
 
 # No hanlm tokenizer puts <bos> (id 2) into data (documents are separated by <eos>), so it serves as the
@@ -24,36 +22,18 @@ from hanlm.models.loss import linear_cross_entropy
 MASK_ID = 2
 
 
-class Encoder(LanguageModel):
+class Encoder(Transformer):
     """Bidirectional transformer over token ids; see the module docstring."""
 
+    causal = False
     generates = False
-
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
-        super().__init__()
-        self.vocab_size, self.context_length = vocab_size, cfg.context_length
-        self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
-        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
-        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length)
-        self.checkpointing = False
-        init_weights(self, self.blocks)
-
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        self.checkpointing = enabled
 
     def hidden(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The final normalised hidden states (B, T, C) of x (B, T); with `lengths` (B,), positions at or
         after a row's length are padding that no position attends to."""
         B, T = x.shape
-        if T > self.context_length:
-            raise ValueError(f"the input is {T} tokens, longer than the encoder's context_length "
-                             f"{self.context_length}")
-        rot = torch.complex(self.rope_cos[:T].float(), self.rope_sin[:T].float())[..., None, None, :]
+        self._check_length(T, "the input")
+        rot = self._rotations(slice(0, T))
         mask = None
         if lengths is not None:
             mask = (torch.arange(T, device=x.device)[None, :] < lengths[:, None]).view(B, 1, 1, T)
@@ -81,8 +61,3 @@ class Encoder(LanguageModel):
     def _no_generation() -> str:
         return ("model.arch encoder reads both sides of every position and predicts no next token: it does not "
                 "generate or score text left to right; fine-tune it (hanlm finetune) for classification or tagging")
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """As the GPT's: 6 × (non-embedding parameters + head) + 12 · n_layer · n_embd · seq_len (the full
-        attention square, which an encoder does compute)."""
-        return super().flops_per_token(seq_len) + 12.0 * self.n_layer * self.n_embd * seq_len

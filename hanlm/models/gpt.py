@@ -185,15 +185,18 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-class GPT(LanguageModel):
-    """Decoder-only transformer language model; see the module docstring for the cache."""
+class Transformer(LanguageModel):
+    """What the GPT and the encoder share: token embedding, a stack of blocks (causal or not, `causal`), the
+    final norm, the output head (tied or not), rotary tables and GPT-2's initialisation."""
+
+    causal = True
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.vocab_size, self.context_length = vocab_size, cfg.context_length
         self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
         self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -206,6 +209,15 @@ class GPT(LanguageModel):
         """Recompute each block's activations in backward instead of storing them (training only)."""
         self.checkpointing = enabled
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """6 × (non-embedding parameters + head) + 12 · n_layer · n_embd · seq_len.
+
+        The second term is attention's QKᵀ and AV (2 · 2 · d · T forward, ×3 with backward, per
+        layer), counted over the full T×T square as in PaLM (Chowdhery et al. 2022, appendix B),
+        although causal attention needs only half of it.
+        """
+        return super().flops_per_token(seq_len) + 12.0 * self.n_layer * self.n_embd * seq_len
+
     def _check_length(self, n: int, what: str) -> None:
         if n > self.context_length:
             raise ValueError(f"{what} is {n} tokens, longer than the model's context_length "
@@ -215,6 +227,10 @@ class GPT(LanguageModel):
         """Unit complex numbers (*positions, 1, 1, head_dim / 2) that rotate those positions; they
         broadcast against the (B, T, 2, H, head_dim / 2) query and key pairs."""
         return torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[..., None, None, :]
+
+
+class GPT(Transformer):
+    """Decoder-only transformer language model; see the module docstring for the cache."""
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         h = self.hidden(x)
@@ -297,12 +313,3 @@ class GPT(LanguageModel):
                 store.v[i][0, :, s.pos:s.pos + T] = v[b, :, L:]
         logp = F.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)  # (B, T, V)
         return logp, [KVCache(store, s.pos + T) for s, store in zip(states, stores)]
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """6 × (non-embedding parameters + head) + 12 · n_layer · n_embd · seq_len.
-
-        The second term is attention's QKᵀ and AV (2 · 2 · d · T forward, ×3 with backward, per
-        layer), counted over the full T×T square as in PaLM (Chowdhery et al. 2022, appendix B),
-        although causal attention needs only half of it.
-        """
-        return super().flops_per_token(seq_len) + 12.0 * self.n_layer * self.n_embd * seq_len
