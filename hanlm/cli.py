@@ -21,6 +21,7 @@ from hanlm.commands import (
     cmd_finetune,
     cmd_generate,
     cmd_mix,
+    cmd_ner,
     cmd_prepare,
     cmd_segment,
     cmd_serve,
@@ -181,8 +182,8 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                          "Ctrl-C saves and exits; --resume auto continues exactly.")
     p.add_argument("checkpoint", nargs="?", help="the pretrained checkpoint or run directory (sets "
                    "finetune.init_from); not for --tagger hmm|crf")
-    p.add_argument("--task", choices=["classify", "tag"], help="what to train for (sets finetune.task; default "
-                   "classify)")
+    p.add_argument("--task", choices=["classify", "tag", "ner"], help="what to train for (sets finetune.task; "
+                   "default classify; ner trains the crf entity tagger)")
     p.add_argument("--tagger", choices=["neural", "hmm", "crf"], help="the tagger (sets finetune.tagger and implies "
                    "--task tag)")
     p.add_argument("--scheme", choices=["bmes", "bmes-pos"], help="character tags: segmentation only, or joint "
@@ -226,6 +227,23 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="format of the --gold files (default auto)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_segment)
+
+    p = verbs.add_parser("ner", help="find person, location and organisation names with a trained entity tagger",
+                         description="Print one JSON line per text: the text and its entities (text, type, start, "
+                         "end; character offsets, end excluded). --data reads one text per line; with --gold the "
+                         "files hold gold entities (finetune.ner_format: jsonl or conll, see --format) and "
+                         "entity-level precision, recall and F1 per type (exact span and type, as conlleval counts) "
+                         "go to stderr.")
+    p.add_argument("checkpoint", help="an entity tagger from hanlm finetune --task ner (step directory, checkpoints "
+                   "or run directory: then its best by dev F1)")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text (repeatable)")
+    p.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="every line of this file, directory, glob, URL or built-in corpus (repeatable)")
+    p.add_argument("--gold", action="store_true", help="--data holds gold entities: tag their texts and score")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "conll"],
+                   help="format of the --gold files (default auto: by the file name; built-in corpora are jsonl)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.set_defaults(func=cmd_ner)
 
 
 def _tool_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -186,8 +186,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                  *(f"{k}={v}" for k, v in flags.items() if v), *args.overrides]
     if args.tagger and not args.task:
         overrides.insert(0, "finetune.task=tag")
+    if args.task == "ner" and not args.tagger:
+        overrides.insert(0, "finetune.tagger=crf")  # the one entity tagger so far
     cfg = load_config(args.config, overrides)
-    if cfg.finetune.task == "tag" and cfg.finetune.tagger != "neural":
+    if cfg.finetune.task in ("tag", "ner") and cfg.finetune.tagger != "neural":
         if args.nproc > 1 or args.resume:
             raise ConfigError(f"finetune.tagger {cfg.finetune.tagger} trains in one process, in one pass: drop "
                               "--nproc and --resume")
@@ -208,7 +210,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _texts_or_data(args: argparse.Namespace) -> None:
-    """`hanlm classify` and `hanlm segment` read texts from --text or from --data, exactly one of them."""
+    """`hanlm classify`, `segment` and `ner` read texts from --text or from --data, exactly one of them."""
     if bool(args.text) == bool(args.data):
         raise ConfigError("give the texts with --text (repeatable) or the file(s) with --data, one of the two")
 
@@ -294,4 +296,36 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_config_keys(args: argparse.Namespace) -> int:
     print(keys_markdown(), end="")
+    return 0
+
+
+def cmd_ner(args: argparse.Namespace) -> int:
+    from hanlm.data.ner import read_ner
+    from hanlm.data.tagged import text_lines
+    from hanlm.loading import load_entity_tagger
+    from hanlm.tasks.metrics import EntityScores
+
+    _texts_or_data(args)
+    if args.gold and not args.data:
+        raise ConfigError("--gold scores --data files that hold gold entities; it does not apply to --text")
+    tagger, cfg, path = load_entity_tagger(args.checkpoint, args.device or "cpu")
+    print(f"{path}: crf entity tagger, scheme {tagger.scheme}, types "
+          f"{', '.join(sorted({t[2:] for t in cfg.finetune.labels if t != 'O'}))}", file=sys.stderr)
+    if args.text:
+        texts, gold = list(args.text), None
+    elif args.gold:
+        sentences = list(read_ner(args.data, cfg.data, args.format))
+        texts, gold = [s.text for s in sentences], [s.entities for s in sentences]
+    else:
+        texts, gold = [line for _, _, line in text_lines(args.data, cfg.data) if line.strip()], None
+    scores = EntityScores()
+    for i in range(0, len(texts), 256):
+        chunk = texts[i:i + 256]
+        for k, (text, found) in enumerate(zip(chunk, tagger.entities(chunk))):
+            entities = [{"text": text[e.start:e.end], "type": e.type, "start": e.start, "end": e.end} for e in found]
+            print(json.dumps({"text": text, "entities": entities}, ensure_ascii=False))
+            if gold is not None:
+                scores.add(gold[i + k], found)
+    if gold is not None:
+        print(scores.summary(), file=sys.stderr)
     return 0

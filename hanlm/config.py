@@ -343,6 +343,9 @@ def check(cfg: Config) -> None:
     if cfg.finetune.dev_fraction + cfg.finetune.test_fraction >= 1:
         raise ConfigError(f"finetune.dev_fraction ({cfg.finetune.dev_fraction}) + finetune.test_fraction "
                           f"({cfg.finetune.test_fraction}) leave no train split; keep their sum below 1")
+    if cfg.finetune.task == "ner" and cfg.finetune.tagger != "crf":
+        raise ConfigError(f"finetune.task ner trains finetune.tagger crf (got {cfg.finetune.tagger}): the neural "
+                          "entity tagger is not built yet")
     if cfg.finetune.tagger == "crf" and cfg.finetune.tag_scheme == "bmes-pos":
         raise ConfigError("finetune.tagger crf supports tag_scheme bmes only: with ~170 joint BMES-POS tags "
                           "its training is quadratic in them; use hmm or neural for bmes-pos")

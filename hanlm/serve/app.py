@@ -100,6 +100,7 @@ class _Service:
         if task is not None and served != task:
             answers = {"classify": "a text classifier: it answers POST /v1/classify only",
                        "tag": "a word segmenter: it answers POST /v1/segment only",
+                       "ner": "an entity recognizer, which the server does not serve yet (use hanlm ner)",
                        "lm": "a language model: it answers the generation and scoring routes"}
             needs = {"classify": "/v1/classify needs a classifier written by hanlm finetune",
                      "tag": "/v1/segment needs a tagger written by hanlm finetune --task tag",

@@ -75,6 +75,13 @@ class CRFTagger(Tagger):
     def fit(cls, sentences: Sequence[TaggedSentence], tags: Sequence[str], *, c1: float, c2: float, iterations: int,
             progress: Callable[[int, float], None] | None = None) -> CRFTagger:
         """Train on `sentences` (BMES tags); `progress(iteration, loss)` after each L-BFGS iteration."""
+        return cls.fit_sequences([(s.text, char_tags(s, "bmes")) for s in sentences], tags, c1=c1, c2=c2,
+                                 iterations=iterations, progress=progress)
+
+    @classmethod
+    def fit_sequences(cls, pairs: Sequence[tuple[str, list[str]]], tags: Sequence[str], *, c1: float, c2: float,
+                      iterations: int, progress: Callable[[int, float], None] | None = None) -> CRFTagger:
+        """Train on (text, one tag per character) pairs: word tags for segmentation, entity tags for NER."""
         import pycrfsuite
 
         class Trainer(pycrfsuite.Trainer):
@@ -92,8 +99,8 @@ class CRFTagger(Tagger):
             def on_end(self, log: str) -> None: ...
 
         trainer = Trainer(verbose=True)
-        for s in sentences:
-            trainer.append(features(s.text), char_tags(s, "bmes"))
+        for text, labels in pairs:
+            trainer.append(features(text), labels)
         trainer.set_params({"c1": c1, "c2": c2, "max_iterations": iterations,
                             "feature.possible_transitions": True})
         with tempfile.TemporaryDirectory(prefix="hanlm-crf-") as tmp:

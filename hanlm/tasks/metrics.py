@@ -7,8 +7,8 @@ report's table shows)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -164,3 +164,50 @@ class SegmentationScores:
         if self.pos_f1 is not None:
             parts.append(f"POS F1 {self.pos_f1:.4f}")
         return ", ".join(parts) + f" on {self.gold_words:,} words"
+
+
+@dataclass
+class EntityScores:
+    """Entity-level counts as conlleval and seqeval count them: an entity is right when its span and its type
+    both are; precision, recall and F1 per type and over all (micro)."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)  # type -> [correct, predicted, gold]
+
+    def add(self, gold: Iterable, predicted: Iterable) -> None:
+        """Count one text: its gold and predicted entities (anything with start, end and type)."""
+        gold_set = {(e.start, e.end, e.type) for e in gold}
+        predicted_set = {(e.start, e.end, e.type) for e in predicted}
+        for spans, column in ((gold_set & predicted_set, 0), (predicted_set, 1), (gold_set, 2)):
+            for *_, kind in spans:
+                self.counts.setdefault(kind, [0, 0, 0])[column] += 1
+
+    def of(self, kind: str | None = None) -> tuple[float, float, float]:
+        """(precision, recall, F1) of one type, or of all (None)."""
+        rows = [self.counts.get(kind, [0, 0, 0])] if kind is not None else list(self.counts.values())
+        correct, predicted, gold = (sum(r[i] for r in rows) for i in range(3))
+        p = correct / predicted if predicted else 0.0
+        r = correct / gold if gold else 0.0
+        return p, r, 2 * p * r / (p + r) if p + r else 0.0
+
+    @property
+    def f1(self) -> float:
+        return self.of()[2]
+
+    @property
+    def primary(self) -> float:
+        return self.f1
+
+    @property
+    def headline(self) -> dict[str, float]:
+        p, r, f = self.of()
+        return {"precision": p, "recall": r, "f1": f}
+
+    def as_dict(self) -> dict:
+        return {**self.headline, "types": {k: dict(zip(("precision", "recall", "f1"), self.of(k)))
+                                           | {"gold": c[2], "predicted": c[1]} for k, c in sorted(self.counts.items())}}
+
+    def summary(self) -> str:
+        p, r, f = self.of()
+        types = "; ".join(f"{k} P {self.of(k)[0]:.4f} R {self.of(k)[1]:.4f} F1 {self.of(k)[2]:.4f} "
+                          f"({c[2]:,} gold)" for k, c in sorted(self.counts.items()))
+        return f"entities: P {p:.4f}, R {r:.4f}, F1 {f:.4f}" + (f" ({types})" if types else "")

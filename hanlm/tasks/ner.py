@@ -1,0 +1,117 @@
+"""Named-entity recognition: the data and its hash split, a CRF over characters with BIO or BIOES tags, and
+entity-level scoring (exact span and type, as conlleval and seqeval count).
+
+The data is `finetune.data` (default the built-in `people-daily-1998-ner`) in `finetune.ner_format`; each
+distinct text is kept once and split train / dev / test by the same hash of its text as segmentation,
+so the People's Daily test paragraphs are the same for both tasks. The CRF is segmentation's
+(`hanlm.tasks.crf`: character n-gram features, CRFsuite), trained on entity tags instead of word tags.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from hanlm.config import Config
+from hanlm.data.entities import OUTSIDE, Entity, NerSentence, spans_to_tags, tags_to_spans
+from hanlm.data.ner import read_ner
+from hanlm.errors import CheckpointError
+from hanlm.tasks.crf import CRFTagger
+from hanlm.tasks.labelled import SPLITS, split_of
+from hanlm.tasks.metrics import EntityScores
+
+NER_CORPUS = "people-daily-1998-ner"
+
+
+@dataclass
+class NerData:
+    tags: list[str]  # the character tags, O first
+    types: list[str]  # the entity types
+    splits: dict[str, list[NerSentence]]
+    sentences: int
+    duplicates: int
+    scheme: str
+    sizes: dict[str, int] = field(default_factory=dict)  # characters per split
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(split) for name, split in self.splits.items()}
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{name} {len(self.splits[name]):,} ({self.sizes[name]:,} chars)" for name in SPLITS)
+        entities = sum(len(s.entities) for s in self.splits["train"])
+        return (f"{self.sentences:,} texts, {self.duplicates:,} duplicates dropped; {sizes}; {entities:,} train "
+                f"entities of types {', '.join(self.types)}; scheme {self.scheme} ({len(self.tags)} tags)")
+
+
+def read_ner_data(cfg: Config, sources: list[str] | None = None) -> NerData:
+    """Read and split the entity data of `cfg` (finetune.data, finetune.ner_format, finetune.ner_scheme)."""
+    ft = cfg.finetune
+    sources = sources if sources is not None else (list(ft.data) or [NER_CORPUS])
+    first: dict[str, NerSentence] = {}
+    read = 0
+    for sentence in read_ner(sources, cfg.data, ft.ner_format):
+        read += 1
+        first.setdefault(sentence.text, sentence)
+    splits = {name: [] for name in SPLITS}
+    for text, sentence in first.items():
+        splits[split_of(text, ft.dev_fraction, ft.test_fraction)].append(sentence)
+    types = sorted({e.type for s in splits["train"] for e in s.entities})
+    prefixes = ("B", "I") if ft.ner_scheme == "bio" else ("B", "I", "E", "S")
+    tags = [OUTSIDE, *(f"{p}-{t}" for t in types for p in prefixes)]
+    sizes = {name: sum(len(s.text) for s in split) for name, split in splits.items()}
+    return NerData(tags, types, splits, read, read - len(first), ft.ner_scheme, sizes)
+
+
+class EntityTagger:
+    """A CRF over characters whose tags spell entities."""
+
+    def __init__(self, crf: CRFTagger, scheme: str):
+        self.crf, self.scheme = crf, scheme
+
+    @classmethod
+    def fit(cls, sentences: Sequence[NerSentence], tags: Sequence[str], scheme: str, *, c1: float, c2: float,
+            iterations: int, progress: Callable[[int, float], None] | None = None) -> EntityTagger:
+        pairs = [(s.text, spans_to_tags(len(s.text), s.entities, scheme)) for s in sentences]
+        return cls(CRFTagger.fit_sequences(pairs, tags, c1=c1, c2=c2, iterations=iterations, progress=progress),
+                   scheme)
+
+    def entities(self, texts: Sequence[str]) -> list[list[Entity]]:
+        """The entities of each text, as character spans."""
+        return [tags_to_spans(tags) for tags in self.crf.tag(texts)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.crf.state_dict()
+
+    @classmethod
+    def from_checkpoint(cls, labels: Sequence[str], scheme: str, weights: dict[str, torch.Tensor],
+                        source: str) -> EntityTagger:
+        if not labels:
+            raise CheckpointError(f"{source}/config.yaml lists no tags (finetune.labels)")
+        return cls(CRFTagger.from_weights(labels, weights, f"{source}/model.safetensors"), scheme)
+
+
+@dataclass
+class EntityEvaluation:
+    scores: EntityScores
+    seconds: float
+    characters: int
+
+    @property
+    def chars_per_s(self) -> float:
+        return self.characters / self.seconds if self.seconds > 0 else float("inf")
+
+
+def evaluate_entities(tagger: EntityTagger, sentences: Sequence[NerSentence], batch: int = 256) -> EntityEvaluation:
+    """Entity-level scores of `tagger` on gold sentences, timing only the tagging."""
+    scores, seconds = EntityScores(), 0.0
+    for i in range(0, len(sentences), batch):
+        chunk = sentences[i:i + batch]
+        started = time.perf_counter()
+        predicted = tagger.entities([s.text for s in chunk])
+        seconds += time.perf_counter() - started
+        for gold, found in zip(chunk, predicted):
+            scores.add(gold.entities, found)
+    return EntityEvaluation(scores, seconds, sum(len(s.text) for s in sentences))
