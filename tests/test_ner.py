@@ -152,3 +152,26 @@ def test_ner_refuses_what_it_cannot_do(capsys):
         load_config("tiny", ["finetune.task=ner", "finetune.tagger=neural"])
     assert main(["ner", "x", "--text", "a", "--gold"]) == 2
     assert "--gold scores --data files" in capsys.readouterr().err
+
+
+def test_the_server_finds_entities_with_the_key_and_limits_of_every_route(ner_run):
+    import httpx
+    from serve_helpers import AUTH, KEY, LiveServer, error_of
+
+    from hanlm.loading import load_for_inference
+    from hanlm.serve.app import create_app
+
+    result, _ = ner_run
+    app = create_app(lambda: load_for_inference(str(result.run_dir), tasks=("ner",)), model_name="ner", api_key=KEY)
+    with LiveServer(app) as server:
+        server.wait_ready()
+        answer = httpx.post(server.url + "/v1/ner", json={"input": ["江泽民主席在北京会见客人", "好"]}, headers=AUTH)
+        assert answer.status_code == 200
+        body = answer.json()
+        assert {"text": "北京", "type": "LOC", "start": 6, "end": 8} in body["data"][0]["entities"]
+        assert body["data"][1]["entities"] == [] and body["usage"]["characters"] == 13
+        assert error_of(httpx.post(server.url + "/v1/ner", json={"input": "北京"}), 401)["code"] == "invalid_api_key"
+        too_many = error_of(httpx.post(server.url + "/v1/ner", json={"input": ["北京"] * 257}, headers=AUTH), 400)
+        assert "at most 256" in too_many["message"]
+        wrong = error_of(httpx.post(server.url + "/v1/segment", json={"input": "北京"}, headers=AUTH), 400)
+        assert wrong["code"] == "wrong_task" and "/v1/ner only" in wrong["message"]

@@ -143,7 +143,7 @@ def test_a_full_task_queue_answers_429_at_once_and_the_waiting_requests_still_fi
         error = error_of(httpx.post(server.url + "/v1/segment", json={"input": "多"}, headers=AUTH,
                                     timeout=WAIT_S), 429)
         assert error["type"] == "rate_limit_error" and error["code"] == "queue_full", error
-        assert "2 classify and segment requests can wait" in error["message"], error
+        assert "2 classify, segment and ner requests can wait" in error["message"], error
         assert "serve.max_task_queue" in error["message"], error
         error_of(httpx.post(server.url + "/v1/segment", json={"input": "多"}, timeout=WAIT_S), 401)  # the key first
         gate.release()

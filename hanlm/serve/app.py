@@ -7,6 +7,7 @@
     POST /v1/score               per-token log-probabilities, NLL, perplexity and BPC of a text (hanlm)
     POST /v1/classify            labels and label probabilities of texts (a `hanlm finetune` checkpoint)
     POST /v1/segment             words (and POS tags) of texts (a tagger from `hanlm finetune --task tag`)
+    POST /v1/ner                 named entities of texts (an entity tagger from `hanlm finetune --task ner`)
     POST /tokenize, /detokenize
     GET  /metrics                Prometheus
     GET  /                       the playground page
@@ -64,6 +65,7 @@ from hanlm.serve.protocol import (
     DetokenizeRequest,
     JSONAnswer,
     ScoreRequest,
+    NerRequest,
     SegmentRequest,
     TextsRequest,
     TokenizeRequest,
@@ -100,10 +102,11 @@ class _Service:
         if task is not None and served != task:
             answers = {"classify": "a text classifier: it answers POST /v1/classify only",
                        "tag": "a word segmenter: it answers POST /v1/segment only",
-                       "ner": "an entity recognizer, which the server does not serve yet (use hanlm ner)",
+                       "ner": "an entity recognizer: it answers POST /v1/ner only",
                        "lm": "a language model: it answers the generation and scoring routes"}
             needs = {"classify": "/v1/classify needs a classifier written by hanlm finetune",
                      "tag": "/v1/segment needs a tagger written by hanlm finetune --task tag",
+                     "ner": "/v1/ner needs an entity tagger written by hanlm finetune --task ner",
                      "lm": "this route needs a language model"}
             raise APIError(400, f"the model {self.model_name} is {answers[served]}; {needs[task]}",
                            code="wrong_task")
@@ -128,7 +131,7 @@ class _Service:
         try:
             job = worker.submit(lambda: answer(loaded, req.input))
         except TaskQueueFull:
-            raise APIError(429, f"the server is busy: {worker.max_waiting} classify and segment requests can wait "
+            raise APIError(429, f"the server is busy: {worker.max_waiting} classify, segment and ner requests can wait "
                                 "(serve.max_task_queue) and that many already do; retry later",
                            type="rate_limit_error", code="queue_full") from None
         except TaskWorkerStopped:
@@ -201,6 +204,15 @@ def segment_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
                                                       "words": sum(len(s.words) for s in sentences)}}
 
 
+def ner_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
+    """/v1/ner's answer: each text's entities (text, type, start, end: character offsets, end excluded)."""
+    found = loaded.model.entities(texts)
+    data = [{"index": i, "entities": [{"text": t[e.start:e.end], "type": e.type, "start": e.start, "end": e.end}
+                                      for e in entities]} for i, (t, entities) in enumerate(zip(texts, found))]
+    return {"object": "list", "data": data, "usage": {"characters": sum(map(len, texts)),
+                                                      "entities": sum(map(len, found))}}
+
+
 async def _outcome(request: Request, job: Job) -> Any:
     """The job's result once the worker has run it. ClientGone when the client leaves first, checked
     every DISCONNECT_POLL_S (a waiting job is then skipped); the job is cancelled however this ends."""
@@ -231,7 +243,7 @@ def task_threads_for(cfg: Config) -> int:
 
 def _arch(cfg: Config) -> str:
     """What the model is: model.arch, or the traditional tagger (hmm, crf) that has no network."""
-    counted = cfg.model.task == "tag" and cfg.finetune.tagger != "neural"
+    counted = cfg.model.task in ("tag", "ner") and cfg.finetune.tagger != "neural"
     return cfg.finetune.tagger if counted else cfg.model.arch
 
 
@@ -283,6 +295,10 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
     @app.post("/v1/segment", dependencies=[keyed])
     async def segment(request: Request) -> JSONResponse:
         return await s.texts_route(request, "tag", SegmentRequest, "/v1/segment", segment_texts)
+
+    @app.post("/v1/ner", dependencies=[keyed])
+    async def ner(request: Request) -> JSONResponse:
+        return await s.texts_route(request, "ner", NerRequest, "/v1/ner", ner_texts)
 
     @app.post("/v1/completions", dependencies=[keyed])
     async def completions(request: Request) -> Response:

@@ -200,6 +200,10 @@ class SegmentRequest(TextsRequest):
     """/v1/segment: one text or a list of them, segmented (and POS-tagged, by a bmes-pos tagger) in one batch."""
 
 
+class NerRequest(TextsRequest):
+    """/v1/ner: one text or a list of them, their named entities found in one batch."""
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
