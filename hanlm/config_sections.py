@@ -340,6 +340,9 @@ class FinetuneConfig:
     tag_format: Literal["auto", "words", "slash", "conll"] = key(
         "auto", "tag: the files' format: words (space-separated), slash (word/TAG), conll (a token per line); "
         "auto: conll for .conll/.conllu/.tsv, else slash when the first line is word/TAG tokens, else words.")
+    tag_crf: bool = key(False, "neural tagger: a CRF output layer — learned start / transition / end scores, the "
+                        "gold path's likelihood as the loss (forward algorithm), Viterbi under them — instead of "
+                        "per-character cross-entropy decoded under the tag grammar alone.")
     tag_head: Literal["bilstm", "lookahead", "causal"] = key(
         "bilstm", "neural tagger: how a character sees the text to its right, which a causal model does not: a "
         "BiLSTM over the network's states (bilstm), the state finetune.tag_lookahead characters ahead joined "

@@ -328,3 +328,20 @@ def test_the_playground_segments_text_for_a_tagger(hmm, browser):
         output = ask_the_playground(browser, server.url, "pd", "segment", "迈向充满希望的新世纪", "words,")
         (expected,) = load_tagger(str(hmm.run_dir)).tagger.segment(["迈向充满希望的新世纪"])
         assert output.split() == [f"{w}/{t}" for w, t in zip(expected.words, expected.tags)]
+
+
+def test_a_crf_output_layer_trains_on_whole_paths_and_decodes_under_its_learned_scores(checkpoints, sample,
+                                                                                        tmp_path):
+    cfg = tag_config(tmp_path / "run", f"finetune.init_from={checkpoints['gpt']}", f"finetune.data=[{sample}]",
+                     "finetune.max_length=64", "finetune.micro_batch=16", "finetune.lr=3e-3", "finetune.epochs=0.4",
+                     "finetune.eval_every_steps=1000", "finetune.tag_crf=true")
+    result = Finetuner(cfg, echo=quiet).run()
+    assert result.test.f1 > 0.6, result.test.summary()
+    from hanlm.checkpoint import load_checkpoint
+
+    weights = load_checkpoint(result.checkpoint).weights
+    assert {"crf.start", "crf.transitions", "crf.end"} <= weights.keys()
+    assert weights["crf.transitions"].abs().sum() > 0  # learned, not left at their zeros
+    loaded = load_tagger(str(result.run_dir))
+    (out,) = loaded.tagger.segment(["中共中央总书记、国家主席江泽民发表新年讲话"])
+    assert "".join(out.words) == "中共中央总书记、国家主席江泽民发表新年讲话" and len(out.words) > 5

@@ -31,6 +31,7 @@ from hanlm.models import build_model
 from hanlm.models.base import LanguageModel
 from hanlm.tasks.bmes import POSITIONS, allowed_transitions, text_pieces
 from hanlm.tasks.tagging import Tagger
+from hanlm.tasks.crf_layer import CRFLayer
 from hanlm.tasks.viterbi import batched_by_length, decode_rows, mask_scores
 
 IGNORE = -100  # the target of padding characters
@@ -88,7 +89,8 @@ def collate_rows(rows: Sequence[TaggerRow], pad_id: int = 0) -> tuple[Tensor, ..
 class SequenceTagger(nn.Module):
     """backbone → character states → head (bilstm | lookahead | causal) → emissions (B, N, n_tags)."""
 
-    def __init__(self, backbone: LanguageModel, n_tags: int, head: str, lookahead: int, dropout: float):
+    def __init__(self, backbone: LanguageModel, n_tags: int, head: str, lookahead: int, dropout: float,
+                 crf: tuple[Tensor, Tensor, Tensor] | None = None):
         super().__init__()
         self.backbone, self.head_kind, self.lookahead = backbone, head, lookahead
         width = backbone.tok_emb.weight.size(1)
@@ -107,6 +109,8 @@ class SequenceTagger(nn.Module):
         nn.init.zeros_(self.out.bias)
         if not backbone.tied:
             backbone.lm_head.weight.requires_grad_(False)  # unused by tagging (as in the classifier)
+        # With the grammar's allowed (start, transitions, end): a CRF output layer, trained on whole paths.
+        self.crf = CRFLayer(crf) if crf is not None else None
 
     @property
     def context_length(self) -> int | None:
@@ -114,7 +118,8 @@ class SequenceTagger(nn.Module):
 
     def forward(self, ids: Tensor, char_token: Tensor, char_piece: Tensor, char_ids: Tensor, lengths: Tensor,
                 targets: Tensor | None = None) -> Tensor:
-        """Emission logits (B, N, n_tags) in float32; with targets, their mean cross-entropy instead."""
+        """Emission logits (B, N, n_tags) in float32; with targets, their mean cross-entropy instead (with a CRF
+        layer: the gold paths' negative log-likelihood per character)."""
         h = self.backbone.hidden(ids, ids.ne(0).sum(1))  # rows right-padded with <pad> (id 0), which no text holds
         states = (h.gather(1, char_token.unsqueeze(-1).expand(-1, -1, h.size(-1))) + self.piece_emb(char_piece)
                   + self.char_emb(char_ids))
@@ -132,6 +137,8 @@ class SequenceTagger(nn.Module):
         logits = self.out(states).float()
         if targets is None:
             return logits
+        if self.crf is not None:
+            return self.crf.loss(logits, targets, lengths)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
@@ -142,7 +149,7 @@ def build_tagger_network(cfg: Config, vocab_size: int) -> SequenceTagger:
     model_cfg = dataclasses.replace(cfg.model, vectors=None, dropout=cfg.finetune.dropout)
     ft = cfg.finetune
     return SequenceTagger(build_model(model_cfg, vocab_size), len(ft.labels), ft.tag_head, ft.tag_lookahead,
-                          ft.dropout)
+                          ft.dropout, allowed_transitions(ft.labels) if ft.tag_crf else None)
 
 
 def fitted_pieces(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[tuple[int, int]]:
@@ -181,7 +188,8 @@ class NeuralTagger(Tagger):
 
     @torch.no_grad()
     def emissions(self, rows: Sequence[TaggerRow]) -> list[Tensor]:
-        """Log-probabilities (N_i, n_tags) of each row's characters, on the CPU."""
+        """Each row's characters' scores (N_i, n_tags), on the CPU: log-probabilities, or with a CRF layer the
+        emission scores its paths add up."""
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -195,7 +203,7 @@ class NeuralTagger(Tagger):
                 with amp:
                     logits = self.model(ids.to(device), char_token.to(device), char_piece.to(device),
                                         char_ids.to(device), lengths)
-                logp = logits.float().log_softmax(-1).cpu()
+                logp = (logits.float() if self.model.crf is not None else logits.float().log_softmax(-1)).cpu()
                 for j, i in enumerate(chunk):
                     out[i] = logp[j, :len(rows[i])]
         finally:
@@ -203,5 +211,6 @@ class NeuralTagger(Tagger):
         return out
 
     def decode(self, rows: Sequence[TaggerRow]) -> list[list[int]]:
-        """The best grammatical tag ids of each row."""
-        return decode_rows(self.emissions(rows), *self._grammar)
+        """The best grammatical tag ids of each row (under the CRF layer's learned scores when it has one)."""
+        scores = self._grammar if self.model.crf is None else tuple(s.detach().cpu() for s in self.model.crf.scores())
+        return decode_rows(self.emissions(rows), *scores)
