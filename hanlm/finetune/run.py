@@ -60,7 +60,7 @@ from hanlm.train.distributed import (
     setup_worker,
 )
 from hanlm.train.device import autocast_dtype
-from hanlm.train.loop import find_resume, set_earlier_aside, stop_on_signals
+from hanlm.train.runs import find_resume, set_earlier_aside, stop_on_signals
 from hanlm.train.optim import _roles, scheduled_lr, set_lr
 
 RESULTS_FILE = "results.json"
