@@ -166,6 +166,13 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
     p.set_defaults(func=cmd_mix)
 
 
+def _texts_flags(p: argparse.ArgumentParser, verb: str, what: str) -> None:
+    """--text and --data of the verbs that run a task model over texts (classify, segment, ner)."""
+    p.add_argument("--text", action="append", default=[], metavar="TEXT", help=f"a text to {verb} (repeatable)")
+    p.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help=f"{verb} {what} this file, directory, glob, URL or built-in corpus (repeatable)")
+
+
 def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """finetune, classify, segment: the understanding tasks."""
     p = verbs.add_parser("finetune", parents=[common], help="fine-tune a trained language model for text "
@@ -201,9 +208,7 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                          "probability. With --data and --label-field, also compare with the gold labels and print "
                          "accuracy, macro-F1 and the confusion matrix on stderr.")
     p.add_argument("checkpoint", help="a checkpoint of hanlm finetune (step directory, checkpoints or run directory)")
-    p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to classify (repeatable)")
-    p.add_argument("--data", action="append", default=[], metavar="SPEC",
-                   help="classify the texts of this file, directory, glob, URL or built-in corpus (repeatable)")
+    _texts_flags(p, "classify", "the texts of")
     p.add_argument("--label-field", metavar="FIELD", help="with --data: the field holding gold labels, to score "
                    "against")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
@@ -217,9 +222,7 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                          "recall and F1 go to stderr.")
     p.add_argument("checkpoint", help="a tagger from hanlm finetune --task tag (step directory, checkpoints or run "
                    "directory: then its best by dev F1)")
-    p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to segment (repeatable)")
-    p.add_argument("--data", action="append", default=[], metavar="SPEC",
-                   help="segment every line of this file, directory, glob, URL or built-in corpus (repeatable)")
+    _texts_flags(p, "segment", "every line of")
     p.add_argument("--format", choices=["words", "slash", "conll"], help="output format (default: slash for a POS "
                    "tagger, else words)")
     p.add_argument("--gold", action="store_true", help="--data holds gold words: segment their text and score")
@@ -236,9 +239,7 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                          "go to stderr.")
     p.add_argument("checkpoint", help="an entity tagger from hanlm finetune --task ner (step directory, checkpoints "
                    "or run directory: then its best by dev F1)")
-    p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text (repeatable)")
-    p.add_argument("--data", action="append", default=[], metavar="SPEC",
-                   help="every line of this file, directory, glob, URL or built-in corpus (repeatable)")
+    _texts_flags(p, "tag", "every line of")
     p.add_argument("--gold", action="store_true", help="--data holds gold entities: tag their texts and score")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "conll"],
                    help="format of the --gold files (default auto: by the file name; built-in corpora are jsonl)")
