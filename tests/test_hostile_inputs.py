@@ -206,8 +206,8 @@ def test_process_counts_and_strides_are_whole_positive_numbers(argv, capsys):
 
 # -- memory before allocation ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [["model.n_embd=65536", "model.n_head=1"], ["model.n_layer=4096",
-                                                                                    "model.n_embd=4096"]])
+@pytest.mark.parametrize("overrides", [["model.n_embd=65536", "model.n_head=1"], ["model.n_layer=512",
+                                                                                   "model.n_embd=8192"]])
 def test_a_model_that_cannot_fit_is_refused_before_it_is_allocated(overrides):
     from hanlm.memory import can_reset_peak_rss, peak_rss, reset_peak_rss
     from hanlm.models import build_model
