@@ -182,7 +182,9 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                          "with finetune.text_field and finetune.label_field). --task tag: train a character tagger "
                          "for segmentation (and POS tags with --scheme bmes-pos) on tagged text (default the built-in "
                          "people-daily-1998-tagged; finetune.tag_format): a neural head on the checkpoint, or with "
-                         "--tagger hmm|crf a traditional tagger that needs no checkpoint. The data is split "
+                         "--tagger hmm|crf a traditional tagger that needs no checkpoint. --task ner: an entity "
+                         "tagger (person, location, organisation; default the built-in people-daily-1998-ner): a "
+                         "neural head on the checkpoint, or the crf without one. The data is split "
                          "train/dev/test by a hash of each distinct text. Evaluates the dev split every "
                          "finetune.eval_every_steps steps and checkpoints there; at the end scores the best dev "
                          "checkpoint on the test split and writes report.md and results.json in finetune.run_dir. "
@@ -190,7 +192,7 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("checkpoint", nargs="?", help="the pretrained checkpoint or run directory (sets "
                    "finetune.init_from); not for --tagger hmm|crf")
     p.add_argument("--task", choices=["classify", "tag", "ner"], help="what to train for (sets finetune.task; "
-                   "default classify; ner trains the crf entity tagger)")
+                   "default classify; ner: a neural entity tagger on the checkpoint, or the crf without one)")
     p.add_argument("--tagger", choices=["neural", "hmm", "crf"], help="the tagger (sets finetune.tagger and implies "
                    "--task tag)")
     p.add_argument("--scheme", choices=["bmes", "bmes-pos"], help="character tags: segmentation only, or joint "

@@ -186,9 +186,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                  *(f"{k}={v}" for k, v in flags.items() if v), *args.overrides]
     if args.tagger and not args.task:
         overrides.insert(0, "finetune.task=tag")
-    if args.task == "ner" and not args.tagger:
-        overrides.insert(0, "finetune.tagger=crf")  # the one entity tagger so far
     cfg = load_config(args.config, overrides)
+    if cfg.finetune.task == "ner" and not cfg.finetune.init_from and not args.tagger:
+        # without a network to start from, the entity tagger is the CRF
+        overrides.insert(0, "finetune.tagger=crf")
+        cfg = load_config(args.config, overrides)
     if cfg.finetune.task in ("tag", "ner") and cfg.finetune.tagger != "neural":
         if args.nproc > 1 or args.resume:
             raise ConfigError(f"finetune.tagger {cfg.finetune.tagger} trains in one process, in one pass: drop "
@@ -309,7 +311,7 @@ def cmd_ner(args: argparse.Namespace) -> int:
     if args.gold and not args.data:
         raise ConfigError("--gold scores --data files that hold gold entities; it does not apply to --text")
     tagger, cfg, path = load_entity_tagger(args.checkpoint, args.device or "cpu")
-    print(f"{path}: crf entity tagger, scheme {tagger.scheme}, types "
+    print(f"{path}: {tagger.kind} entity tagger, scheme {tagger.scheme}, types "
           f"{', '.join(sorted({t[2:] for t in cfg.finetune.labels if t != 'O'}))}", file=sys.stderr)
     if args.text:
         texts, gold = list(args.text), None

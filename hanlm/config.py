@@ -335,7 +335,7 @@ def check(cfg: Config) -> None:
                               f"({m.context_length}); lower train.block_size or raise model.context_length")
     if m.arch == "ngram":
         _check_ngram(cfg)
-    neural_task = m.task == "classify" or (m.task == "tag" and cfg.finetune.tagger == "neural")
+    neural_task = m.task == "classify" or (m.task in ("tag", "ner") and cfg.finetune.tagger == "neural")
     if neural_task and m.arch not in NETWORKS:
         raise ConfigError(f"model.task {m.task} needs a neural network (model.arch {', '.join(NETWORKS)}), not "
                           f"{m.arch}")
@@ -343,9 +343,8 @@ def check(cfg: Config) -> None:
     if cfg.finetune.dev_fraction + cfg.finetune.test_fraction >= 1:
         raise ConfigError(f"finetune.dev_fraction ({cfg.finetune.dev_fraction}) + finetune.test_fraction "
                           f"({cfg.finetune.test_fraction}) leave no train split; keep their sum below 1")
-    if cfg.finetune.task == "ner" and cfg.finetune.tagger != "crf":
-        raise ConfigError(f"finetune.task ner trains finetune.tagger crf (got {cfg.finetune.tagger}): the neural "
-                          "entity tagger is not built yet")
+    if cfg.finetune.task == "ner" and cfg.finetune.tagger == "hmm":
+        raise ConfigError("finetune.task ner trains finetune.tagger neural (on a checkpoint) or crf, not hmm")
     if cfg.finetune.tagger == "crf" and cfg.finetune.tag_scheme == "bmes-pos":
         raise ConfigError("finetune.tagger crf supports tag_scheme bmes only: with ~170 joint BMES-POS tags "
                           "its training is quadratic in them; use hmm or neural for bmes-pos")

@@ -312,7 +312,7 @@ class FinetuneConfig:
                              "baseline that measures what pretraining is worth.")
     task: Literal["classify", "tag", "ner"] = key(
         "classify", "What to fine-tune for: a label per text (classify), word segmentation / POS tagging as a tag "
-        "per character (tag), or named entities (ner: person, location, organisation; finetune.tagger crf).")
+        "per character (tag), or named entities (ner: person, location, organisation; neural or crf).")
     data: list[str] = key([], "Labelled text: built-in corpus names, files, directories, globs or fsspec URLs "
                           "(read with the checkpoint's data.* settings): .jsonl/.csv/.parquet for classify, tagged "
                           "text (finetune.tag_format) for tag. Empty: the built-in chn-reviews (classify) or "
@@ -343,6 +343,9 @@ class FinetuneConfig:
     tag_crf: bool = key(False, "neural tagger: a CRF output layer — learned start / transition / end scores, the "
                         "gold path's likelihood as the loss (forward algorithm), Viterbi under them — instead of "
                         "per-character cross-entropy decoded under the tag grammar alone.")
+    tag_bigrams: bool = key(False, "neural tagger: embed each character's two bigrams (with its left and right "
+                            "neighbours, hashed into 131,071 rows of 64, projected to the network's width) beside "
+                            "the character: the CRF's strongest boundary evidence.")
     tag_head: Literal["bilstm", "lookahead", "causal"] = key(
         "bilstm", "neural tagger: how a character sees the text to its right, which a causal model does not: a "
         "BiLSTM over the network's states (bilstm), the state finetune.tag_lookahead characters ahead joined "

@@ -48,7 +48,7 @@ from hanlm.models.ngram import NGramLM
 from hanlm.tasks.classifier import build_classifier
 from hanlm.tasks.ner import EntityTagger
 from hanlm.tasks.predict import Classifier
-from hanlm.tasks.taggers import LoadedTagger, tagger_of
+from hanlm.tasks.taggers import LoadedTagger, neural_tagger_of, tagger_of
 
 Loaded = tuple[Any, Config, Tokenizer]  # (model in eval mode, config, tokenizer)
 
@@ -138,6 +138,10 @@ def _classifier(ckpt: Checkpoint, device: str | torch.device) -> torch.nn.Module
 
 def _entity_tagger(ckpt: Checkpoint, device: str | torch.device) -> EntityTagger:
     ft = ckpt.config.finetune
+    if ft.tagger == "neural":
+        if not ft.labels:
+            raise CheckpointError(f"{ckpt.path}/config.yaml lists no tags (finetune.labels)")
+        return EntityTagger(neural_tagger_of(ckpt, device), ft.ner_scheme, "neural")
     return EntityTagger.from_checkpoint(ft.labels, ft.ner_scheme, ckpt.weights, ckpt.path)
 
 

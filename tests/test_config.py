@@ -77,7 +77,7 @@ def test_errors_in_a_file_name_the_file(tmp_path):
     f.write_text("train:\n  lr: [oops\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(f)
-    with pytest.raises(ConfigError, match="not found.*built-in configs: base, default, pd-best, segment, tiny"):
+    with pytest.raises(ConfigError, match="not found.*built-in configs: base, default, ner, pd-best, segment, tiny"):
         load_config(tmp_path / "missing.yaml")
 
 

@@ -1,5 +1,5 @@
-"""Named entities (issue 31, first part): the People's Daily conversion, tags and spans, the entity scorer
-against seqeval, the readers' refusals, the CRF entity tagger and `hanlm ner`."""
+"""Named entities (issue 31): the People's Daily conversion, tags and spans, the entity grammar, the entity scorer
+against seqeval, the readers' refusals, the CRF and neural entity taggers and `hanlm ner`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hanlm.data.entities import Entity, people_daily_entities, spans_to_tags, ta
 from hanlm.data.ner import read_ner
 from hanlm.errors import ConfigError, DataError
 from hanlm.tasks.metrics import EntityScores
+from serve_helpers import browser, checkpoints  # noqa: F401
 
 quiet = lambda _: None  # noqa: E731
 
@@ -143,13 +144,13 @@ def test_hanlm_ner_prints_entities_and_its_gold_scores_are_the_scorers(ner_run, 
     assert main(["ner", str(result.run_dir), "--data", str(root / "sample.jsonl"), "--gold"]) == 0
     captured = capsys.readouterr()
     tagger, cfg, _ = load_entity_tagger(str(result.run_dir))
-    expected = evaluate_entities(tagger, list(read_ner([str(root / "sample.jsonl")], cfg.data))).scores
+    expected = evaluate_entities(tagger.entities, list(read_ner([str(root / "sample.jsonl")], cfg.data))).scores
     assert expected.summary() in captured.err and len(captured.out.splitlines()) == 1200
 
 
 def test_ner_refuses_what_it_cannot_do(capsys):
-    with pytest.raises(ConfigError, match="finetune.task ner trains finetune.tagger crf"):
-        load_config("tiny", ["finetune.task=ner", "finetune.tagger=neural"])
+    with pytest.raises(ConfigError, match="finetune.task ner trains finetune.tagger neural .* or crf, not hmm"):
+        load_config("tiny", ["finetune.task=ner", "finetune.tagger=hmm"])
     assert main(["ner", "x", "--text", "a", "--gold"]) == 2
     assert "--gold scores --data files" in capsys.readouterr().err
 
@@ -175,3 +176,113 @@ def test_the_server_finds_entities_with_the_key_and_limits_of_every_route(ner_ru
         assert "at most 256" in too_many["message"]
         wrong = error_of(httpx.post(server.url + "/v1/segment", json={"input": "北京"}, headers=AUTH), 400)
         assert wrong["code"] == "wrong_task" and "/v1/ner only" in wrong["message"]
+
+
+def test_the_entity_grammar_allows_every_gold_sequence_and_nothing_broken():
+    from hanlm.tasks.bmes import allowed_transitions
+
+    rng = random.Random(7)
+    for scheme in ("bio", "bioes"):
+        tags = ["O", *(f"{p}-{t}" for t in ("LOC", "PER") for p in ("BI" if scheme == "bio" else "BIES"))]
+        index = {t: i for i, t in enumerate(tags)}
+        start, trans, end = allowed_transitions(tags)
+        for _ in range(200):
+            text_length, at, entities = rng.randint(1, 12), 0, []
+            while at < text_length:
+                length = rng.randint(1, 3)
+                if rng.random() < 0.4 and at + length <= text_length:
+                    entities.append(Entity(at, at + length, rng.choice(["LOC", "PER"])))
+                at += length
+            path = [index[t] for t in spans_to_tags(text_length, entities, scheme)]
+            assert start[path[0]] and end[path[-1]] and all(trans[a, b] for a, b in zip(path, path[1:]))
+        assert not trans[index["O"], index["I-LOC"]] and not trans[index["B-LOC"], index["I-PER"]]
+        assert start[index["O"]] and not start[index["I-PER"]]
+        assert end[index["I-PER"]] == (scheme == "bio")
+
+
+def test_long_texts_are_cut_between_entities_never_inside_one():
+    from hanlm.data.entities import NerSentence
+    from hanlm.tasks.ner import entity_pieces
+
+    sentence = people_daily_entities("江/nr 泽民/nr 在/p 北京/ns 会见/v 了/u 新华社/nt 记者/n 。/w "
+                                     "[香港/ns 特别/a 行政区/n]ns 成立/v 。/w")
+    pieces = entity_pieces(sentence, 8)
+    assert "".join(p.text for p in pieces) == sentence.text and all(len(p.text) <= 8 for p in pieces)
+    found = [(p.text[e.start:e.end], e.type) for p in pieces for e in p.entities]
+    assert found == [(sentence.text[e.start:e.end], e.type) for e in sentence.entities]
+    assert entity_pieces(sentence, 5)[-2].text == "香港特别行政区"  # longer than the limit: a piece of its own
+    empty = entity_pieces(NerSentence("好", []), 8)
+    assert [(p.text, p.entities) for p in empty] == [("好", [])]
+
+
+def test_bigram_ids_pair_each_character_with_its_neighbours():
+    import torch
+
+    from hanlm.tasks.neural_tagger import EDGE, bigram_ids, pair_hash
+
+    chars = torch.tensor([[5, 6, 7], [9, 8, 0]])
+    ids = bigram_ids(chars, torch.tensor([3, 2]))
+    assert torch.equal(ids[0, 1:, 0], ids[0, :-1, 1])  # a character's left bigram is its left neighbour's right
+    assert ids[0, 0, 0] == pair_hash(torch.tensor(EDGE), torch.tensor(5))
+    assert ids[0, 1, 0] == ids[0, 0, 1] == pair_hash(torch.tensor(5), torch.tensor(6))
+    assert ids[0, 2, 1] == pair_hash(torch.tensor(7), torch.tensor(EDGE))
+    assert ids[1, 1, 1] == pair_hash(torch.tensor(8), torch.tensor(EDGE))  # the row ends at 2: padding unseen
+    assert pair_hash(torch.tensor(5), torch.tensor(6)) != pair_hash(torch.tensor(6), torch.tensor(5))
+
+
+@pytest.fixture(scope="module")
+def neural_ner(checkpoints, ner_run):
+    """The tiny GPT pretrained on People's Daily with a BiLSTM-CRF entity head and bigram embeddings."""
+    from hanlm.finetune.run import Finetuner
+
+    _, root = ner_run
+    cfg = load_config("tiny", ["finetune.task=ner", f"finetune.init_from={checkpoints['gpt']}",
+                               f"finetune.data=[{root / 'sample.jsonl'}]", f"finetune.run_dir={root / 'neural'}",
+                               "finetune.max_length=64", "finetune.micro_batch=16", "finetune.lr=3e-3",
+                               "finetune.epochs=1", "finetune.eval_every_steps=1000", "finetune.tag_crf=true",
+                               "finetune.tag_bigrams=true", "log.progress=false", "log.tensorboard=false"])
+    return Finetuner(cfg, echo=quiet).run()
+
+
+def test_the_neural_entity_tagger_learns_and_serves_through_hanlm_ner(neural_ner, ner_run, capsys):
+    from hanlm.loading import load_entity_tagger
+    from hanlm.tasks.ner import evaluate_entities
+
+    _, root = ner_run
+    assert neural_ner.test.f1 > 0.3, neural_ner.test.summary()
+    tagger, cfg, path = load_entity_tagger(str(neural_ner.run_dir))
+    assert tagger.kind == "neural" and cfg.finetune.tag_bigrams and path == neural_ner.checkpoint
+    data = list(read_ner([str(root / "sample.jsonl")], cfg.data))[:300]
+    (root / "head.jsonl").write_text("".join(json.dumps({"text": s.text, "entities": [
+        {"start": e.start, "end": e.end, "type": e.type} for e in s.entities]}, ensure_ascii=False) + "\n"
+        for s in data), encoding="utf-8")
+    assert main(["ner", str(neural_ner.run_dir), "--data", str(root / "head.jsonl"), "--gold"]) == 0
+    captured = capsys.readouterr()
+    assert "neural entity tagger" in captured.err
+    assert evaluate_entities(tagger.entities, data).scores.summary() in captured.err
+    for line in captured.out.splitlines():  # every output is a valid span of its text
+        record = json.loads(line)
+        for e in record["entities"]:
+            assert record["text"][e["start"]:e["end"]] == e["text"] and e["type"] in ("PER", "LOC", "ORG")
+
+
+def test_the_playground_marks_the_entities_of_a_neural_recognizer(neural_ner, browser):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from serve_helpers import LiveServer, ask_the_playground
+
+    from hanlm.loading import load_entity_tagger, load_for_inference
+    from hanlm.serve.app import create_app
+
+    text = "江泽民主席在北京会见新华社记者"
+    (found,) = load_entity_tagger(str(neural_ner.run_dir))[0].entities([text])
+    app = create_app(lambda: load_for_inference(str(neural_ner.run_dir), tasks=("ner",)), model_name="pd-ner")
+    with LiveServer(app) as server:
+        server.wait_ready()
+        (model,) = httpx.get(server.url + "/v1/models").json()["data"]
+        assert model["task"] == "ner" and model["tagger"] == "neural" and "B-LOC" in model["labels"]
+        output = ask_the_playground(browser, server.url, "pd-ner", "ner", text, "entities,")
+        marks = browser.find_elements(By.CSS_SELECTOR, "#output mark.entity")
+    assert found and [(m.get_attribute("title"), m.text) for m in marks] == [(e.type, text[e.start:e.end] + e.type)
+                                                                             for e in found]
+    assert output.startswith(text[:found[0].start])

@@ -249,6 +249,44 @@ def test_every_head_gives_one_emission_per_character(checkpoints, head):
     assert [len(t) for t in tagger.tag(texts)] == [len(t) for t in texts]
 
 
+def test_pos_tags_of_given_words_are_the_best_path_that_spells_them(checkpoints):
+    from hanlm.checkpoint import load_checkpoint
+    from hanlm.finetune.run import finetune_config
+    from hanlm.loading import resolve_checkpoint
+    from hanlm.tasks.neural_tagger import NeuralTagger, build_tagger_network, encode_row
+    from hanlm.tasks.tagging import pos_accuracy_on_gold_words
+
+    source = load_checkpoint(resolve_checkpoint(checkpoints["gpt"]))
+    tags = tag_inventory("bmes-pos", ["n", "v"])
+    cfg = finetune_config(load_config("tiny", ["finetune.task=tag", "finetune.tag_scheme=bmes-pos",
+                                               f"finetune.labels=[{','.join(tags)}]", "finetune.max_length=32",
+                                               "finetune.tag_bigrams=true"]), source)
+    torch.manual_seed(3)
+    tagger = NeuralTagger(build_tagger_network(cfg, source.tokenizer.vocab_size), source.tokenizer, tags, 32)
+    words = ["新年", "讲", "话语"]
+    (found,) = tagger.tag_words([words])
+    (e,) = tagger.emissions([encode_row(source.tokenizer, "".join(words))])
+    start, trans, end = allowed_transitions(tags)
+    positions = "".join(char_tags(TaggedSentence(words, None), "bmes"))
+    best, best_tags = float("-inf"), None
+    for path in itertools.product(range(len(tags)), repeat=len(positions)):
+        if any(tags[s][0] != p for s, p in zip(path, positions)) or not (start[path[0]] and end[path[-1]]):
+            continue
+        if not all(trans[a, b] for a, b in zip(path, path[1:])):
+            continue
+        score = sum(float(e[t, s]) for t, s in enumerate(path))
+        if score > best:
+            best, best_tags = score, [tags[path[0]][2:], tags[path[2]][2:], tags[path[3]][2:]]
+    assert found == best_tags
+    long = ["中共中央", "总书记", "、", "国家", "主席", "江泽民"] * 6  # longer than max_length: cut between words
+    (many,) = tagger.tag_words([long])
+    assert len(many) == len(long) and set(many) <= {"n", "v"}
+    gold = [TaggedSentence(words, best_tags), TaggedSentence(["新年"], ["v" if best_tags[0] == "n" else "n"])]
+    assert pos_accuracy_on_gold_words(tagger.tag_words, gold) == pytest.approx(3 / 4)
+    with pytest.raises(ConfigError, match="needs a bmes-pos tagger"):
+        NeuralTagger(tagger.model, source.tokenizer, ["S", "B", "M", "E"], 32).tag_words([words])
+
+
 # -- commands and the server ----------------------------------------------------------------------
 
 def hanlm(*args):

@@ -93,8 +93,8 @@ def _fit_entities(cfg: Config, run_dir: Path, echo: Callable[[str], None]) -> Fi
                               iterations=ft.crf_iterations, progress=_crf_progress(cfg, started, echo))
     seconds = time.monotonic() - started
     echo(f"crf: trained in {seconds:.1f} s")
-    dev = evaluate_entities(tagger, data.splits["dev"])
-    test = evaluate_entities(tagger, data.splits["test"])
+    dev = evaluate_entities(tagger.entities, data.splits["dev"])
+    test = evaluate_entities(tagger.entities, data.splits["test"])
     tokenizer = train_tokenizer("char", (s.text for s in train))
     results = {"task": "ner", "tagger": ft.tagger, "ner_scheme": ft.ner_scheme}
     return _save_and_report(cfg, run_dir, tagger.state_dict(), tokenizer, seconds, results, data, dev, test, echo)

@@ -283,7 +283,9 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
         task = loaded.config.model.task
         extra = ({"labels": loaded.config.finetune.labels} if task == "classify" else
                  {"tagger": loaded.config.finetune.tagger, "tag_scheme": loaded.config.finetune.tag_scheme}
-                 if task == "tag" else {})
+                 if task == "tag" else
+                 {"tagger": loaded.config.finetune.tagger, "ner_scheme": loaded.config.finetune.ner_scheme,
+                  "labels": loaded.config.finetune.labels} if task == "ner" else {})
         return s.ok("/v1/models", {"object": "list", "data": [{
             "id": s.model_name, "object": "model", "created": s.created, "owned_by": "hanlm",
             "max_model_len": loaded.model.context_length, "arch": _arch(loaded.config), "task": task, **extra}]})

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hanlm.data.entities import OUTSIDE
 from hanlm.data.tagged import TaggedSentence
 from hanlm.errors import DataError
 
@@ -37,7 +38,10 @@ def _split(tag: str) -> tuple[str, str | None]:
 
 
 def allowed_transitions(tags: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(start (S,), transition (S, S) [previous, next], end (S,)) boolean masks of the tag grammar."""
+    """(start (S,), transition (S, S) [previous, next], end (S,)) boolean masks of the tag grammar: BMES
+    words (with one POS throughout), or, when the tags hold the entity tags' O, BIO / BIOES entities."""
+    if OUTSIDE in tags:
+        return entity_transitions(tags)
     parts = [_split(t) for t in tags]
     start = torch.tensor([p in "SB" for p, _ in parts])
     end = torch.tensor([p in "SE" for p, _ in parts])
@@ -48,6 +52,23 @@ def allowed_transitions(tags: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor
                 trans[i, j] = q in "SB"
             else:  # inside a word: continue it, with the same POS
                 trans[i, j] = q in "ME" and pos == pos2
+    return start, trans, end
+
+
+def entity_transitions(tags: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The BIO / BIOES grammar over O, B-T, I-T (and E-T, S-T): an entity opens with B (or is one S) and
+    continues with I of its own type; under BIOES it must close with E, so B and I cannot end a text."""
+    parts = [(OUTSIDE, "") if t == OUTSIDE else (t[:1], t[2:]) for t in tags]
+    bioes = any(p in "ES" for p, _ in parts)
+    start = torch.tensor([p in "OBS" for p, _ in parts])
+    end = torch.tensor([p in "OES" or not bioes for p, _ in parts])
+    trans = torch.zeros(len(tags), len(tags), dtype=torch.bool)
+    for i, (p, kind) in enumerate(parts):
+        inside = p in "BI"
+        for j, (q, kind2) in enumerate(parts):
+            continues = q in ("IE" if bioes else "I") and kind == kind2
+            opens = q in "OBS"
+            trans[i, j] = (continues or (opens and not bioes)) if inside else opens
     return start, trans, end
 
 

@@ -5,7 +5,10 @@ character's state is the hidden state of the token that completes it (byte-level
 rare character over several tokens), plus an embedding of where the character sits in its token
 (S, B, M, E) — a BPE token is often a word, so its edges are evidence — plus an embedding of the
 character itself (its code point hashed into CHAR_BUCKETS rows, so no vocabulary is needed): the
-characters inside one multi-character token share its state, and only this tells them apart. A
+characters inside one multi-character token share its state, and only this tells them apart. With
+finetune.tag_bigrams the character's two bigrams (with the characters before and after it) are embedded too,
+hashed into BIGRAM_BUCKETS rows of BIGRAM_WIDTH and projected to the network's width: the feature that makes
+the CRF strong at word boundaries (Chen et al. 2015; Zhang et al. 2016 for bigrams in neural segmenters). A
 causal backbone has not seen the text to the right of a character, which decides where its word
 ends, so the head adds it
 (finetune.tag_head): `bilstm` runs a bidirectional LSTM over the character states, `lookahead`
@@ -29,13 +32,17 @@ from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import ConfigError
 from hanlm.models import build_model
 from hanlm.models.base import LanguageModel
-from hanlm.tasks.bmes import POSITIONS, allowed_transitions, text_pieces
+from hanlm.data.tagged import TaggedSentence
+from hanlm.tasks.bmes import POSITIONS, allowed_transitions, char_tags, cut_sentence, text_pieces
 from hanlm.tasks.tagging import Tagger
 from hanlm.tasks.crf_layer import CRFLayer
 from hanlm.tasks.viterbi import batched_by_length, decode_rows, mask_scores
 
 IGNORE = -100  # the target of padding characters
 CHAR_BUCKETS = 16_384  # rows of the character embedding: code points modulo this (CJK's 20,992 mostly distinct)
+BIGRAM_BUCKETS = 131_071  # rows of the bigram embedding (a prime: the hash of a pair is taken modulo it)
+BIGRAM_WIDTH = 64  # narrow rows, projected up: 8.4 M parameters rather than the network's width × 131 k
+EDGE = CHAR_BUCKETS  # the character id standing for the text's edge in the first and last bigrams
 
 
 @dataclass
@@ -90,7 +97,7 @@ class SequenceTagger(nn.Module):
     """backbone → character states → head (bilstm | lookahead | causal) → emissions (B, N, n_tags)."""
 
     def __init__(self, backbone: LanguageModel, n_tags: int, head: str, lookahead: int, dropout: float,
-                 crf: tuple[Tensor, Tensor, Tensor] | None = None):
+                 crf: tuple[Tensor, Tensor, Tensor] | None = None, bigrams: bool = False):
         super().__init__()
         self.backbone, self.head_kind, self.lookahead = backbone, head, lookahead
         width = backbone.tok_emb.weight.size(1)
@@ -98,6 +105,12 @@ class SequenceTagger(nn.Module):
         self.char_emb = nn.Embedding(CHAR_BUCKETS, width)
         for emb in (self.piece_emb, self.char_emb):
             nn.init.normal_(emb.weight, std=0.02)
+        if bigrams:
+            self.bigram_emb = nn.Embedding(BIGRAM_BUCKETS, BIGRAM_WIDTH)
+            nn.init.normal_(self.bigram_emb.weight, std=0.02)
+            self.bigram_proj = nn.Linear(2 * BIGRAM_WIDTH, width, bias=False)
+        else:
+            self.bigram_emb = self.bigram_proj = None
         self.dropout = nn.Dropout(dropout)
         if head == "bilstm":
             self.context = nn.LSTM(width, width // 2, batch_first=True, bidirectional=True)
@@ -123,6 +136,8 @@ class SequenceTagger(nn.Module):
         h = self.backbone.hidden(ids, ids.ne(0).sum(1))  # rows right-padded with <pad> (id 0), which no text holds
         states = (h.gather(1, char_token.unsqueeze(-1).expand(-1, -1, h.size(-1))) + self.piece_emb(char_piece)
                   + self.char_emb(char_ids))
+        if self.bigram_emb is not None:
+            states = states + self.bigram_proj(self.bigram_emb(bigram_ids(char_ids, lengths)).flatten(2))
         states = self.dropout(states)
         if self.head_kind == "bilstm":
             packed = nn.utils.rnn.pack_padded_sequence(states.float(), lengths.cpu(), batch_first=True,
@@ -142,14 +157,29 @@ class SequenceTagger(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
+def bigram_ids(char_ids: Tensor, lengths: Tensor) -> Tensor:
+    """(B, N, 2) hashed ids of each character's left bigram (previous character, it) and right bigram (it, next
+    character), the text's edges standing in past either end."""
+    live = torch.arange(char_ids.size(1), device=char_ids.device)[None, :] < lengths.to(char_ids.device)[:, None]
+    chars = torch.where(live, char_ids, EDGE)
+    edge = chars.new_full((chars.size(0), 1), EDGE)
+    before, after = torch.cat([edge, chars[:, :-1]], 1), torch.cat([chars[:, 1:], edge], 1)
+    return torch.stack([pair_hash(before, chars), pair_hash(chars, after)], -1)
+
+
+def pair_hash(a: Tensor, b: Tensor) -> Tensor:
+    """The bucket of the character pair (a, b): no vocabulary, so unseen pairs at test time still get a row."""
+    return (a * 1_000_003 + b * 8_191) % BIGRAM_BUCKETS
+
+
 def build_tagger_network(cfg: Config, vocab_size: int) -> SequenceTagger:
-    """A tagger network for a resolved config whose model.task is tag (its tags in finetune.labels)."""
-    if cfg.model.task != "tag" or cfg.finetune.tagger != "neural":
+    """A tagger network for a resolved config whose model.task is tag or ner (its tags in finetune.labels)."""
+    if cfg.model.task not in ("tag", "ner") or cfg.finetune.tagger != "neural":
         raise ConfigError(f"model.task {cfg.model.task} / finetune.tagger {cfg.finetune.tagger} is not a neural tagger")
     model_cfg = dataclasses.replace(cfg.model, vectors=None, dropout=cfg.finetune.dropout)
     ft = cfg.finetune
     return SequenceTagger(build_model(model_cfg, vocab_size), len(ft.labels), ft.tag_head, ft.tag_lookahead,
-                          ft.dropout, allowed_transitions(ft.labels) if ft.tag_crf else None)
+                          ft.dropout, allowed_transitions(ft.labels) if ft.tag_crf else None, ft.tag_bigrams)
 
 
 def fitted_pieces(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[tuple[int, int]]:
@@ -214,3 +244,36 @@ class NeuralTagger(Tagger):
         """The best grammatical tag ids of each row (under the CRF layer's learned scores when it has one)."""
         scores = self._grammar if self.model.crf is None else tuple(s.detach().cpu() for s in self.model.crf.scores())
         return decode_rows(self.emissions(rows), *scores)
+
+    def tag_words(self, sentences: Sequence[Sequence[str]]) -> list[list[str]]:
+        """The POS tag of each given word (a gold segmentation), by a bmes-pos tagger: the best grammatical path
+        whose positions (S, B, M, E) spell exactly those words; a word's tag is its first character's."""
+        if not all("-" in t for t in self.tags):
+            raise ConfigError(f"tagging given words needs a bmes-pos tagger; this one has the tags "
+                              f"{', '.join(self.tags[:8])}")
+        pieces = [(k, piece) for k, words in enumerate(sentences) for piece in self._word_pieces(list(words))]
+        emissions = self.emissions([encode_row(self.tokenizer, piece.text) for _, piece in pieces])
+        tag_position = torch.tensor([POSITIONS.index(t.partition("-")[0]) for t in self.tags])
+        for e, (_, piece) in zip(emissions, pieces):
+            gold = torch.tensor([POSITIONS.index(t) for t in char_tags(piece, "bmes")])
+            e.masked_fill_(gold[:, None] != tag_position[None, :], float("-inf"))
+        scores = self._grammar if self.model.crf is None else tuple(s.detach().cpu() for s in self.model.crf.scores())
+        out: list[list[str]] = [[] for _ in sentences]
+        for (k, piece), path in zip(pieces, decode_rows(emissions, *scores)):
+            at = 0
+            for word in piece.words:
+                out[k].append(self.tags[path[at]].partition("-")[2])
+                at += len(word)
+        return out
+
+    def _word_pieces(self, words: list[str], limit: int | None = None) -> list[TaggedSentence]:
+        """The words cut between words into pieces of at most `limit` characters that fit the network (in order;
+        a piece that still encodes to too many tokens is cut again at half the length)."""
+        limit = self.max_length - 2 if limit is None else limit
+        out = []
+        for piece in cut_sentence(TaggedSentence(words, None), limit):
+            if limit > 1 and len(piece.words) > 1 and len(self.tokenizer.encode(piece.text)) + 1 > self.max_length:
+                out += self._word_pieces(piece.words, limit // 2)
+            elif piece.words:
+                out.append(piece)
+        return out

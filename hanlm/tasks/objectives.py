@@ -3,8 +3,8 @@
 The Finetuner (`hanlm.finetune.run`) owns everything the tasks share: the pretrained
 backbone, the optimizer and schedule, distributed steps, checkpoints, resume, dev selection and
 the report. A task supplies the rest: `classify` (a label per text: `hanlm.tasks.labelled`,
-`hanlm.tasks.classifier`) and `tag` (a tag per character: `hanlm.tasks.tagging`,
-`hanlm.tasks.neural_tagger`).
+`hanlm.tasks.classifier`), `tag` (a tag per character: `hanlm.tasks.tagging`,
+`hanlm.tasks.neural_tagger`) and `ner` (entity tags per character: `hanlm.tasks.ner`, the same network).
 """
 
 from __future__ import annotations
@@ -158,20 +158,54 @@ class TagTask(FinetuneTask):
         pieces = torch.zeros(size, chars, dtype=torch.long, device=device)
         char_ids = torch.randint(0, 20_000, (size, chars), device=device)
         lengths = torch.full((size,), chars)
-        targets = torch.randint(0, len(self.labels), (size, chars), device=device)
+        targets = torch.zeros(size, chars, dtype=torch.long, device=device)  # tag 0 throughout: a valid path
         return ids, positions, pieces, char_ids, lengths, targets
 
     def evaluate(self, model: nn.Module, split: str, batch_size: int, amp: torch.dtype | None):
         """Scores of `Tagger.segment` on the split's whole sentences: the path `hanlm segment` takes."""
-        from hanlm.tasks.neural_tagger import NeuralTagger
         from hanlm.tasks.tagging import evaluate_segmenter
 
-        tagger = NeuralTagger(model, self.tokenizer, self.labels, self.max_length, batch_size=batch_size,
-                              autocast_dtype=amp)
-        return evaluate_segmenter(tagger.segment, self.data.splits[split], self.data.vocabulary).scores, None
+        return evaluate_segmenter(self.tagger(model, batch_size, amp).segment, self.data.splits[split],
+                                  self.data.vocabulary).scores, None
+
+    def tagger(self, model: nn.Module, batch_size: int, amp: torch.dtype | None):
+        from hanlm.tasks.neural_tagger import NeuralTagger
+
+        return NeuralTagger(model, self.tokenizer, self.labels, self.max_length, batch_size=batch_size,
+                            autocast_dtype=amp)
 
 
-TASKS: dict[str, Callable[[], FinetuneTask]] = {"classify": ClassifyTask, "tag": TagTask}
+class NerTask(TagTask):
+    """Named entities as BIO / BIOES tags per character, on the same network as segmentation: trained on pieces
+    of at most finetune.max_length − 2 characters cut outside entities, scored by exact entity spans."""
+
+    name = "ner"
+
+    def prepare(self, cfg: Config, tokenizer: Tokenizer) -> None:
+        from hanlm.data.entities import spans_to_tags
+        from hanlm.tasks.ner import entity_pieces, read_ner_data
+        from hanlm.tasks.neural_tagger import encode_row
+
+        self.data = read_ner_data(cfg)
+        self.labels = self.data.tags
+        self.tokenizer, self.max_length = tokenizer, cfg.finetune.max_length
+        index = {t: i for i, t in enumerate(self.labels)}
+        self.train_rows = []
+        for sentence in self.data.splits["train"]:
+            for piece in entity_pieces(sentence, self.max_length - 2):
+                tags = spans_to_tags(len(piece.text), piece.entities, self.data.scheme)
+                row = encode_row(tokenizer, piece.text, [index[t] for t in tags])
+                if len(row.ids) <= self.max_length:
+                    self.train_rows.append(row)
+
+    def evaluate(self, model: nn.Module, split: str, batch_size: int, amp: torch.dtype | None):
+        from hanlm.tasks.ner import EntityTagger, evaluate_entities
+
+        tagger = EntityTagger(self.tagger(model, batch_size, amp), self.data.scheme, "neural")
+        return evaluate_entities(tagger.entities, self.data.splits[split]).scores, None
+
+
+TASKS: dict[str, Callable[[], FinetuneTask]] = {"classify": ClassifyTask, "tag": TagTask, "ner": NerTask}
 
 
 def headline_table(rows: dict[str, object], sizes: dict[str, int], unit: str) -> str:

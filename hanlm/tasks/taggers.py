@@ -54,9 +54,15 @@ def tagger_of(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Tagger:
         model = HMMTagger(ft.labels, ckpt.tokenizer)
         load_weights(model, ckpt.weights, ckpt.path)
         return model
+    return neural_tagger_of(ckpt, device)
+
+
+def neural_tagger_of(ckpt: Checkpoint, device: str | torch.device = "cpu") -> NeuralTagger:
+    """The neural tagger of a checkpoint of model.task tag or ner (finetune.tagger neural)."""
     network = build_tagger_network(ckpt.config, ckpt.tokenizer.vocab_size)
     load_weights(network, ckpt.weights, ckpt.path)
-    return NeuralTagger(network.to(device).eval(), ckpt.tokenizer, ft.labels, ft.max_length)
+    return NeuralTagger(network.to(device).eval(), ckpt.tokenizer, ckpt.config.finetune.labels,
+                        ckpt.config.finetune.max_length)
 
 
 def segment_file(loaded: LoadedTagger, sources: list[str], fmt: str = "words", *, gold: bool = False,

@@ -148,3 +148,16 @@ def evaluate_segmenter(segment, sentences: Sequence[TaggedSentence], vocabulary:
             scores.add(gold.words, pred.words, vocabulary, gold.tags, pred.tags)
     return TaggerEvaluation(scores, seconds)
 
+
+
+def pos_accuracy_on_gold_words(tag_words, sentences: Sequence[TaggedSentence], batch: int = 256) -> float:
+    """The share of gold words whose POS tag `tag_words` (word lists → a tag per word, e.g.
+    `NeuralTagger.tag_words`) gets right when given the gold segmentation: POS tagging alone, as the
+    classic POS figures (accuracy on given words) measure it."""
+    right = total = 0
+    for start in range(0, len(sentences), batch):
+        chunk = sentences[start:start + batch]
+        for gold, predicted in zip(chunk, tag_words([s.words for s in chunk])):
+            right += sum(g == p for g, p in zip(gold.tags, predicted))
+            total += len(gold.words)
+    return right / total if total else 0.0
