@@ -327,6 +327,9 @@ def check(cfg: Config) -> None:
         if m.n_embd % m.n_head:
             raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
                               f"e.g. n_head={_divisor_near(m.n_embd, m.n_head)}")
+        if m.n_kv_head is not None and m.n_head % m.n_kv_head:
+            raise ConfigError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}): each key/value "
+                              "head serves the same number of query heads")
         if (m.n_embd // m.n_head) % 2:
             raise ConfigError(f"model.n_embd / model.n_head = {m.n_embd // m.n_head} must be even for rotary "
                               "position embeddings; change n_embd or n_head")

@@ -108,6 +108,11 @@ class ModelConfig:
     n_layer: int | None = key(None, "Layers; default from the preset.", min=1, max=4096)
     n_head: int | None = key(None, "Attention heads (gpt); default from the preset.", min=1, max=WIDTH_MAX)
     n_embd: int | None = key(None, "Embedding width; default from the preset.", min=1, max=WIDTH_MAX)
+    n_kv_head: int | None = key(None, "Key/value heads (gpt, encoder): fewer than n_head share each among n_head / "
+                                "n_kv_head query heads (grouped-query attention; 1: multi-query), which shrinks the "
+                                "KV cache by that factor; null: one per query head.", min=1, max=WIDTH_MAX)
+    rope_theta: float = key(10000.0, "Rotary position base (gpt, encoder): Llama 2's 10,000; Llama 3 and Qwen use "
+                            "500,000 and 1,000,000 for long contexts.", above=0.0, max=1e12)
     context_length: int | None = key(None, "Longest sequence the model accepts; default from the preset.", min=1,
                                      max=CONTEXT_MAX)
     dropout: float = key(0.0, "Dropout probability.", min=0.0, max=0.9)

@@ -44,7 +44,10 @@ def checkpoint(tmp_path, people_daily, kind: str, *overrides: str, root: str = "
     return save_checkpoint(str(tmp_path / root), model, cfg, tokenizer, {"step": 1})
 
 
-@pytest.mark.parametrize("kind, overrides", [("char", ()), ("bpe", ("model.tie_embeddings=false",))])
+GQA = ("model.n_kv_head=1", "model.rope_theta=500000")  # multi-query attention, Llama 3's rotary base
+
+
+@pytest.mark.parametrize("kind, overrides", [("char", ()), ("bpe", ("model.tie_embeddings=false",)), ("char", GQA)])
 def test_transformers_computes_the_logits_ids_and_greedy_text_of_hanlm(tmp_path, people_daily, kind, overrides):
     path = checkpoint(tmp_path, people_daily, kind, *overrides)
     out = export_hf(path, tmp_path / "hf")
@@ -78,29 +81,35 @@ def test_models_without_a_llama_form_are_refused_by_name(tmp_path, people_daily,
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_an_export_imports_back_to_identical_tensors_and_serves_as_a_checkpoint(tmp_path, people_daily, capsys):
-    path = checkpoint(tmp_path, people_daily, "char")
+@pytest.mark.parametrize("overrides", [(), GQA], ids=["mha", "gqa"])
+def test_an_export_imports_back_to_identical_tensors_and_serves_as_a_checkpoint(tmp_path, people_daily, capsys,
+                                                                               overrides):
+    path = checkpoint(tmp_path, people_daily, "char", *overrides)
     out = export_hf(path, tmp_path / "hf")
     original, imported = load_checkpoint(path), open_checkpoint(str(out))
     model, _, _ = load_for_inference(path)
     again, cfg, tokenizer = load_for_inference(str(out))
     assert tokenizer.fingerprint() == original.tokenizer.fingerprint()
     assert cfg.model.n_layer == original.config.model.n_layer and imported.step == 0
+    shape = ("n_kv_head", "rope_theta")
+    assert [getattr(cfg.model, k) or 2 for k in shape] == [getattr(original.config.model, k) or 2 for k in shape]
     ours, theirs = model.state_dict(), again.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert main(["generate", str(out), "--prompt", "中国", "--max-tokens", "5", "--temperature", "0"]) == 0
     imported.tokenizer.save(tmp_path / "tokenizer.json")  # continued training encodes with the model's tokenizer
     run = Trainer(load_config("tiny", [f"train.run_dir={tmp_path / 'run'}", f"train.init_from={out}",
-                                       f"tokenizer.path={tmp_path / 'tokenizer.json'}",
+                                       f"tokenizer.path={tmp_path / 'tokenizer.json'}", *overrides,
                                        "train.max_steps=2", "train.warmup_steps=1", "log.peak_tflops=0.1"]),
                   echo=lambda _: None).run()
     assert run.step == 2
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("num_key_value_heads", 1, "grouped-query attention"),
+    ("num_key_value_heads", 3, "num_key_value_heads=3: must be a positive integer that divides"),
     ("attention_bias", True, "attention_bias=True"),
-    ("rope_theta", 500000.0, "rope_theta=500000.0"),
+    ("rope_theta", -1, "rope_theta=-1"),
+    ("rope_theta", "big", "rope_theta='big'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling="),
     ("model_type", "mistral", "only Llama models"),
     ("intermediate_size", 100, "intermediate_size=100"),
 ])
@@ -126,10 +135,11 @@ def test_a_damaged_or_pickled_hf_directory_is_refused(tmp_path, people_daily):
         open_checkpoint(str(out))
 
 
-@pytest.mark.parametrize("kind, dtype", [("char", "f32"), ("bpe", "f16"), ("char", "q8_0")])
-def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtype):
+@pytest.mark.parametrize("kind, dtype, overrides", [("char", "f32", ()), ("bpe", "f16", ()), ("char", "q8_0", ()),
+                                                     ("char", "f32", GQA)])
+def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtype, overrides):
     gguf = pytest.importorskip("gguf")
-    path = checkpoint(tmp_path, people_daily, kind)
+    path = checkpoint(tmp_path, people_daily, kind, *overrides)
     out = tmp_path / "model.gguf"
     assert main(["export", path, str(out), "--format", "gguf", "--dtype", dtype]) == 0
     reader = gguf.GGUFReader(str(out))
@@ -140,8 +150,10 @@ def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtyp
         return field.contents()
 
     assert value("general.architecture") == "llama" and value("llama.block_count") == cfg.model.n_layer
-    assert value("llama.embedding_length") == cfg.model.n_embd and value("llama.attention.head_count_kv") == 2
-    assert value("llama.rope.freq_base") == 10000.0 and value("tokenizer.ggml.eos_token_id") == tokenizer.eos_id
+    kv_heads = cfg.model.n_kv_head or cfg.model.n_head
+    assert value("llama.embedding_length") == cfg.model.n_embd and value("llama.attention.head_count_kv") == kv_heads
+    assert value("llama.rope.freq_base") == cfg.model.rope_theta
+    assert value("tokenizer.ggml.eos_token_id") == tokenizer.eos_id
     tokens = value("tokenizer.ggml.tokens")
     assert len(tokens) == tokenizer.vocab_size and tokens[tokenizer.eos_id] == "<eos>"
     assert value("tokenizer.ggml.model") == ("gpt2" if kind == "bpe" else "llama")
@@ -151,8 +163,10 @@ def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtyp
     weights = {k: v.numpy() for k, v in model.state_dict().items()}
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 + 9 * cfg.model.n_layer  # tied: no output.weight
-    q = weights["blocks.1.attn.qkv.weight"][:cfg.model.n_embd]
+    head_dim = cfg.model.n_embd // cfg.model.n_head
+    q, k = np.split(weights["blocks.1.attn.qkv.weight"], [cfg.model.n_embd, cfg.model.n_embd + kv_heads * head_dim])[:2]
     for name, ours in (("token_embd.weight", weights["tok_emb.weight"]), ("blk.1.attn_q.weight", q),
+                       ("blk.1.attn_k.weight", k),
                        ("blk.0.ffn_norm.weight", weights["blocks.0.mlp_norm.weight"])):
         t = tensors[name]
         theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
@@ -160,10 +174,10 @@ def test_gguf_reads_back_every_tensor_and_key(tmp_path, people_daily, kind, dtyp
         assert np.abs(theirs - ours).max() <= tolerance, name
 
 
-@pytest.mark.parametrize("kind", ["char", "bpe"])
-def test_llama_cpp_computes_hanlm_logits_and_greedy_text_from_the_gguf(tmp_path, people_daily, kind):
+@pytest.mark.parametrize("kind, overrides", [("char", ()), ("bpe", ()), ("char", GQA)])
+def test_llama_cpp_computes_hanlm_logits_and_greedy_text_from_the_gguf(tmp_path, people_daily, kind, overrides):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional extra hanlm[llamacpp]")
-    path = checkpoint(tmp_path, people_daily, kind)
+    path = checkpoint(tmp_path, people_daily, kind, *overrides)
     out = export_gguf(path, tmp_path / "model.gguf")
     model, _, tokenizer = load_for_inference(path)
     llm = llama_cpp.Llama(str(out), n_ctx=128, logits_all=True, verbose=False, n_threads=2)

@@ -14,13 +14,16 @@ from hanlm.data.tokenizer import BYTE_BASE, train_tokenizer
 from hanlm.errors import ConfigError, DataError
 from hanlm.models import build_model, load_vectors
 
-ARCHS = ["gpt", "lstm"]
+ARCHS = ["gpt", "lstm", "gpt-gqa"]
 B, T = 8, 64
+# gpt-gqa: the GPT with one key/value head for its two query heads (multi-query) and Llama 3's rotary base
+VARIANTS = {"gpt-gqa": ("gpt", ["model.n_kv_head=1", "model.rope_theta=500000"])}
 
 
 def tiny(arch: str, *overrides: str) -> ModelConfig:
-    """The tiny preset (2 layers, 2 heads, 64-d, context 128) of `arch`."""
-    return load_config("tiny", [f"model.arch={arch}", *overrides]).model
+    """The tiny preset (2 layers, 2 heads, 64-d, context 128) of `arch` (or of a variant in VARIANTS)."""
+    arch, extra = VARIANTS.get(arch, (arch, []))
+    return load_config("tiny", [f"model.arch={arch}", *extra, *overrides]).model
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,33 @@ def test_log_probs_leaves_the_state_it_was_given_reusable(arch, tok, batch):
         full_a = F.log_softmax(model(torch.cat([prompt, a, b], dim=1)).float(), dim=-1)
     torch.testing.assert_close(from_b, full[:, 8:], atol=1e-5, rtol=0)
     torch.testing.assert_close(then_a, full_a[:, 12:], atol=1e-5, rtol=0)
+
+
+def test_grouped_query_attention_caches_fewer_heads_and_decodes_ragged_rows_exactly(tok, batch):
+    torch.manual_seed(0)
+    model = build_model(tiny("gpt-gqa"), tok.vocab_size).eval()
+    assert model.blocks[0].attn.qkv.weight.shape == ((2 + 2 * 1) * 32, 64)  # 2 query heads, 1 key and 1 value
+    tokens = batch[0][:3, :12]
+    states = []
+    with torch.no_grad():
+        for row, n in zip(tokens, (5, 9, 2)):  # rows of different lengths, decoded together
+            _, state = model.log_probs(row[None, :n], model.initial_state(1))
+            states.append(state)
+        assert states[0].layer(0)[0].shape == (1, 1, 5, 32)
+        nxt = torch.stack([row[n] for row, n in zip(tokens, (5, 9, 2))])
+        logp, _ = model.decode_step(nxt, states)
+        for b, (row, n) in enumerate(zip(tokens, (5, 9, 2))):
+            full = F.log_softmax(model(row[None, :n + 1]).float(), dim=-1)[0, -1]
+            torch.testing.assert_close(logp[b], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_kv_head=3", "model.n_head=4", "model.n_embd=64"], "model.n_kv_head .3. must divide model.n_head .4."),
+    (["model.rope_theta=0"], "model.rope_theta"),
+])
+def test_impossible_attention_shapes_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
 
 
 def test_the_gpt_cache_grows_in_place_and_copies_only_when_it_must(tok, ids):

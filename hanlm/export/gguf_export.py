@@ -22,7 +22,7 @@ from hanlm.config import ModelConfig
 from hanlm.data.tokenizer import BYTE_BASE, BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, ConfigError
 from hanlm.export.target import check_output
-from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
+from hanlm.models.gpt import RMS_EPS, SwiGLU, qkv_sizes
 
 DTYPES = ("f32", "f16", "q8_0")
 # GGUF token types (llama.cpp's llama_token_type): normal, unknown, control, byte.
@@ -33,14 +33,16 @@ _TENSORS = {"attn_norm.weight": "attn_norm.weight", "attn.proj.weight": "attn_ou
             "mlp.up.weight": "ffn_up.weight", "mlp.down.weight": "ffn_down.weight"}
 
 
-def gguf_tensors(weights: dict[str, np.ndarray], n_layer: int, tied: bool) -> dict[str, np.ndarray]:
-    """llama.cpp's tensor names for a hanlm GPT state dict (float32 numpy arrays)."""
+def gguf_tensors(weights: dict[str, np.ndarray], m: ModelConfig) -> dict[str, np.ndarray]:
+    """llama.cpp's tensor names for a hanlm GPT state dict (float32 numpy arrays) of shape `m`."""
+    n_layer, tied = m.n_layer, m.tie_embeddings
+    q_rows, k_rows, _ = qkv_sizes(m.n_embd, m.n_head, m.n_kv_head)
     out = {"token_embd.weight": weights["tok_emb.weight"], "output_norm.weight": weights["norm.weight"]}
     if not tied:
         out["output.weight"] = weights["lm_head.weight"]
     for i in range(n_layer):
         src, dst = f"blocks.{i}.", f"blk.{i}."
-        q, k, v = np.split(weights[src + "attn.qkv.weight"], 3, axis=0)
+        q, k, v = np.split(weights[src + "attn.qkv.weight"], [q_rows, q_rows + k_rows], axis=0)
         out |= {dst + "attn_q.weight": q, dst + "attn_k.weight": k, dst + "attn_v.weight": v}
         out |= {dst + theirs: weights[src + ours] for ours, theirs in _TENSORS.items()}
     return {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in out.items()}
@@ -103,15 +105,15 @@ def write_gguf(out: str | Path, weights: dict[str, np.ndarray], m: ModelConfig, 
         writer.add_block_count(m.n_layer)
         writer.add_feed_forward_length(SwiGLU(m.n_embd).gate.out_features)
         writer.add_head_count(m.n_head)
-        writer.add_head_count_kv(m.n_head)
+        writer.add_head_count_kv(m.n_kv_head or m.n_head)
         writer.add_rope_dimension_count(m.n_embd // m.n_head)
-        writer.add_rope_freq_base(ROPE_THETA)
+        writer.add_rope_freq_base(m.rope_theta)
         writer.add_layer_norm_rms_eps(RMS_EPS)
         writer.add_vocab_size(tokenizer.vocab_size)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         _add_tokenizer(writer, tokenizer, source)
-        for tensor, array in gguf_tensors(weights, m.n_layer, m.tie_embeddings).items():
+        for tensor, array in gguf_tensors(weights, m).items():
             if array.ndim == 1 or dtype == "f32":
                 writer.add_tensor(tensor, array)
             elif dtype == "f16":

@@ -1,7 +1,8 @@
 """`hanlm export CKPT --format hf OUT/`: a Hugging Face `LlamaForCausalLM` directory.
 
-hanlm's GPT is the Llama block (pre-norm RMSNorm with eps 1e-5, rotary positions with theta 10,000,
-SwiGLU, no biases, optionally tied embeddings), so the export is a renaming plus one layout change:
+hanlm's GPT is the Llama block (pre-norm RMSNorm with eps 1e-5, rotary positions with model.rope_theta,
+grouped-query attention with model.n_kv_head, SwiGLU, no biases, optionally tied embeddings), so the export
+is a renaming plus one layout change:
 hanlm rotates the pairs (2i, 2i+1) of each head, transformers the halves (i, i + head_dim/2), so the
 rows of the query and key projections are permuted within each head. The tokenizer becomes a
 `tokenizer.json` that `PreTrainedTokenizerFast` loads and that gives hanlm's ids: byte-level BPE as it
@@ -24,7 +25,7 @@ from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, To
 from hanlm.errors import CheckpointError
 from hanlm.export.target import check_output, output_dir
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
-from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
+from hanlm.models.gpt import RMS_EPS, SwiGLU, qkv_sizes
 
 
 def _to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -33,7 +34,8 @@ def _to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.view(n_head, out // n_head // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def hf_state_dict(weights: dict[str, torch.Tensor], n_head: int, tied: bool) -> dict[str, torch.Tensor]:
+def hf_state_dict(weights: dict[str, torch.Tensor], n_head: int, n_kv_head: int | None,
+                  tied: bool) -> dict[str, torch.Tensor]:
     """transformers' Llama tensor names and layout for a hanlm GPT state dict."""
     out = {"model.embed_tokens.weight": weights["tok_emb.weight"], "model.norm.weight": weights["norm.weight"]}
     if not tied:
@@ -41,10 +43,11 @@ def hf_state_dict(weights: dict[str, torch.Tensor], n_head: int, tied: bool) -> 
     layers = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
     for i in range(layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = weights[src + "attn.qkv.weight"].chunk(3, dim=0)
+        qkv = weights[src + "attn.qkv.weight"]
+        q, k, v = qkv.split(qkv_sizes(qkv.size(1), n_head, n_kv_head), dim=0)
         out |= {
             dst + "self_attn.q_proj.weight": _to_halves(q, n_head),
-            dst + "self_attn.k_proj.weight": _to_halves(k, n_head),
+            dst + "self_attn.k_proj.weight": _to_halves(k, n_kv_head or n_head),
             dst + "self_attn.v_proj.weight": v,
             dst + "self_attn.o_proj.weight": weights[src + "attn.proj.weight"],
             dst + "mlp.gate_proj.weight": weights[src + "mlp.gate.weight"],
@@ -63,9 +66,9 @@ def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
         "vocab_size": tok.vocab_size, "hidden_size": m.n_embd, "intermediate_size": hidden,
-        "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head, "num_key_value_heads": m.n_head,
+        "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head, "num_key_value_heads": m.n_kv_head or m.n_head,
         "head_dim": m.n_embd // m.n_head, "hidden_act": "silu", "max_position_embeddings": m.context_length,
-        "rms_norm_eps": RMS_EPS, "rope_theta": ROPE_THETA, "rope_scaling": None, "attention_bias": False,
+        "rms_norm_eps": RMS_EPS, "rope_theta": m.rope_theta, "rope_scaling": None, "attention_bias": False,
         "attention_dropout": 0.0, "mlp_bias": False, "tie_word_embeddings": m.tie_embeddings,
         "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "initializer_range": 0.02, "use_cache": True,
@@ -120,7 +123,7 @@ def export_hf(spec: str, out: str | Path, force: bool = False) -> Path:
                   "do_sample": ckpt.config.generate.temperature > 0, "temperature": ckpt.config.generate.temperature,
                   "top_k": ckpt.config.generate.top_k, "max_new_tokens": ckpt.config.generate.max_tokens}
     with output_dir(target) as tmp:  # complete or not there: a failed export leaves what was
-        save_file(hf_state_dict(weights, m.n_head, m.tie_embeddings), str(tmp / "model.safetensors"),
+        save_file(hf_state_dict(weights, m.n_head, m.n_kv_head, m.tie_embeddings), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(ckpt), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -1,9 +1,9 @@
 """A Hugging Face Llama directory as a hanlm checkpoint: `train.init_from`, `hanlm eval`, `generate`
 and `serve` accept one wherever they accept a checkpoint.
 
-The mapping is `hanlm.export.hf.hf_state_dict` run backwards. What hanlm's GPT cannot express is refused with the
-config field that says so: biases, grouped-query attention, rope scaling, another rope theta, norm
-epsilon, activation or MLP width. The tokenizer must be one hanlm can be: byte-level BPE with
+The mapping is `hanlm.export.hf.hf_state_dict` run backwards; grouped-query attention (num_key_value_heads) and
+any rope_theta map onto model.n_kv_head and model.rope_theta. What hanlm's GPT cannot express is refused with
+the config field that says so: biases, rope scaling, norm epsilon, activation or MLP width. The tokenizer must be one hanlm can be: byte-level BPE with
 hanlm's special tokens at ids 0–3 (what `hanlm export` writes for bpe), or the per-character form
 `hanlm export` writes for char tokenizers.
 """
@@ -21,7 +21,7 @@ from hanlm.checkpoint import Checkpoint
 from hanlm.config import load_config
 from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, DataError
-from hanlm.models.gpt import RMS_EPS, ROPE_THETA, SwiGLU
+from hanlm.models.gpt import RMS_EPS, SwiGLU
 
 
 def is_hf_dir(path: str) -> bool:
@@ -44,20 +44,24 @@ def _check(config: dict[str, Any], where: Path) -> None:
     """Refuse, by field, what hanlm's GPT cannot compute."""
     def refuse(field: str, why: str) -> CheckpointError:
         return CheckpointError(f"{where}/config.json: {field}={config.get(field)!r}: {why}; hanlm's GPT is a "
-                               "Llama with one key/value head per query head, no biases, RMSNorm eps 1e-5, "
-                               "rope theta 10,000 and an MLP of 64·ceil(8·hidden/3/64)")
+                               "Llama with no biases, RMSNorm eps 1e-5, no rope scaling and an MLP of "
+                               "64·ceil(8·hidden/3/64)")
     if config.get("model_type") != "llama":
         raise refuse("model_type", "only Llama models map onto hanlm's GPT")
     for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings"):
         if not isinstance(config.get(field), int) or config[field] < 1:
             raise refuse(field, "must be a positive integer")
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    if config.get("num_key_value_heads", heads) != heads:
-        raise refuse("num_key_value_heads", "grouped-query attention is not supported")
+    kv = config.get("num_key_value_heads", heads)
+    if not isinstance(kv, int) or kv < 1 or heads % kv:
+        raise refuse("num_key_value_heads", "must be a positive integer that divides num_attention_heads")
+    theta = config.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta <= 1e12:
+        raise refuse("rope_theta", "must be a number in (0, 1e12]")
     if hidden % heads or config.get("head_dim", hidden // heads) != hidden // heads:
         raise refuse("head_dim", "must be hidden_size / num_attention_heads")
     wanted = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_scaling": None,
-              "rope_theta": ROPE_THETA, "rms_norm_eps": RMS_EPS}
+              "rms_norm_eps": RMS_EPS}
     for field, value in wanted.items():
         if config.get(field, value) != value:
             raise refuse(field, f"hanlm computes {value!r} only")
@@ -86,13 +90,14 @@ def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     if biases:
         raise CheckpointError(f"{path}: the model has biases ({biases[0]}, …), which hanlm's GPT has not")
     heads, tied = config["num_attention_heads"], config.get("tie_word_embeddings", True)
+    kv = config.get("num_key_value_heads", heads)
     try:
         out = {"tok_emb.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
                "lm_head.weight": hf["model.embed_tokens.weight"] if tied else hf["lm_head.weight"]}
         for i in range(config["num_hidden_layers"]):
             src, dst = f"model.layers.{i}.", f"blocks.{i}."
             q = _to_pairs(hf[src + "self_attn.q_proj.weight"], heads)
-            k = _to_pairs(hf[src + "self_attn.k_proj.weight"], heads)
+            k = _to_pairs(hf[src + "self_attn.k_proj.weight"], kv)
             out |= {dst + "attn.qkv.weight": torch.cat([q, k, hf[src + "self_attn.v_proj.weight"]]),
                     dst + "attn.proj.weight": hf[src + "self_attn.o_proj.weight"],
                     dst + "mlp.gate.weight": hf[src + "mlp.gate_proj.weight"],
@@ -143,6 +148,8 @@ def load_hf(path: str) -> Checkpoint:
     cfg = load_config(overrides=[
         "model.arch=gpt", "model.preset=null", f"model.n_layer={config['num_hidden_layers']}",
         f"model.n_head={config['num_attention_heads']}", f"model.n_embd={config['hidden_size']}",
+        f"model.n_kv_head={config.get('num_key_value_heads', config['num_attention_heads'])}",
+        f"model.rope_theta={float(config.get('rope_theta', 10000.0))}",
         f"model.context_length={config['max_position_embeddings']}", f"model.tie_embeddings={str(tied).lower()}",
         f"tokenizer.kind={tokenizer.kind}"])
     return Checkpoint(path, cfg, tokenizer, _weights(where, config), {"step": 0})

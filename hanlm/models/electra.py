@@ -32,7 +32,7 @@ def generator_shape(cfg: ModelConfig, ratio: float) -> ModelConfig:
     least one head of 2 channels), heads in proportion."""
     heads = max(1, round(cfg.n_head * ratio))
     width = max(2 * heads, 2 * heads * round(cfg.n_embd * ratio / (2 * heads)))
-    return dataclasses.replace(cfg, n_embd=width, n_head=heads)
+    return dataclasses.replace(cfg, n_embd=width, n_head=heads, n_kv_head=None)  # a small net: one kv head per head
 
 
 class Generator(nn.Module):
@@ -44,7 +44,7 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
         self.out_proj = nn.Linear(cfg.n_embd, width, bias=False)
-        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length)
+        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length, cfg.rope_theta)
         init_weights(self, self.blocks)
 
     def forward(self, embedded: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ RMS_EPS = 1e-5  # every RMSNorm's epsilon (Llama's)
 
 
 class KVStore:
-    """Key and value buffers (B, n_head, capacity, head_dim), one pair per layer, written up to `filled`."""
+    """Key and value buffers (B, key/value heads, capacity, head_dim), one pair per layer, written up to `filled`."""
 
     def __init__(self, k: tuple[Tensor, ...], v: tuple[Tensor, ...], filled: int):
         self.k, self.v, self.filled = k, v, filled
@@ -45,7 +45,7 @@ class KVCache:
     pos: int
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
-        """Layer i's keys and values (B, n_head, pos, head_dim): views of the store."""
+        """Layer i's keys and values (B, key/value heads, pos, head_dim): views of the store."""
         return self.store.k[i][:, :, :self.pos], self.store.v[i][:, :, :self.pos]
 
     @property
@@ -86,18 +86,18 @@ def _grown(buffer: Tensor, keep: int, capacity: int) -> Tensor:
     return out
 
 
-def rotary_tables(head_dim: int, length: int) -> tuple[Tensor, Tensor]:
+def rotary_tables(head_dim: int, length: int, theta: float = ROPE_THETA) -> tuple[Tensor, Tensor]:
     """cos and sin of the angles position × theta^(-2i/head_dim), each (length, head_dim / 2)."""
-    inv_freq = ROPE_THETA ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
-def register_rotary(module: nn.Module, head_dim: int, length: int) -> None:
+def register_rotary(module: nn.Module, head_dim: int, length: int, theta: float = ROPE_THETA) -> None:
     """Give `module` the rotary tables of `length` positions as buffers `rope_cos` / `rope_sin`: real, not
     complex, so that casting the model to another dtype keeps them intact; not persistent: they follow from
     the config, so checkpoints hold only learned weights."""
-    cos, sin = rotary_tables(head_dim, length)
+    cos, sin = rotary_tables(head_dim, length, theta)
     module.register_buffer("rope_cos", cos, persistent=False)
     module.register_buffer("rope_sin", sin, persistent=False)
 
@@ -124,12 +124,24 @@ def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
+def qkv_sizes(n_embd: int, n_head: int, n_kv_head: int | None) -> list[int]:
+    """The rows of the fused qkv projection that belong to the queries, the keys and the values."""
+    head_dim, kv = n_embd // n_head, n_kv_head or n_head
+    return [n_head * head_dim, kv * head_dim, kv * head_dim]
+
+
 class Attention(nn.Module):
+    """Multi-head attention with rotary positions; with model.n_kv_head < n_head, grouped-query attention (each
+    key/value head serves n_head / n_kv_head query heads; Ainslie et al. 2023). One projection makes the queries,
+    keys and values, its rows in that order."""
+
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
         self.n_head, self.causal = cfg.n_head, causal
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.n_kv = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int] | None = None,
@@ -141,9 +153,16 @@ class Attention(nn.Module):
         padded to a common length. A non-causal attention (the encoder's) sees every position but those
         `mask` hides."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
-        q, k = apply_rotary(qkv[:, :, :2], rot).transpose(1, 3).unbind(2)  # (B, H, T, hd) each
-        v = qkv[:, :, 2].transpose(1, 2)
+        if self.n_kv == self.n_head:
+            qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+            q, k = apply_rotary(qkv[:, :, :2], rot).transpose(1, 3).unbind(2)  # (B, H, T, hd) each
+            v = qkv[:, :, 2].transpose(1, 2)
+        else:
+            q, k, v = self.qkv(x).split(qkv_sizes(C, self.n_head, self.n_kv), -1)
+            rot = rot.squeeze(-3)  # (..., T, 1, hd / 2): against (B, T, heads, hd / 2)
+            q = apply_rotary(q.view(B, T, self.n_head, self.head_dim), rot).transpose(1, 2)
+            k = apply_rotary(k.view(B, T, self.n_kv, self.head_dim), rot).transpose(1, 2)  # (B, K, T, hd)
+            v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         P = 0
         if cache is not None:
             k_buf, v_buf, P = cache
@@ -154,7 +173,8 @@ class Attention(nn.Module):
         if mask is None and P and T > 1:
             # is_causal aligns the mask top-left, right only without a past; a single new token sees everything.
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -195,13 +215,14 @@ class Transformer(LanguageModel):
         super().__init__()
         self.vocab_size, self.context_length = vocab_size, cfg.context_length
         self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length)
+        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length, cfg.rope_theta)
         self.checkpointing = False
         init_weights(self, self.blocks)
 
@@ -253,7 +274,8 @@ class GPT(Transformer):
     def initial_state(self, batch_size: int = 1) -> KVCache:
         """An empty cache for `batch_size` rows; the store grows on first use."""
         w = self.tok_emb.weight  # under FSDP a sharded DTensor: take only its dtype and device
-        empty = torch.empty(batch_size, self.n_head, 0, self.n_embd // self.n_head, dtype=w.dtype, device=w.device)
+        empty = torch.empty(batch_size, self.n_kv_head, 0, self.n_embd // self.n_head, dtype=w.dtype,
+                            device=w.device)
         return KVCache(KVStore((empty,) * self.n_layer, (empty,) * self.n_layer, 0), 0)
 
     def log_probs(self, tokens: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
