@@ -324,15 +324,16 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"model.{missing[0]} is not set and model.preset is null: set a preset "
                               f"({', '.join(MODEL_PRESETS)}) or model.{missing[0]}")
     if m.arch in ("gpt", "encoder"):
-        if m.n_embd % m.n_head:
+        if m.head_dim is None and m.n_embd % m.n_head:
             raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
-                              f"e.g. n_head={_divisor_near(m.n_embd, m.n_head)}")
+                              f"e.g. n_head={_divisor_near(m.n_embd, m.n_head)} (or set model.head_dim)")
         if m.n_kv_head is not None and m.n_head % m.n_kv_head:
             raise ConfigError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}): each key/value "
                               "head serves the same number of query heads")
-        if (m.n_embd // m.n_head) % 2:
-            raise ConfigError(f"model.n_embd / model.n_head = {m.n_embd // m.n_head} must be even for rotary "
-                              "position embeddings; change n_embd or n_head")
+        head_dim = m.head_dim or m.n_embd // m.n_head
+        if head_dim % 2:
+            raise ConfigError(f"the head width ({'model.head_dim' if m.head_dim else 'model.n_embd / model.n_head'} = "
+                              f"{head_dim}) must be even for rotary position embeddings")
         if t.block_size > m.context_length:
             raise ConfigError(f"train.block_size ({t.block_size}) is above model.context_length "
                               f"({m.context_length}); lower train.block_size or raise model.context_length")

@@ -113,6 +113,16 @@ class ModelConfig:
                                 "KV cache by that factor; null: one per query head.", min=1, max=WIDTH_MAX)
     rope_theta: float = key(10000.0, "Rotary position base (gpt, encoder): Llama 2's 10,000; Llama 3 and Qwen use "
                             "500,000 and 1,000,000 for long contexts.", above=0.0, max=1e12)
+    head_dim: int | None = key(None, "Width of each attention head (gpt, encoder); null: n_embd / n_head. Qwen3 "
+                               "sets it apart from the embedding width.", min=2, max=WIDTH_MAX)
+    intermediate_size: int | None = key(None, "Hidden width of the SwiGLU MLP (gpt, encoder); null: "
+                                        "64·ceil(8·n_embd/3/64), as many weights as a 4·n_embd GELU MLP.", min=1,
+                                        max=1 << 22)
+    norm_eps: float = key(1e-5, "Epsilon of every RMSNorm (gpt, encoder): Llama's 1e-5; Qwen uses 1e-6.",
+                          above=0.0, max=1.0)
+    qkv_bias: bool = key(False, "Biases on the query, key and value projections (gpt, encoder), as Qwen2 has.")
+    qk_norm: bool = key(False, "RMSNorm over each head's queries and keys before the rotation (gpt, encoder), as "
+                        "Qwen3 has.")
     context_length: int | None = key(None, "Longest sequence the model accepts; default from the preset.", min=1,
                                      max=CONTEXT_MAX)
     dropout: float = key(0.0, "Dropout probability.", min=0.0, max=0.9)

@@ -37,23 +37,33 @@ def checkpoint(tmp_path, people_daily, kind: str, *overrides: str, root: str = "
     tokenizer = train_tokenizer(kind, people_daily[:300], vocab_size=600)
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer.vocab_size)
-    with torch.no_grad():  # norms away from 1, so a wrong mapping of them shows
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so a wrong mapping of them shows
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
     return save_checkpoint(str(tmp_path / root), model, cfg, tokenizer, {"step": 1})
 
 
 GQA = ("model.n_kv_head=1", "model.rope_theta=500000")  # multi-query attention, Llama 3's rotary base
 
 
-@pytest.mark.parametrize("kind, overrides", [("char", ()), ("bpe", ("model.tie_embeddings=false",)), ("char", GQA)])
+QWEN2 = ("model.qkv_bias=true", "model.n_kv_head=1", "model.norm_eps=1e-6")
+QWEN3 = ("model.qk_norm=true", "model.head_dim=48", "model.intermediate_size=100", "model.rope_theta=1000000")
+
+
+@pytest.mark.parametrize("kind, overrides", [("char", ()), ("bpe", ("model.tie_embeddings=false",)), ("char", GQA),
+                                             ("char", QWEN2), ("bpe", QWEN3)],
+                         ids=["llama-char", "llama-bpe-untied", "gqa", "qwen2", "qwen3"])
 def test_transformers_computes_the_logits_ids_and_greedy_text_of_hanlm(tmp_path, people_daily, kind, overrides):
     path = checkpoint(tmp_path, people_daily, kind, *overrides)
     out = export_hf(path, tmp_path / "hf")
     model, cfg, tokenizer = load_for_inference(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    their_tok = transformers.AutoTokenizer.from_pretrained(out)
+    # transformers 5 gives model_type qwen2 its own Qwen2Tokenizer whatever tokenizer_config.json names
+    tokenizer_class = transformers.PreTrainedTokenizerFast if cfg_of(path).qkv_bias else transformers.AutoTokenizer
+    their_tok = tokenizer_class.from_pretrained(out)
     texts = TEXTS + people_daily[-20:]
     for text in texts:  # val text, ASCII, full-width digits, a spelled special token
         ids = tokenizer.encode(text)
@@ -69,6 +79,52 @@ def test_transformers_computes_the_logits_ids_and_greedy_text_of_hanlm(tmp_path,
     their = theirs.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                             pad_token_id=tokenizer.pad_id)
     assert len(result.token_ids) > 0 and their[0, len(prompt):].tolist()[:len(result.token_ids)] == result.token_ids
+
+
+def cfg_of(path: str):
+    return load_checkpoint(path).config.model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_a_transformers_model_of_each_family_imports_computes_the_same_and_exports_back_exactly(tmp_path, people_daily,
+                                                                                                family):
+    from safetensors.torch import load_file
+
+    tokens = export_hf(checkpoint(tmp_path, people_daily, "char", root="tok"), tmp_path / "tok-hf")
+    vocab = json.loads((tokens / "config.json").read_text())["vocab_size"]
+    shape = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                 tie_word_embeddings=family != "mistral", pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = {"qwen2": lambda: transformers.Qwen2Config(**shape),
+              "qwen3": lambda: transformers.Qwen3Config(**shape, head_dim=24),
+              "mistral": lambda: transformers.MistralConfig(**shape, sliding_window=None)}[family]()
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    theirs.save_pretrained(tmp_path / family, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / family / name).write_bytes((tokens / name).read_bytes())
+    model, cfg, tokenizer = load_for_inference(str(tmp_path / family))
+    assert (cfg.model.n_kv_head, cfg.model.qkv_bias, cfg.model.qk_norm) == (2, family == "qwen2", family == "qwen3")
+    batch = torch.tensor([tokenizer.encode(t)[:24] for t in people_daily[:40] if len(tokenizer.encode(t)) >= 24][:3])
+    with torch.no_grad():
+        assert (model(batch) - theirs(batch).logits).abs().max() < 1e-4
+    result = Generation()
+    "".join(generate(model, tokenizer, "中国经济", SamplingParams(max_tokens=12, temperature=0.0), result=result))
+    prompt = prompt_ids(tokenizer, "中国经济")
+    their = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+    assert len(result.token_ids) > 0 and their[0, len(prompt):].tolist()[:len(result.token_ids)] == result.token_ids
+    back = export_hf(str(tmp_path / family), tmp_path / f"{family}-again")
+    original, again = load_file(str(tmp_path / family / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    exported = json.loads((back / "config.json").read_text())
+    assert exported["model_type"] == ("llama" if family == "mistral" else family)  # Mistral without a window is Llama
 
 
 def test_models_without_a_llama_form_are_refused_by_name(tmp_path, people_daily, capsys):
@@ -110,15 +166,36 @@ def test_an_export_imports_back_to_identical_tensors_and_serves_as_a_checkpoint(
     ("rope_theta", -1, "rope_theta=-1"),
     ("rope_theta", "big", "rope_theta='big'"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling="),
-    ("model_type", "mistral", "only Llama models"),
-    ("intermediate_size", 100, "intermediate_size=100"),
+    ("model_type", "gpt2", "model_type='gpt2': hanlm's GPT computes llama, mistral, qwen2, qwen3"),
+    ("intermediate_size", True, "intermediate_size=True: must be a positive integer"),
+    ("head_dim", 15, "head_dim=15: must be an even integer"),
+    ("use_sliding_window", True, "use_sliding_window=True"),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ({"model_type": "mistral", "sliding_window": 64}, None, "sliding_window=64: sliding-window attention"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, None, "rope_parameters=.*only"),
 ])
 def test_what_hanlm_cannot_compute_is_refused_by_field(tmp_path, people_daily, field, value, message):
     out = export_hf(checkpoint(tmp_path, people_daily, "char"), tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(config | {field: value}))
+    (out / "config.json").write_text(json.dumps(config | (field if isinstance(field, dict) else {field: value})))
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(str(out))
+
+
+def test_gguf_refuses_what_the_llama_architecture_cannot_hold(tmp_path, people_daily, capsys):
+    pytest.importorskip("gguf")
+    path = checkpoint(tmp_path, people_daily, "char", *QWEN2)
+    assert main(["export", path, str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+    assert "model.qkv_bias is beyond the llama architecture" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, people_daily):
+    out = export_hf(checkpoint(tmp_path, people_daily, "char"), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"intermediate_size": 100}))
+    with pytest.raises(CheckpointError, match="mlp"):
+        load_for_inference(str(out))
 
 
 def test_a_damaged_or_pickled_hf_directory_is_refused(tmp_path, people_daily):

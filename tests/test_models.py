@@ -14,10 +14,14 @@ from hanlm.data.tokenizer import BYTE_BASE, train_tokenizer
 from hanlm.errors import ConfigError, DataError
 from hanlm.models import build_model, load_vectors
 
-ARCHS = ["gpt", "lstm", "gpt-gqa"]
+ARCHS = ["gpt", "lstm", "gpt-gqa", "gpt-qwen3", "gpt-qwen2"]
 B, T = 8, 64
 # gpt-gqa: the GPT with one key/value head for its two query heads (multi-query) and Llama 3's rotary base
-VARIANTS = {"gpt-gqa": ("gpt", ["model.n_kv_head=1", "model.rope_theta=500000"])}
+VARIANTS = {"gpt-gqa": ("gpt", ["model.n_kv_head=1", "model.rope_theta=500000"]),
+            # Qwen3's shape: QK-norm and heads wider than n_embd / n_head, another MLP width and norm epsilon
+            "gpt-qwen3": ("gpt", ["model.qk_norm=true", "model.head_dim=48", "model.intermediate_size=100",
+                                  "model.norm_eps=1e-6"]),
+            "gpt-qwen2": ("gpt", ["model.qkv_bias=true", "model.n_kv_head=1"])}
 
 
 def tiny(arch: str, *overrides: str) -> ModelConfig:
@@ -146,6 +150,9 @@ def test_grouped_query_attention_caches_fewer_heads_and_decodes_ragged_rows_exac
 @pytest.mark.parametrize("overrides, message", [
     (["model.n_kv_head=3", "model.n_head=4", "model.n_embd=64"], "model.n_kv_head .3. must divide model.n_head .4."),
     (["model.rope_theta=0"], "model.rope_theta"),
+    (["model.head_dim=15"], "model.head_dim = 15. must be even"),
+    (["model.n_head=3"], r"must be divisible by model.n_head \(3\); e.g. n_head=2 \(or set model.head_dim\)"),
+    (["model.norm_eps=0"], "model.norm_eps"),
 ])
 def test_impossible_attention_shapes_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -214,7 +214,7 @@ def decode_suite(device: torch.device, quick: bool, vocab: int = 4700) -> list[d
     ours = build_model(cfg.model, vocab).to(device).eval()
     hf = _peers(ours, vocab)["transformers Llama"]().to(device).eval()
     # The same weights in every engine (hanlm's export mapping): then greedy tokens can be compared too.
-    missing, unexpected = hf.load_state_dict(hf_state_dict(ours.state_dict(), ours.n_head, None, True), strict=False)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(ours.state_dict(), cfg.model), strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # lm_head is tied
     new_tokens = 50 if quick else min(200, shape.context_length - 8)
     rows = []

@@ -22,7 +22,7 @@ from hanlm.config import ModelConfig
 from hanlm.data.tokenizer import BYTE_BASE, BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, ConfigError
 from hanlm.export.target import check_output
-from hanlm.models.gpt import RMS_EPS, SwiGLU, qkv_sizes
+from hanlm.models.gpt import mlp_width, qkv_sizes
 
 DTYPES = ("f32", "f16", "q8_0")
 # GGUF token types (llama.cpp's llama_token_type): normal, unknown, control, byte.
@@ -36,7 +36,7 @@ _TENSORS = {"attn_norm.weight": "attn_norm.weight", "attn.proj.weight": "attn_ou
 def gguf_tensors(weights: dict[str, np.ndarray], m: ModelConfig) -> dict[str, np.ndarray]:
     """llama.cpp's tensor names for a hanlm GPT state dict (float32 numpy arrays) of shape `m`."""
     n_layer, tied = m.n_layer, m.tie_embeddings
-    q_rows, k_rows, _ = qkv_sizes(m.n_embd, m.n_head, m.n_kv_head)
+    q_rows, k_rows, _ = qkv_sizes(m)
     out = {"token_embd.weight": weights["tok_emb.weight"], "output_norm.weight": weights["norm.weight"]}
     if not tied:
         out["output.weight"] = weights["lm_head.weight"]
@@ -103,12 +103,12 @@ def write_gguf(out: str | Path, weights: dict[str, np.ndarray], m: ModelConfig, 
         writer.add_context_length(m.context_length)
         writer.add_embedding_length(m.n_embd)
         writer.add_block_count(m.n_layer)
-        writer.add_feed_forward_length(SwiGLU(m.n_embd).gate.out_features)
+        writer.add_feed_forward_length(mlp_width(m))
         writer.add_head_count(m.n_head)
         writer.add_head_count_kv(m.n_kv_head or m.n_head)
         writer.add_rope_dimension_count(m.n_embd // m.n_head)
         writer.add_rope_freq_base(m.rope_theta)
-        writer.add_layer_norm_rms_eps(RMS_EPS)
+        writer.add_layer_norm_rms_eps(m.norm_eps)
         writer.add_vocab_size(tokenizer.vocab_size)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
@@ -136,9 +136,15 @@ def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
     path = resolve_served(spec)
     target = check_output(out, "gguf", path)
     ckpt = require_language_model(open_checkpoint(path))
-    if ckpt.config.model.arch != "gpt":
-        raise CheckpointError(f"{path}: cannot export a {ckpt.config.model.arch} model to GGUF: only the gpt "
-                              "architecture has a llama form")
+    m = ckpt.config.model
+    if m.arch != "gpt":
+        raise CheckpointError(f"{path}: cannot export a {m.arch} model to GGUF: only the gpt architecture has a "
+                              "llama form")
+    beyond = [k for k in ("qkv_bias", "qk_norm") if getattr(m, k)] + \
+        (["head_dim"] if m.head_dim not in (None, m.n_embd // m.n_head) else [])
+    if beyond:
+        raise CheckpointError(f"{path}: model.{beyond[0]} is beyond the llama architecture this GGUF export writes; "
+                              "export it with --format hf (transformers computes it)")
     weights = {k: v.float().numpy() for k, v in model_of(ckpt).state_dict().items()}
     try:  # written at the real path: a symlink to a file stays one, its file gets the export
         write_gguf(target.path, weights, ckpt.config.model, ckpt.tokenizer, dtype,

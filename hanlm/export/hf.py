@@ -1,14 +1,15 @@
-"""`hanlm export CKPT --format hf OUT/`: a Hugging Face `LlamaForCausalLM` directory.
+"""`hanlm export CKPT --format hf OUT/`: a Hugging Face `LlamaForCausalLM` directory (`Qwen2ForCausalLM` for a GPT
+with qkv biases, `Qwen3ForCausalLM` for one with QK-norm).
 
-hanlm's GPT is the Llama block (pre-norm RMSNorm with eps 1e-5, rotary positions with model.rope_theta,
-grouped-query attention with model.n_kv_head, SwiGLU, no biases, optionally tied embeddings), so the export
-is a renaming plus one layout change:
-hanlm rotates the pairs (2i, 2i+1) of each head, transformers the halves (i, i + head_dim/2), so the
-rows of the query and key projections are permuted within each head. The tokenizer becomes a
-`tokenizer.json` that `PreTrainedTokenizerFast` loads and that gives hanlm's ids: byte-level BPE as it
-is; the char vocabulary as a BPE model without merges over single characters, with `byte_fallback`
-standing for hanlm's byte tokens. A word vocabulary needs jieba to split text and cannot be written
-so; LSTM and n-gram checkpoints have no Llama form (an n-gram is an ARPA file already).
+hanlm's GPT is the Llama block (pre-norm RMSNorm, rotary positions with model.rope_theta, grouped-query
+attention with model.n_kv_head, SwiGLU, optionally tied embeddings; Qwen2's qkv biases and Qwen3's QK-norm on
+request), so the export is a renaming plus one layout change: hanlm rotates the pairs (2i, 2i+1) of each head,
+transformers the halves (i, i + head_dim/2), so the rows of the query and key projections (and their biases
+and norm weights) are permuted within each head. The tokenizer becomes a `tokenizer.json` that
+`PreTrainedTokenizerFast` loads and that gives hanlm's ids: byte-level BPE as it is; the char vocabulary as a
+BPE model without merges over single characters, with `byte_fallback` standing for hanlm's byte tokens. A word
+vocabulary needs jieba to split text and cannot be written so; LSTM and n-gram checkpoints have no Llama form
+(an n-gram is an ARPA file already).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, To
 from hanlm.errors import CheckpointError
 from hanlm.export.target import check_output, output_dir
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
-from hanlm.models.gpt import RMS_EPS, SwiGLU, qkv_sizes
+from hanlm.config import ModelConfig
+from hanlm.models.gpt import head_dim_of, mlp_width, qkv_sizes
 
 
 def _to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -34,20 +36,24 @@ def _to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.view(n_head, out // n_head // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def hf_state_dict(weights: dict[str, torch.Tensor], n_head: int, n_kv_head: int | None,
-                  tied: bool) -> dict[str, torch.Tensor]:
-    """transformers' Llama tensor names and layout for a hanlm GPT state dict."""
+def _halves_vector(b: torch.Tensor, heads: int) -> torch.Tensor:
+    """A q or k bias (or a per-head norm weight, `heads` = 1) from hanlm's interleaved pairs to halves."""
+    return _to_halves(b.unsqueeze(1), heads).squeeze(1)
+
+
+def hf_state_dict(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' tensor names and layout (Llama, Qwen2 and Qwen3 share them) for a hanlm GPT state dict of
+    shape `m`."""
     out = {"model.embed_tokens.weight": weights["tok_emb.weight"], "model.norm.weight": weights["norm.weight"]}
-    if not tied:
+    if not m.tie_embeddings:
         out["lm_head.weight"] = weights["lm_head.weight"]
-    layers = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
-    for i in range(layers):
+    heads, kv, sizes = m.n_head, m.n_kv_head or m.n_head, qkv_sizes(m)
+    for i in range(m.n_layer):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        qkv = weights[src + "attn.qkv.weight"]
-        q, k, v = qkv.split(qkv_sizes(qkv.size(1), n_head, n_kv_head), dim=0)
+        q, k, v = weights[src + "attn.qkv.weight"].split(sizes, dim=0)
         out |= {
-            dst + "self_attn.q_proj.weight": _to_halves(q, n_head),
-            dst + "self_attn.k_proj.weight": _to_halves(k, n_kv_head or n_head),
+            dst + "self_attn.q_proj.weight": _to_halves(q, heads),
+            dst + "self_attn.k_proj.weight": _to_halves(k, kv),
             dst + "self_attn.v_proj.weight": v,
             dst + "self_attn.o_proj.weight": weights[src + "attn.proj.weight"],
             dst + "mlp.gate_proj.weight": weights[src + "mlp.gate.weight"],
@@ -56,23 +62,48 @@ def hf_state_dict(weights: dict[str, torch.Tensor], n_head: int, n_kv_head: int 
             dst + "input_layernorm.weight": weights[src + "attn_norm.weight"],
             dst + "post_attention_layernorm.weight": weights[src + "mlp_norm.weight"],
         }
+        if m.qkv_bias:
+            qb, kb, vb = weights[src + "attn.qkv.bias"].split(sizes)
+            out |= {dst + "self_attn.q_proj.bias": _halves_vector(qb, heads),
+                    dst + "self_attn.k_proj.bias": _halves_vector(kb, kv), dst + "self_attn.v_proj.bias": vb}
+        if m.qk_norm:
+            out |= {dst + "self_attn.q_norm.weight": _halves_vector(weights[src + "attn.q_norm.weight"], 1),
+                    dst + "self_attn.k_norm.weight": _halves_vector(weights[src + "attn.k_norm.weight"], 1)}
     return {name: t.detach().float().contiguous().clone() for name, t in out.items()}
 
 
+def hf_architecture(m: ModelConfig, source: str) -> tuple[str, str]:
+    """(architecture, model_type) of the transformers class that computes a GPT of shape `m`: Llama, or Qwen2 for
+    qkv biases, or Qwen3 for QK-norm."""
+    if m.qkv_bias and m.qk_norm:
+        raise CheckpointError(f"{source}: no transformers model has qkv biases and QK-norm together (Qwen2 has the "
+                              "first, Qwen3 the second)")
+    if m.qk_norm:
+        return "Qwen3ForCausalLM", "qwen3"
+    return ("Qwen2ForCausalLM", "qwen2") if m.qkv_bias else ("LlamaForCausalLM", "llama")
+
+
 def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
-    """config.json of `LlamaForCausalLM` for a GPT checkpoint."""
+    """config.json of the transformers model (`hf_architecture`) for a GPT checkpoint."""
     m, tok = ckpt.config.model, ckpt.tokenizer
-    hidden = SwiGLU(m.n_embd).gate.out_features  # hanlm's rounding of 8/3 × n_embd
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-        "vocab_size": tok.vocab_size, "hidden_size": m.n_embd, "intermediate_size": hidden,
+    architecture, model_type = hf_architecture(m, ckpt.path)
+    config = {
+        "architectures": [architecture], "model_type": model_type, "torch_dtype": "float32",
+        "vocab_size": tok.vocab_size, "hidden_size": m.n_embd, "intermediate_size": mlp_width(m),
         "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head, "num_key_value_heads": m.n_kv_head or m.n_head,
-        "head_dim": m.n_embd // m.n_head, "hidden_act": "silu", "max_position_embeddings": m.context_length,
-        "rms_norm_eps": RMS_EPS, "rope_theta": m.rope_theta, "rope_scaling": None, "attention_bias": False,
-        "attention_dropout": 0.0, "mlp_bias": False, "tie_word_embeddings": m.tie_embeddings,
+        "head_dim": head_dim_of(m), "hidden_act": "silu", "max_position_embeddings": m.context_length,
+        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": None,
+        "attention_dropout": 0.0, "tie_word_embeddings": m.tie_embeddings,
         "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "initializer_range": 0.02, "use_cache": True,
     }
+    if model_type == "llama":
+        config |= {"attention_bias": False, "mlp_bias": False}
+    else:
+        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layer}
+        if model_type == "qwen3":
+            config["attention_bias"] = False
+    return config
 
 
 def hf_tokenizer_json(tokenizer: Tokenizer, source: str) -> str:
@@ -123,7 +154,7 @@ def export_hf(spec: str, out: str | Path, force: bool = False) -> Path:
                   "do_sample": ckpt.config.generate.temperature > 0, "temperature": ckpt.config.generate.temperature,
                   "top_k": ckpt.config.generate.top_k, "max_new_tokens": ckpt.config.generate.max_tokens}
     with output_dir(target) as tmp:  # complete or not there: a failed export leaves what was
-        save_file(hf_state_dict(weights, m.n_head, m.n_kv_head, m.tie_embeddings), str(tmp / "model.safetensors"),
+        save_file(hf_state_dict(weights, m), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(ckpt), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

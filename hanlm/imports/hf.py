@@ -1,11 +1,12 @@
-"""A Hugging Face Llama directory as a hanlm checkpoint: `train.init_from`, `hanlm eval`, `generate`
-and `serve` accept one wherever they accept a checkpoint.
+"""A Hugging Face decoder directory (Llama, Mistral, Qwen2, Qwen3) as a hanlm checkpoint: `train.init_from`,
+`hanlm eval`, `generate`, `serve` and `finetune` accept one wherever they accept a checkpoint.
 
-The mapping is `hanlm.export.hf.hf_state_dict` run backwards; grouped-query attention (num_key_value_heads) and
-any rope_theta map onto model.n_kv_head and model.rope_theta. What hanlm's GPT cannot express is refused with
-the config field that says so: biases, rope scaling, norm epsilon, activation or MLP width. The tokenizer must be one hanlm can be: byte-level BPE with
-hanlm's special tokens at ids 0–3 (what `hanlm export` writes for bpe), or the per-character form
-`hanlm export` writes for char tokenizers.
+The mapping is `hanlm.export.hf.hf_state_dict` run backwards; num_key_value_heads, head_dim, intermediate_size,
+rope_theta and rms_norm_eps become the model.* keys of the same meaning, Qwen2's qkv biases model.qkv_bias and
+Qwen3's QK-norm model.qk_norm. What hanlm's GPT cannot compute is refused with the config field that says so:
+other biases, rope scaling, sliding windows, another activation. The tokenizer must be one hanlm can be:
+byte-level BPE with hanlm's special tokens at ids 0–3 (what `hanlm export` writes for bpe), or the
+per-character form `hanlm export` writes for char tokenizers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from hanlm.checkpoint import Checkpoint
 from hanlm.config import load_config
 from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, DataError
-from hanlm.models.gpt import RMS_EPS, SwiGLU
 
 
 def is_hf_dir(path: str) -> bool:
@@ -40,33 +40,55 @@ def _config(path: Path) -> dict[str, Any]:
     return config
 
 
+# model_type → what its attention adds to Llama's: qkv biases (Qwen2), QK-norm (Qwen3).
+FAMILIES = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}
+
+
 def _check(config: dict[str, Any], where: Path) -> None:
     """Refuse, by field, what hanlm's GPT cannot compute."""
     def refuse(field: str, why: str) -> CheckpointError:
         return CheckpointError(f"{where}/config.json: {field}={config.get(field)!r}: {why}; hanlm's GPT is a "
-                               "Llama with no biases, RMSNorm eps 1e-5, no rope scaling and an MLP of "
-                               "64·ceil(8·hidden/3/64)")
-    if config.get("model_type") != "llama":
-        raise refuse("model_type", "only Llama models map onto hanlm's GPT")
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings"):
-        if not isinstance(config.get(field), int) or config[field] < 1:
+                               "Llama (optionally with Qwen2's qkv biases or Qwen3's QK-norm) without rope scaling, "
+                               "sliding windows or other biases")
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise refuse("model_type", f"hanlm's GPT computes {', '.join(FAMILIES)}")
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings",
+                  "intermediate_size"):
+        if not isinstance(config.get(field), int) or isinstance(config[field], bool) or config[field] < 1:
             raise refuse(field, "must be a positive integer")
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     kv = config.get("num_key_value_heads", heads)
     if not isinstance(kv, int) or kv < 1 or heads % kv:
         raise refuse("num_key_value_heads", "must be a positive integer that divides num_attention_heads")
-    theta = config.get("rope_theta", 10000.0)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta <= 1e12:
-        raise refuse("rope_theta", "must be a number in (0, 1e12]")
-    if hidden % heads or config.get("head_dim", hidden // heads) != hidden // heads:
-        raise refuse("head_dim", "must be hidden_size / num_attention_heads")
-    wanted = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_scaling": None,
-              "rms_norm_eps": RMS_EPS}
+    head_dim = config.get("head_dim") or hidden // heads
+    if not isinstance(head_dim, int) or head_dim % 2 or (config.get("head_dim") is None and hidden % heads):
+        raise refuse("head_dim", "must be an even integer (by default hidden_size / num_attention_heads)")
+    for field, low, high in (("rope_theta", 0.0, 1e12), ("rms_norm_eps", 0.0, 1.0)):
+        value = rope_theta(config) if field == "rope_theta" else config.get(field, 1e-5)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+            raise refuse(field, f"must be a number in ({low:g}, {high:g}]")
+    parameters = config.get("rope_parameters")
+    if parameters is not None and (not isinstance(parameters, dict) or
+                                   parameters.get("rope_type", "default") != "default"):
+        raise refuse("rope_parameters", "only the default rotary embedding (no scaling) is computed")
+    wanted = {"mlp_bias": False, "hidden_act": "silu", "rope_scaling": None, "use_sliding_window": False}
+    if model_type in ("llama", "mistral", "qwen3"):
+        wanted["attention_bias"] = False  # theirs adds an output bias too, which hanlm has not
     for field, value in wanted.items():
         if config.get(field, value) != value:
             raise refuse(field, f"hanlm computes {value!r} only")
-    if config.get("intermediate_size") != SwiGLU(hidden).gate.out_features:
-        raise refuse("intermediate_size", f"hanlm's MLP for hidden_size {hidden} is {SwiGLU(hidden).gate.out_features}")
+    if model_type == "mistral" and config.get("sliding_window") not in (None, 0) and \
+            config["sliding_window"] < config["max_position_embeddings"]:
+        raise refuse("sliding_window", "sliding-window attention is not supported (set it to null, or "
+                     "max_position_embeddings to at most the window)")
+
+
+def rope_theta(config: dict[str, Any]) -> Any:
+    """The rotary base: `rope_theta`, or transformers 5's `rope_parameters.rope_theta`; 10,000 when neither."""
+    parameters = config.get("rope_parameters")
+    nested = parameters.get("rope_theta") if isinstance(parameters, dict) else None
+    return config.get("rope_theta", nested if nested is not None else 10000.0)
 
 
 def _to_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -75,7 +97,11 @@ def _to_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.view(n_head, 2, out // n_head // 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _pairs_vector(b: torch.Tensor, heads: int) -> torch.Tensor:
+    return _to_pairs(b.unsqueeze(1), heads).squeeze(1)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no model*.safetensors (pytorch_model.bin is a pickle, which hanlm never "
@@ -86,9 +112,16 @@ def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
             hf |= load_file(str(f))
         except Exception as e:  # safetensors raises its own types for a damaged file
             raise CheckpointError(f"{f} is damaged ({type(e).__name__}: {e})") from None
-    biases = [k for k in hf if k.endswith(".bias")]
+    return hf
+
+
+def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    hf = _read(path)
+    family = FAMILIES[config["model_type"]]
+    expected = (".q_proj.bias", ".k_proj.bias", ".v_proj.bias") if family.get("qkv_bias") else ()
+    biases = [k for k in hf if k.endswith(".bias") and not k.endswith(expected)]
     if biases:
-        raise CheckpointError(f"{path}: the model has biases ({biases[0]}, …), which hanlm's GPT has not")
+        raise CheckpointError(f"{path}: the model has biases ({biases[0]}, …) that hanlm's GPT has not")
     heads, tied = config["num_attention_heads"], config.get("tie_word_embeddings", True)
     kv = config.get("num_key_value_heads", heads)
     try:
@@ -105,8 +138,18 @@ def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
                     dst + "mlp.down.weight": hf[src + "mlp.down_proj.weight"],
                     dst + "attn_norm.weight": hf[src + "input_layernorm.weight"],
                     dst + "mlp_norm.weight": hf[src + "post_attention_layernorm.weight"]}
+            if family.get("qkv_bias"):
+                out[dst + "attn.qkv.bias"] = torch.cat([_pairs_vector(hf[src + "self_attn.q_proj.bias"], heads),
+                                                        _pairs_vector(hf[src + "self_attn.k_proj.bias"], kv),
+                                                        hf[src + "self_attn.v_proj.bias"]])
+            if family.get("qk_norm"):
+                out[dst + "attn.q_norm.weight"] = _pairs_vector(hf[src + "self_attn.q_norm.weight"], 1)
+                out[dst + "attn.k_norm.weight"] = _pairs_vector(hf[src + "self_attn.k_norm.weight"], 1)
     except KeyError as e:
-        raise CheckpointError(f"{path}: the weights lack {e.args[0]}, which a Llama with this config.json has")
+        raise CheckpointError(f"{path}: the weights lack {e.args[0]}, which a {config['model_type']} model with "
+                              "this config.json has") from None
+    except RuntimeError as e:  # a tensor of the wrong size for the config's shape
+        raise CheckpointError(f"{path}: a tensor does not fit config.json's shape ({e})") from None
     return {name: t.float() for name, t in out.items()}
 
 
@@ -145,11 +188,17 @@ def load_hf(path: str) -> Checkpoint:
         raise CheckpointError(f"{where}: tokenizer.json has {tokenizer.vocab_size} ids, config.json's vocab_size "
                               f"is {config['vocab_size']}")
     tied = config.get("tie_word_embeddings", True)
+    heads, family = config["num_attention_heads"], FAMILIES[config["model_type"]]
     cfg = load_config(overrides=[
         "model.arch=gpt", "model.preset=null", f"model.n_layer={config['num_hidden_layers']}",
-        f"model.n_head={config['num_attention_heads']}", f"model.n_embd={config['hidden_size']}",
-        f"model.n_kv_head={config.get('num_key_value_heads', config['num_attention_heads'])}",
-        f"model.rope_theta={float(config.get('rope_theta', 10000.0))}",
+        f"model.n_head={heads}", f"model.n_embd={config['hidden_size']}",
+        f"model.n_kv_head={config.get('num_key_value_heads', heads)}",
+        f"model.head_dim={config.get('head_dim') or config['hidden_size'] // heads}",
+        f"model.intermediate_size={config['intermediate_size']}",
+        f"model.rope_theta={float(rope_theta(config))}",
+        f"model.norm_eps={float(config.get('rms_norm_eps', 1e-5))}",
+        f"model.qkv_bias={str(bool(family.get('qkv_bias'))).lower()}",
+        f"model.qk_norm={str(bool(family.get('qk_norm'))).lower()}",
         f"model.context_length={config['max_position_embeddings']}", f"model.tie_embeddings={str(tied).lower()}",
         f"tokenizer.kind={tokenizer.kind}"])
     return Checkpoint(path, cfg, tokenizer, _weights(where, config), {"step": 0})

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from hanlm.config import ModelConfig
 from hanlm.models.base import LanguageModel
 from hanlm.models.encoder import Encoder
-from hanlm.models.gpt import RMS_EPS, Block, init_weights, register_rotary
+from hanlm.models.gpt import Block, head_dim_of, init_weights, register_rotary
 
 PREFIX = "discriminator."
 
@@ -32,7 +32,8 @@ def generator_shape(cfg: ModelConfig, ratio: float) -> ModelConfig:
     least one head of 2 channels), heads in proportion."""
     heads = max(1, round(cfg.n_head * ratio))
     width = max(2 * heads, 2 * heads * round(cfg.n_embd * ratio / (2 * heads)))
-    return dataclasses.replace(cfg, n_embd=width, n_head=heads, n_kv_head=None)  # a small net: one kv head per head
+    # a small network of its own shape: one key/value head per head, the default head and MLP widths
+    return dataclasses.replace(cfg, n_embd=width, n_head=heads, n_kv_head=None, head_dim=None, intermediate_size=None)
 
 
 class Generator(nn.Module):
@@ -42,9 +43,9 @@ class Generator(nn.Module):
         super().__init__()
         self.emb_proj = nn.Linear(width, cfg.n_embd, bias=False)
         self.blocks = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.n_embd, width, bias=False)
-        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length, cfg.rope_theta)
+        register_rotary(self, head_dim_of(cfg), cfg.context_length, cfg.rope_theta)
         init_weights(self, self.blocks)
 
     def forward(self, embedded: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from hanlm.models.base import LanguageModel
 from hanlm.models.loss import linear_cross_entropy
 
 ROPE_THETA = 10000.0
-RMS_EPS = 1e-5  # every RMSNorm's epsilon (Llama's)
+RMS_EPS = 1e-5  # the RMSNorms' default epsilon (Llama's; model.norm_eps)
 
 
 class KVStore:
@@ -104,13 +104,15 @@ def register_rotary(module: nn.Module, head_dim: int, length: int, theta: float 
 
 def init_weights(model: nn.Module, blocks: nn.ModuleList) -> None:
     """GPT-2's initialisation: N(0, 0.02) for every linear and embedding weight, and each block's two branches
-    into the residual stream shrunk by √(2 · layers) so that its variance stays put."""
+    into the residual stream shrunk by √(2 · layers) so that its variance stays put; qkv biases start at 0."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
     for b in blocks:
         for w in (b.attn.proj.weight, b.mlp.down.weight):
             nn.init.normal_(w, std=0.02 / math.sqrt(2 * len(blocks)))
+        if b.attn.qkv.bias is not None:
+            nn.init.zeros_(b.attn.qkv.bias)
 
 
 def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
@@ -124,25 +126,39 @@ def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
-def qkv_sizes(n_embd: int, n_head: int, n_kv_head: int | None) -> list[int]:
+def head_dim_of(cfg: ModelConfig) -> int:
+    """Each attention head's width: model.head_dim, or n_embd / n_head."""
+    return cfg.head_dim or cfg.n_embd // cfg.n_head
+
+
+def mlp_width(cfg: ModelConfig) -> int:
+    """The SwiGLU hidden width: model.intermediate_size, or 64·ceil(8·n_embd/3/64) (the weights of a 4·n_embd GELU
+    MLP, rounded for matmuls)."""
+    return cfg.intermediate_size or 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+
+
+def qkv_sizes(cfg: ModelConfig) -> list[int]:
     """The rows of the fused qkv projection that belong to the queries, the keys and the values."""
-    head_dim, kv = n_embd // n_head, n_kv_head or n_head
-    return [n_head * head_dim, kv * head_dim, kv * head_dim]
+    head_dim, kv = head_dim_of(cfg), cfg.n_kv_head or cfg.n_head
+    return [cfg.n_head * head_dim, kv * head_dim, kv * head_dim]
 
 
 class Attention(nn.Module):
     """Multi-head attention with rotary positions; with model.n_kv_head < n_head, grouped-query attention (each
     key/value head serves n_head / n_kv_head query heads; Ainslie et al. 2023). One projection makes the queries,
-    keys and values, its rows in that order."""
+    keys and values, its rows in that order (with biases under model.qkv_bias, Qwen2's); model.qk_norm normalises
+    each head's queries and keys before the rotation (Qwen3's)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
         self.n_head, self.causal = cfg.n_head, causal
         self.n_kv = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.head_dim = head_dim_of(cfg)
+        self.qkv = nn.Linear(cfg.n_embd, sum(qkv_sizes(cfg)), bias=cfg.qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.sizes = qkv_sizes(cfg)
 
     def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int] | None = None,
                 mask: Tensor | None = None) -> Tensor:
@@ -153,15 +169,17 @@ class Attention(nn.Module):
         padded to a common length. A non-causal attention (the encoder's) sees every position but those
         `mask` hides."""
         B, T, C = x.shape
-        if self.n_kv == self.n_head:
+        if self.n_kv == self.n_head and self.q_norm is None:
             qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
             q, k = apply_rotary(qkv[:, :, :2], rot).transpose(1, 3).unbind(2)  # (B, H, T, hd) each
             v = qkv[:, :, 2].transpose(1, 2)
         else:
-            q, k, v = self.qkv(x).split(qkv_sizes(C, self.n_head, self.n_kv), -1)
+            q, k, v = self.qkv(x).split(self.sizes, -1)
+            q, k = q.view(B, T, self.n_head, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             rot = rot.squeeze(-3)  # (..., T, 1, hd / 2): against (B, T, heads, hd / 2)
-            q = apply_rotary(q.view(B, T, self.n_head, self.head_dim), rot).transpose(1, 2)
-            k = apply_rotary(k.view(B, T, self.n_kv, self.head_dim), rot).transpose(1, 2)  # (B, K, T, hd)
+            q, k = apply_rotary(q, rot).transpose(1, 2), apply_rotary(k, rot).transpose(1, 2)  # (B, heads, T, hd)
             v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         P = 0
         if cache is not None:
@@ -175,13 +193,12 @@ class Attention(nn.Module):
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_head)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, n_embd: int):
+    def __init__(self, n_embd: int, hidden: int):
         super().__init__()
-        hidden = 64 * math.ceil(8 * n_embd / 3 / 64)  # same parameters as a 4d GELU MLP, rounded for matmuls
         self.gate = nn.Linear(n_embd, hidden, bias=False)
         self.up = nn.Linear(n_embd, hidden, bias=False)
         self.down = nn.Linear(hidden, n_embd, bias=False)
@@ -193,10 +210,10 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = Attention(cfg, causal)
-        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
-        self.mlp = SwiGLU(cfg.n_embd)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.n_embd, mlp_width(cfg))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int] | None = None,
@@ -218,11 +235,12 @@ class Transformer(LanguageModel):
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        register_rotary(self, cfg.n_embd // cfg.n_head, cfg.context_length, cfg.rope_theta)
+        register_rotary(self, head_dim_of(cfg), cfg.context_length, cfg.rope_theta)
+        self.head_dim = head_dim_of(cfg)
         self.checkpointing = False
         init_weights(self, self.blocks)
 
@@ -237,7 +255,7 @@ class Transformer(LanguageModel):
         layer), counted over the full T×T square as in PaLM (Chowdhery et al. 2022, appendix B),
         although causal attention needs only half of it.
         """
-        return super().flops_per_token(seq_len) + 12.0 * self.n_layer * self.n_embd * seq_len
+        return super().flops_per_token(seq_len) + 12.0 * self.n_layer * self.n_head * self.head_dim * seq_len
 
     def _check_length(self, n: int, what: str) -> None:
         if n > self.context_length:
@@ -274,8 +292,7 @@ class GPT(Transformer):
     def initial_state(self, batch_size: int = 1) -> KVCache:
         """An empty cache for `batch_size` rows; the store grows on first use."""
         w = self.tok_emb.weight  # under FSDP a sharded DTensor: take only its dtype and device
-        empty = torch.empty(batch_size, self.n_kv_head, 0, self.n_embd // self.n_head, dtype=w.dtype,
-                            device=w.device)
+        empty = torch.empty(batch_size, self.n_kv_head, 0, self.head_dim, dtype=w.dtype, device=w.device)
         return KVCache(KVStore((empty,) * self.n_layer, (empty,) * self.n_layer, 0), 0)
 
     def log_probs(self, tokens: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
