@@ -349,6 +349,14 @@ def check(cfg: Config) -> None:
                           f"({cfg.finetune.test_fraction}) leave no train split; keep their sum below 1")
     if cfg.finetune.task == "ner" and cfg.finetune.tagger == "hmm":
         raise ConfigError("finetune.task ner trains finetune.tagger neural (on a checkpoint) or crf, not hmm")
+    ft = cfg.finetune
+    if ft.lora_rank:
+        unknown = sorted(set(ft.lora_targets) - {"qkv", "proj", "gate", "up", "down"})
+        if unknown or not ft.lora_targets:
+            raise ConfigError(f"finetune.lora_targets {ft.lora_targets}: name some of qkv, proj, gate, up, down "
+                              "(the transformer's projections)")
+        if ft.from_scratch:
+            raise ConfigError("finetune.lora_rank adapts pretrained weights; finetune.from_scratch has none to adapt")
     if cfg.finetune.tagger == "crf" and cfg.finetune.tag_scheme == "bmes-pos":
         raise ConfigError("finetune.tagger crf supports tag_scheme bmes only: with ~170 joint BMES-POS tags "
                           "its training is quadratic in them; use hmm or neural for bmes-pos")

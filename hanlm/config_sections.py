@@ -323,6 +323,12 @@ class ServeConfig:
 class FinetuneConfig:
     init_from: str | None = key(None, "The pretrained gpt or lstm checkpoint (or run directory) to start from; its "
                                 "model.*, tokenizer and data.* normalisation are used. `hanlm finetune CKPT` sets it.")
+    lora_rank: int = key(0, "LoRA: train a rank-r update B·A beside each frozen projection of the backbone "
+                         "(finetune.lora_targets) and the task head, instead of every weight; 0: full fine-tuning.",
+                         min=0, max=4096)
+    lora_alpha: float = key(16.0, "LoRA: the update is scaled by lora_alpha / lora_rank.", above=0.0, max=1e6)
+    lora_targets: list[str] = key(["qkv", "proj", "gate", "up", "down"], "LoRA: the backbone's projections that "
+                                  "get an update, by module name (qkv, proj: attention; gate, up, down: the MLP).")
     from_scratch: bool = key(False, "Keep the checkpoint's shape and tokenizer but start from random weights: the "
                              "baseline that measures what pretraining is worth.")
     task: Literal["classify", "tag", "ner"] = key(

@@ -43,7 +43,9 @@ from hanlm.config import Config, config_options, derive, load_config
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
 from hanlm.loading import open_checkpoint, require_language_model, resolve_checkpoint
 from hanlm.models.electra import backbone_weights
+from hanlm.models.lora import trainable_share, with_own_lora
 from hanlm.log import METRICS_FILE, RunLogger, line_plot, read_metrics
+from hanlm.memory import peak_rss
 from hanlm.runlock import RunLock
 from hanlm.tasks.objectives import TASKS, headline_table
 from hanlm.train.autobatch import MemoryProbe, largest_fitting
@@ -118,7 +120,7 @@ def epoch_batches(lengths: Sequence[int], batch: int, epoch: int, seed: int) -> 
     return [batches[i] for i in order]
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+def finetune_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     """AdamW, decaying the backbone's matrices and the head's (never embeddings, norms, biases)."""
     hidden, decayed, plain = _roles(model.backbone)
     head_decayed, head_plain = [], []
@@ -174,7 +176,8 @@ class Finetuner:
             load_weights(self.model, ckpt.weights, ckpt.path)
             ft.micro_batch = ckpt.config.finetune.micro_batch
         elif not ft.from_scratch:
-            load_weights(self.model.backbone, backbone_weights(source.weights), source.path)
+            load_weights(self.model.backbone, with_own_lora(self.model.backbone, backbone_weights(source.weights)),
+                         source.path)
             self.echo(f"initialised from {source.path} (step {source.step})")
         else:
             self.echo(f"from scratch: the shape and tokenizer of {source.path}, random weights")
@@ -185,7 +188,7 @@ class Finetuner:
         if self.info.main:
             cfg.save(self.run_dir / "config.yaml")
         self.step_model = DDP(self.model) if self.info.distributed else self.model
-        self.optimizer = _optimizer(self.model, cfg)
+        self.optimizer = finetune_optimizer(self.model, cfg)
         self.global_batch = ft.micro_batch * self.info.world_size
         train_size = len(self.task.train_lengths())
         if train_size < self.global_batch:
@@ -331,8 +334,10 @@ class Finetuner:
         cfg, main, ft = self.cfg, self.info.main, self.cfg.finetune
         head = (f"{ft.pooling}-pooled head over {len(ft.labels)} labels" if ft.task == "classify"
                 else f"{ft.tag_head} tagging head over {len(ft.labels)} tags")
-        self.echo(f"model: {cfg.model.arch} + {head}, "
-                  f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {self.device}, "
+        trainable, total = trainable_share(self.model)
+        lora = (f" (LoRA rank {ft.lora_rank} on {', '.join(ft.lora_targets)}: {trainable:,} of them train)"
+                if ft.lora_rank else "")
+        self.echo(f"model: {cfg.model.arch} + {head}, {total:,} parameters{lora}; {self.device}, "
                   f"{'bf16 autocast' if self.amp_dtype else 'fp32'}")
         self.echo(f"batch: {ft.micro_batch} × {self.info.world_size} examples per step, {self.steps_per_epoch:,} steps "
                   f"per epoch, {self.total_steps:,} steps ({ft.epochs:g} epochs)")
@@ -359,7 +364,7 @@ class Finetuner:
             if main:
                 dev, _ = self.evaluate("dev")
                 test, _ = self.evaluate("test")
-            report = self._write_results(logger, best, dev, test, elapsed) if main else None
+            report = self._write_results(logger, best, dev, test, elapsed, tokens) if main else None
         return FinetuneResult(self.run_dir, best, self.step, reason, dev, test, report)
 
     def _checkpoint(self, logger: RunLogger, elapsed: float, tokens: int) -> None:
@@ -380,12 +385,15 @@ class Finetuner:
         load_weights(self.model, load_checkpoint(path, self.device).weights, path)
         return path
 
-    def _write_results(self, logger: RunLogger, best: str, dev, test, elapsed: float) -> Path:
+    def _write_results(self, logger: RunLogger, best: str, dev, test, elapsed: float, tokens: int) -> Path:
         ft = self.cfg.finetune
         sizes = self.task.split_sizes()
+        trainable, total = trainable_share(self.model)
         results = {"task": ft.task, "init_from": ft.init_from, "from_scratch": ft.from_scratch,
                    **({"pooling": ft.pooling} if ft.task == "classify" else {"tag_head": ft.tag_head}),
                    "best_checkpoint": best, "steps": self.step, "seconds": elapsed,
+                   "parameters": total, "trainable_parameters": trainable, "lora_rank": ft.lora_rank,
+                   "peak_rss_gb": peak_rss() / 2**30, "train_tokens_per_s": tokens / max(elapsed, 1e-9),
                    "data": {"summary": self.task.summary(), **sizes},
                    "dev": dev.as_dict(), "test": test.as_dict()}
         return write_results(logger, self.run_dir, results, {"dev": dev, "test": test}, sizes,

@@ -18,6 +18,7 @@ from hanlm.config import Config
 from hanlm.errors import ConfigError
 from hanlm.models import build_model
 from hanlm.models.base import LanguageModel
+from hanlm.models.lora import adapted
 
 
 class SequenceClassifier(nn.Module):
@@ -63,5 +64,5 @@ def build_classifier(cfg: Config, vocab_size: int) -> SequenceClassifier:
     if len(cfg.finetune.labels) < 2:
         raise ConfigError(f"a classifier needs at least two finetune.labels, got {cfg.finetune.labels}")
     model_cfg = dataclasses.replace(cfg.model, vectors=None, dropout=cfg.finetune.dropout)
-    backbone = build_model(model_cfg, vocab_size)
+    backbone = adapted(build_model(model_cfg, vocab_size), cfg)
     return SequenceClassifier(backbone, len(cfg.finetune.labels), cfg.finetune.pooling, cfg.finetune.dropout)

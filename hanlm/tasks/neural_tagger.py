@@ -32,6 +32,7 @@ from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import ConfigError
 from hanlm.models import build_model
 from hanlm.models.base import LanguageModel
+from hanlm.models.lora import adapted
 from hanlm.data.tagged import TaggedSentence
 from hanlm.tasks.bmes import POSITIONS, allowed_transitions, char_tags, cut_sentence, text_pieces
 from hanlm.tasks.tagging import Tagger
@@ -178,8 +179,9 @@ def build_tagger_network(cfg: Config, vocab_size: int) -> SequenceTagger:
         raise ConfigError(f"model.task {cfg.model.task} / finetune.tagger {cfg.finetune.tagger} is not a neural tagger")
     model_cfg = dataclasses.replace(cfg.model, vectors=None, dropout=cfg.finetune.dropout)
     ft = cfg.finetune
-    return SequenceTagger(build_model(model_cfg, vocab_size), len(ft.labels), ft.tag_head, ft.tag_lookahead,
-                          ft.dropout, allowed_transitions(ft.labels) if ft.tag_crf else None, ft.tag_bigrams)
+    backbone = adapted(build_model(model_cfg, vocab_size), cfg)
+    return SequenceTagger(backbone, len(ft.labels), ft.tag_head, ft.tag_lookahead, ft.dropout,
+                          allowed_transitions(ft.labels) if ft.tag_crf else None, ft.tag_bigrams)
 
 
 def fitted_pieces(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[tuple[int, int]]:
