@@ -127,6 +127,43 @@ def test_a_transformers_model_of_each_family_imports_computes_the_same_and_expor
     assert exported["model_type"] == ("llama" if family == "mistral" else family)  # Mistral without a window is Llama
 
 
+@pytest.mark.parametrize("task", ["classify", "ner"])
+def test_an_imported_qwen2_fine_tunes_with_lora_for_a_label_and_for_entities(tmp_path, people_daily, task):
+    from hanlm.data.corpora import corpus_file
+    from hanlm.finetune.run import Finetuner
+    from hanlm.loading import load_classifier, load_entity_tagger
+
+    tokens = export_hf(checkpoint(tmp_path, people_daily, "char", root="tok"), tmp_path / "tok-hf")
+    vocab = json.loads((tokens / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    theirs.save_pretrained(tmp_path / "qwen2", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "qwen2" / name).write_bytes((tokens / name).read_bytes())
+    corpus = "chn-reviews" if task == "classify" else "people-daily-1998-ner"
+    with open(corpus_file(corpus), encoding="utf-8") as f:
+        lines = f.readlines()
+    (tmp_path / "data.jsonl").write_text("".join(lines[::len(lines) // 400][:400]), encoding="utf-8")
+    run = tmp_path / "run"
+    cfg = load_config("tiny", [f"finetune.task={task}", f"finetune.init_from={tmp_path / 'qwen2'}",
+                               f"finetune.data=[{tmp_path / 'data.jsonl'}]", f"finetune.run_dir={run}",
+                               "finetune.max_length=64", "finetune.micro_batch=16", "finetune.epochs=1",
+                               "finetune.lora_rank=4", "log.progress=false", "log.tensorboard=false"])
+    result = Finetuner(cfg, echo=lambda _: None).run()
+    assert result.stopped_by == "end" and result.test is not None
+    if task == "classify":
+        classifier = load_classifier(str(run))
+        assert classifier.config.model.qkv_bias and classifier.config.finetune.lora_rank == 4
+        assert classifier.probabilities(["这本书很好看"]).shape == (1, 2)
+    else:
+        tagger, ner_cfg, _ = load_entity_tagger(str(run))
+        assert tagger.kind == "neural" and ner_cfg.model.n_kv_head == 2
+        (found,) = tagger.entities(["江泽民主席在北京会见新华社记者"])
+        assert all(0 <= e.start < e.end <= 15 for e in found)
+
+
 def test_models_without_a_llama_form_are_refused_by_name(tmp_path, people_daily, capsys):
     lstm = checkpoint(tmp_path / "l", people_daily, "char", "model.arch=lstm")
     with pytest.raises(CheckpointError, match="cannot export a lstm model"):
