@@ -93,13 +93,19 @@ _RETRIES = 3  # a training that saves faster than a checkpoint loads would prune
 
 def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
     """`resolve_checkpoint`, except that a directory of classifier or tagger checkpoints (`hanlm finetune`)
-    gives its best by dev score, the run's result, rather than its latest, which only a resume wants."""
+    gives its best by dev score, the run's result, rather than its latest, which only a resume wants. A
+    directory of language-model checkpoints gives its latest, and says so when its best by val loss is another."""
     path = resolve_checkpoint(spec, note)
-    if path == spec or stored_task(path) not in ("classify", "tag", "ner"):
+    if path == spec or is_hf_dir(path):
         return path
-    root = path.rstrip("/").rsplit("/", 1)[0]
+    root, name = path.rstrip("/").rsplit("/", 1)
     best = read_best(root, note)
-    return f"{root}/{best[0]}" if best else path
+    if stored_task(path) in ("classify", "tag", "ner"):
+        return f"{root}/{best[0]}" if best else path
+    if best and best[0] != name:
+        note(f"note: {spec}: using its latest checkpoint, {name}; its best by val loss is {best[0]} "
+             f"({best[1]:.4f}): give {root}/{best[0]} to use that one")
+    return path
 
 
 def require_language_model(ckpt: Checkpoint) -> Checkpoint:

@@ -30,7 +30,7 @@ from hanlm.checkpoint import Checkpoint
 from hanlm.config import Config
 from hanlm.errors import CheckpointError, HanlmError
 from hanlm.eval import EvalResult, evaluate, prepared_for, prepared_split, token_scores
-from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_checkpoint
+from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
 from hanlm.mixture_file import MIXTURE_FILE, MIXTURE_FORMAT, is_mixture, manifest_digest
 from hanlm.models.mixture import MixtureLM, fit_weights, mixed_nats
 from hanlm.models.ngram import estimate
@@ -139,7 +139,7 @@ def _check_out(out: Path) -> None:
 def _part_path(spec: str) -> str:
     if is_mixture(spec):
         raise CheckpointError(f"{spec} is itself a mixture; mix a neural checkpoint with an n-gram checkpoint")
-    return resolve_checkpoint(spec)
+    return resolve_served(spec)
 
 
 def _check_parts(neural: Checkpoint, ngram: Checkpoint) -> None:

@@ -388,3 +388,21 @@ def test_the_lock_message_names_the_key_of_the_run_that_asks(tmp_path):
     with RunLock(tmp_path):
         with pytest.raises(RunLockedError, match="give this run another finetune.run_dir"):
             RunLock(tmp_path, "finetune.run_dir").acquire()
+
+
+def test_a_run_directory_means_its_latest_and_names_a_better_one(tmp_path, people_daily):
+    from hanlm.data.tokenizer import train_tokenizer
+    from hanlm.loading import resolve_served
+
+    cfg = load_config("tiny")
+    tokenizer = train_tokenizer("char", people_daily[:50])
+    model = build_model(cfg.model, tokenizer.vocab_size)
+    root = str(tmp_path / "run" / "checkpoints")
+    for step, loss in ((1, 4.0), (2, 3.5), (3, 3.9)):  # the val loss rose at the end: overfitting
+        save_checkpoint(root, model, cfg, tokenizer, {"step": step}, val_loss=loss, note=lambda _: None)
+    notes = []
+    assert resolve_served(str(tmp_path / "run"), notes.append).endswith("step-00000003")
+    assert notes == [f"note: {tmp_path / 'run'}: using its latest checkpoint, step-00000003; its best by val loss is "
+                     f"step-00000002 (3.5000): give {root}/step-00000002 to use that one"]
+    notes.clear()
+    assert resolve_served(f"{root}/step-00000002", notes.append).endswith("step-00000002") and not notes

@@ -41,7 +41,7 @@ from hanlm.checkpoint import (
 )
 from hanlm.config import Config, config_options, derive, load_config
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
-from hanlm.loading import open_checkpoint, require_language_model, resolve_checkpoint
+from hanlm.loading import open_checkpoint, require_language_model, resolve_served
 from hanlm.models.electra import backbone_weights
 from hanlm.models.lora import trainable_share, with_own_lora
 from hanlm.log import METRICS_FILE, RunLogger, line_plot, read_metrics
@@ -159,7 +159,7 @@ class Finetuner:
         if self.info.main:
             remove_stale(self.ckpt_root)
         self.device = setup_worker(cfg, self.info)
-        source = open_checkpoint(resolve_checkpoint(cfg.finetune.init_from), self.device)
+        source = open_checkpoint(resolve_served(cfg.finetune.init_from), self.device)
         cfg = finetune_config(cfg, source)
         self.tokenizer = source.tokenizer
         self.task = TASKS[cfg.finetune.task]()
