@@ -42,7 +42,7 @@ from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
 from hanlm.eval import EvalResult, MaskedEvalResult, evaluate, evaluate_masked, split_characters
 from hanlm.generate import config_samples
-from hanlm.loading import open_checkpoint, require_language_model, resolve_checkpoint
+from hanlm.loading import open_checkpoint, require_language_model, resolve_served
 from hanlm.log import RunLogger, measure_matmul_peak
 from hanlm.models import build_for_training
 from hanlm.models.masking import Masker, row_seed
@@ -126,7 +126,7 @@ class Trainer:
             if cfg.train.micro_batch == "auto":  # keep the size the run started with: resume stays exact
                 cfg = with_micro_batch(cfg, ckpt.config.train.micro_batch)
         elif cfg.train.init_from:
-            source = require_language_model(open_checkpoint(resolve_checkpoint(cfg.train.init_from), self.device))
+            source = require_language_model(open_checkpoint(resolve_served(cfg.train.init_from), self.device))
             load_weights(self.model, source.weights, source.path)
             self.echo(f"initialised from {source.path} (step {source.step})")
         # Measured on rank 0 and shared: every rank must run the same batch size.
