@@ -71,8 +71,10 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["char", "bpe", "word"] = key("char", "Characters, byte-level BPE, or jieba words with "
-                                               "character fallback.")
+    kind: Literal["char", "bpe", "word", "pretrained"] = key(
+        "char", "Characters, byte-level BPE, or jieba words with character fallback; `pretrained` is an imported "
+        "model's own tokenizer (set by importing a Hugging Face directory; train on with tokenizer.path), never "
+        "trained.")
     vocab_size: int = key(8000, "Target vocabulary for bpe, upper bound for word; char keeps every "
                           "character seen `min_freq` times.", min=8, max=1 << 24)
     min_freq: int = key(1, "Rarer characters (char, word) or words (word) map to `<unk>` or fall back to "

@@ -164,6 +164,65 @@ def test_an_imported_qwen2_fine_tunes_with_lora_for_a_label_and_for_entities(tmp
         assert all(0 <= e.start < e.end <= 15 for e in found)
 
 
+def test_a_model_with_its_own_tokenizer_imports_generates_trains_and_exports_it_back(tmp_path, people_daily):
+    """A Qwen-like directory: byte-level BPE whose special tokens come after the vocabulary (<|endoftext|> at
+    600), an embedding padded past the tokenizer, no <pad> <unk> <bos> <eos> at 0–3."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(people_daily[:300], trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    size = hf.get_vocab_size()
+    hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    model_dir = tmp_path / "qwen-like"
+    model_dir.mkdir()
+    hf.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+        vocab_size=size + 8, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=size, bos_token_id=None,
+        pad_token_id=None)).eval()
+    theirs.save_pretrained(model_dir, safe_serialization=True)
+    model, cfg, tokenizer = load_for_inference(str(model_dir))
+    assert (cfg.tokenizer.kind, tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id, tokenizer.unk_id,
+            tokenizer.vocab_size) == ("pretrained", size, size, -1, -1, size + 8)
+    assert tokenizer.token_strings()[size + 5] == f"<unused:{size + 5}>"
+    their_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
+    for text in TEXTS[:2] + people_daily[-5:]:
+        assert their_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text), text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert size not in tokenizer.encode("写<|endoftext|>字")  # a special's spelling in text stays text
+    batch = torch.tensor([[size, *tokenizer.encode(people_daily[0])[:20]]])
+    with torch.no_grad():
+        assert (model(batch) - theirs(batch).logits).abs().max() < 1e-4
+    result = Generation()
+    "".join(generate(model, tokenizer, "中国经济", SamplingParams(max_tokens=10, temperature=0.0), result=result))
+    prompt = prompt_ids(tokenizer, "中国经济")
+    assert prompt[0] == size
+    ids = torch.tensor([prompt])  # the prompt opens with <|endoftext|>, the pad token too: say it is not padding
+    their = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                            eos_token_id=None, pad_token_id=size)
+    assert their[0, len(prompt):].tolist()[:len(result.token_ids)] == result.token_ids
+    back = export_hf(str(model_dir), tmp_path / "back")
+    exported = json.loads((back / "tokenizer_config.json").read_text())
+    assert exported["eos_token"] == exported["pad_token"] == "<|endoftext|>" and "bos_token" not in exported
+    assert json.loads((back / "config.json").read_text())["bos_token_id"] is None
+    assert open_checkpoint(str(back)).tokenizer.fingerprint() == tokenizer.fingerprint()
+    tokenizer.save(tmp_path / "tokenizer.json")  # continued training encodes with the model's own tokenizer
+    run = Trainer(load_config("tiny", [f"train.run_dir={tmp_path / 'run'}", f"train.init_from={model_dir}",
+                                       f"tokenizer.path={tmp_path / 'tokenizer.json'}", "model.n_kv_head=2",
+                                       "model.n_head=4", "model.n_embd=64", "model.intermediate_size=96",
+                                       "model.qkv_bias=true", "model.norm_eps=1e-6", "model.rope_theta=1000000",
+                                       "train.max_steps=2", "train.warmup_steps=1", "log.peak_tflops=0.1"]),
+                  echo=lambda _: None).run()
+    assert run.step == 2
+
+
 def test_models_without_a_llama_form_are_refused_by_name(tmp_path, people_daily, capsys):
     lstm = checkpoint(tmp_path / "l", people_daily, "char", "model.arch=lstm")
     with pytest.raises(CheckpointError, match="cannot export a lstm model"):

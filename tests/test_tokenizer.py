@@ -262,6 +262,25 @@ def test_encode_batch_and_encode_array_agree_with_encode(docs, trained, kind):
 def test_unknown_kind_raises_config_error_listing_the_valid_kinds():
     with pytest.raises(ConfigError, match=r"tokenizer\.kind.*bpe, char, word"):
         train_tokenizer("sentencepiece", ["文本"])
+    with pytest.raises(ConfigError, match=r"tokenizer\.kind=pretrained is an imported model's own tokenizer"):
+        train_tokenizer("pretrained", ["文本"])
+
+
+@pytest.mark.parametrize("specials, vocab, message", [
+    ({"pad": 0, "unk": -1, "bos": -1}, 10, "special token eos"),
+    ({"pad": 0, "unk": -1, "bos": -1, "eos": 99}, 10, "eos: id 99 is not an id"),
+    ({"pad": 0, "unk": -1, "bos": -1, "eos": -1}, 10, "no end-of-text token"),
+    ({"pad": 0, "unk": -1, "bos": -1, "eos": 3}, 2, "vocab_size 2 is below"),
+])
+def test_a_pretrained_tokenizer_with_impossible_specials_is_refused_by_name(specials, vocab, message):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from hanlm.data.tokenizer import PretrainedTokenizer
+
+    hf = HFTokenizer(models.WordLevel({f"w{i}": i for i in range(6)}, unk_token="w0"))
+    with pytest.raises(DataError, match=message):
+        PretrainedTokenizer(hf, specials, vocab)
 
 
 @pytest.mark.parametrize("kind", KINDS)

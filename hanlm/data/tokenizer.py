@@ -1,9 +1,10 @@
-"""Tokenizers: one interface, three kinds (char, byte-level BPE, words).
+"""Tokenizers: one interface, three kinds hanlm trains (char, byte-level BPE, words) and one it imports
+(`pretrained`: a published model's tokenizer.json, its special tokens where that model put them).
 
 Words come from jieba, or from one of hanlm's own taggers (`tokenizer.segmenter: CKPT`, a
 checkpoint of `hanlm finetune --task tag`), whose path is saved with the vocabulary.
 
-Every kind reserves ids 0..3 for SPECIAL_TOKENS, saves to one JSON file and has a
+Every trained kind reserves ids 0..3 for SPECIAL_TOKENS; every kind saves to one JSON file and has a
 fingerprint (sha256 of its canonical JSON) that is recorded with the shards it encoded.
 Text that merely spells a special token ("<eos>") is encoded as ordinary text, so data
 can never inject control tokens.
@@ -50,7 +51,8 @@ _DOC_END = 0x110000  # one past Unicode: the codepoint CharTokenizer.encode_docu
 
 
 class Tokenizer(ABC):
-    """Maps text to token ids and back; ids 0..3 are <pad>, <unk>, <bos>, <eos> in every kind."""
+    """Maps text to token ids and back; ids 0..3 are <pad>, <unk>, <bos>, <eos> in every trained kind (a pretrained
+    one has its own: read pad_id, unk_id, bos_id, eos_id, never the numbers)."""
 
     kind: ClassVar[str]
     pad_id: ClassVar[int] = 0
@@ -458,7 +460,77 @@ class BpeTokenizer(Tokenizer):
         return cls(hf)
 
 
-_KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BpeTokenizer, "word": WordTokenizer}
+class PretrainedTokenizer(Tokenizer):
+    """A published model's own tokenizer (its `tokenizer.json`, any model `tokenizers` runs: byte-level BPE as
+    Qwen and Llama 3 have, WordPiece, Unigram), with its special tokens where that model put them. It is imported,
+    never trained. `vocab_size` is the model's (embedding rows, often padded past the tokenizer's last id); ids
+    the tokenizer never produces are spelled `<unused:N>`. As in every kind, text that spells a special token is
+    encoded as text."""
+
+    kind = "pretrained"
+
+    def __init__(self, hf: HFTokenizer, specials: Mapping[str, int], vocab_size: int):
+        self.hf = hf
+        self.hf.encode_special_tokens = True
+        self._vocab_size = int(vocab_size)
+        if self._vocab_size < hf.get_vocab_size():
+            raise DataError(f"the model's vocab_size {vocab_size} is below the tokenizer's {hf.get_vocab_size()} ids")
+        for name in ("pad", "unk", "bos", "eos"):
+            value = specials.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < self._vocab_size:
+                raise DataError(f"special token {name}: id {value!r} is not an id of the vocabulary (-1: none)")
+            setattr(self, f"{name}_id", value)
+        if self.eos_id < 0:
+            raise DataError("the tokenizer has no end-of-text token (eos), which hanlm puts between documents")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        e = self.hf.encode(text, add_special_tokens=False)
+        return e.ids, list(e.offsets)
+
+    def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
+        return self._packed_batch(docs)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        runs: list[list[int]] = [[]]
+        for i in ids:
+            if i == self.unk_id:
+                runs.append([])
+            elif i not in (self.pad_id, self.bos_id, self.eos_id) and i < self.hf.get_vocab_size():
+                runs[-1].append(i)
+        return UNK_CHAR.join(self.hf.decode(r, skip_special_tokens=False) for r in runs)
+
+    def token_strings(self) -> list[str]:
+        return [self.hf.id_to_token(i) or f"<unused:{i}>" for i in range(self.vocab_size)]
+
+    def _payload(self) -> dict[str, Any]:
+        return {"hf": json.loads(self.hf.to_str()), "vocab_size": self._vocab_size,
+                "specials": {n: getattr(self, f"{n}_id") for n in ("pad", "unk", "bos", "eos")}}
+
+    @classmethod
+    def _from_payload(cls, data: dict[str, Any]) -> PretrainedTokenizer:
+        if not isinstance(data.get("specials"), dict) or not isinstance(data.get("vocab_size"), int):
+            raise DataError("a pretrained tokenizer needs its specials and vocab_size")
+        return cls(HFTokenizer.from_str(json.dumps(data["hf"])), data["specials"], data["vocab_size"])
+
+    @classmethod
+    def _train(cls, texts: Iterable[str], vocab_size: int, min_freq: int, split_digits: bool,
+               byte_fallback: bool) -> Tokenizer:
+        raise ConfigError("a pretrained tokenizer comes with its model (a Hugging Face directory); it is not trained: "
+                          "use tokenizer.kind char, bpe or word")
+
+
+_KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BpeTokenizer, "word": WordTokenizer,
+                                      "pretrained": PretrainedTokenizer}
 
 
 def train_tokenizer(
@@ -473,8 +545,13 @@ def train_tokenizer(
     segmenter (jieba, or a tagger checkpoint) to word, byte_fallback to char and word (bpe is
     byte-level already): other characters become their UTF-8 bytes, not <unk>.
     """
+    trained = sorted(k for k in _KINDS if k != PretrainedTokenizer.kind)
+    if kind == PretrainedTokenizer.kind:
+        raise ConfigError("tokenizer.kind=pretrained is an imported model's own tokenizer, never trained: import the "
+                          "model (train.init_from) and give its tokenizer as tokenizer.path, or train one of "
+                          f"{', '.join(trained)}")
     if kind not in _KINDS:
-        raise ConfigError(f"tokenizer.kind={kind!r} is unknown; valid kinds: {', '.join(sorted(_KINDS))}")
+        raise ConfigError(f"tokenizer.kind={kind!r} is unknown; valid kinds: {', '.join(trained)}")
     if min_freq < 1:
         raise ConfigError(f"tokenizer.min_freq={min_freq} must be at least 1")
     n_chars = 0

@@ -69,8 +69,10 @@ def _add_tokenizer(writer, tokenizer: Tokenizer, source: str) -> None:
         writer.add_token_scores([-float(i) for i in range(len(tokens))])  # no merges: scores only rank
         writer.add_add_space_prefix(False)
     else:
-        raise CheckpointError(f"{source}: a {tokenizer.kind} tokenizer splits text with jieba or a tagger, which "
-                              "llama.cpp cannot; export a char or bpe model")
+        why = ("splits text with jieba or a tagger, which llama.cpp cannot; export a char or bpe model"
+               if tokenizer.kind == "word" else "is an imported model's own, which this export does not write: "
+               "export --format hf and convert that directory with llama.cpp's convert_hf_to_gguf.py")
+        raise CheckpointError(f"{source}: a {tokenizer.kind} tokenizer {why}")
     writer.add_token_types(types)
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from hanlm.checkpoint import Checkpoint
-from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
+from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, PretrainedTokenizer, Tokenizer
 from hanlm.errors import CheckpointError
 from hanlm.export.target import check_output, output_dir
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
@@ -94,7 +94,7 @@ def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
         "head_dim": head_dim_of(m), "hidden_act": "silu", "max_position_embeddings": m.context_length,
         "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": None,
         "attention_dropout": 0.0, "tie_word_embeddings": m.tie_embeddings,
-        "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "pad_token_id": _id(tok.pad_id), "bos_token_id": _id(tok.bos_id), "eos_token_id": tok.eos_id,
         "initializer_range": 0.02, "use_cache": True,
     }
     if model_type == "llama":
@@ -108,7 +108,7 @@ def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
 
 def hf_tokenizer_json(tokenizer: Tokenizer, source: str) -> str:
     """A `tokenizer.json` that gives `tokenizer`'s ids for any text (see the module docstring)."""
-    if isinstance(tokenizer, BpeTokenizer):
+    if isinstance(tokenizer, (BpeTokenizer, PretrainedTokenizer)):
         return tokenizer.hf.to_str()
     if not isinstance(tokenizer, CharTokenizer):
         raise CheckpointError(f"{source}: a {tokenizer.kind} tokenizer splits text with jieba or a tagger, which a "
@@ -125,11 +125,22 @@ def hf_tokenizer_json(tokenizer: Tokenizer, source: str) -> str:
     return hf.to_str()
 
 
+def _id(token_id: int) -> int | None:
+    """A special token's id for config.json: null where the tokenizer has none (-1)."""
+    return None if token_id < 0 else token_id
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """pad_token, unk_token, bos_token, eos_token: each special the tokenizer has, by its spelling."""
+    strings = tokenizer.token_strings()
+    return {f"{n}_token": strings[getattr(tokenizer, f"{n}_id")] for n in ("pad", "unk", "bos", "eos")
+            if getattr(tokenizer, f"{n}_id") >= 0}
+
+
 def _tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict[str, Any]:
     return {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
-        "pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
-        # hanlm encodes text that spells "<eos>" as text: so must the export.
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length, **special_tokens(tokenizer),
+        # hanlm encodes text that spells a special token as text: so must the export.
         "split_special_tokens": True, "clean_up_tokenization_spaces": False,
     }
 
@@ -150,7 +161,7 @@ def export_hf(spec: str, out: str | Path, force: bool = False) -> Path:
     m = ckpt.config.model
     weights = model_of(ckpt).state_dict()  # every name, tied ones too (a checkpoint stores a tied tensor once)
     tok = ckpt.tokenizer
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+    generation = {"bos_token_id": _id(tok.bos_id), "eos_token_id": tok.eos_id, "pad_token_id": _id(tok.pad_id),
                   "do_sample": ckpt.config.generate.temperature > 0, "temperature": ckpt.config.generate.temperature,
                   "top_k": ckpt.config.generate.top_k, "max_new_tokens": ckpt.config.generate.max_tokens}
     with output_dir(target) as tmp:  # complete or not there: a failed export leaves what was
@@ -161,7 +172,5 @@ def export_hf(spec: str, out: str | Path, force: bool = False) -> Path:
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok, m.context_length), indent=2)
                                                    + "\n")
-        (tmp / "special_tokens_map.json").write_text(json.dumps(
-            {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}, indent=2)
-            + "\n")
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special_tokens(tok), indent=2) + "\n")
     return Path(out)

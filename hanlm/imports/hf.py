@@ -4,9 +4,9 @@
 The mapping is `hanlm.export.hf.hf_state_dict` run backwards; num_key_value_heads, head_dim, intermediate_size,
 rope_theta and rms_norm_eps become the model.* keys of the same meaning, Qwen2's qkv biases model.qkv_bias and
 Qwen3's QK-norm model.qk_norm. What hanlm's GPT cannot compute is refused with the config field that says so:
-other biases, rope scaling, sliding windows, another activation. The tokenizer must be one hanlm can be:
-byte-level BPE with hanlm's special tokens at ids 0–3 (what `hanlm export` writes for bpe), or the
-per-character form `hanlm export` writes for char tokenizers.
+other biases, rope scaling, sliding windows, another activation. The tokenizer is the char or BPE form `hanlm
+export` writes (hanlm's own kinds), or else the model's own tokenizer.json as it is, with its special tokens
+where that model put them (`PretrainedTokenizer`: Qwen's and Llama 3's byte-level BPE, WordPiece, Unigram).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from hanlm.checkpoint import Checkpoint
 from hanlm.config import load_config
-from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
+from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, PretrainedTokenizer, Tokenizer
 from hanlm.errors import CheckpointError, DataError
 
 
@@ -28,16 +28,6 @@ def is_hf_dir(path: str) -> bool:
     """Whether `path` is a local Hugging Face model directory (a config.json, no hanlm config.yaml)."""
     p = Path(path)
     return "://" not in path and (p / "config.json").is_file() and not (p / "config.yaml").exists()
-
-
-def _config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path / 'config.json'} is unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path / 'config.json'} is not a JSON object")
-    return config
 
 
 # model_type → what its attention adds to Llama's: qkv biases (Qwen2), QK-norm (Qwen3).
@@ -153,8 +143,24 @@ def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {name: t.float() for name, t in out.items()}
 
 
-def _tokenizer(path: Path) -> Tokenizer:
-    """hanlm's tokenizer from the directory's tokenizer.json (see the module docstring)."""
+def _special_id(hf, config: dict[str, Any], tokenizer_config: dict[str, Any], name: str) -> int | None:
+    """The id of special token `name` (pad, unk, bos, eos): config.json's `<name>_token_id` (the first of a list),
+    else tokenizer_config.json's `<name>_token` looked up in the vocabulary; None when neither names one."""
+    value = config.get(f"{name}_token_id")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    token = tokenizer_config.get(f"{name}_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    return hf.token_to_id(token) if isinstance(token, str) else None
+
+
+def _tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
+    """hanlm's tokenizer from the directory's tokenizer.json: the char or BPE form `hanlm export` writes (hanlm's
+    own kinds, specials at ids 0–3), else the model's own tokenizer as it is (`pretrained`), its special tokens
+    from config.json and tokenizer_config.json."""
     source = path / "tokenizer.json"
     try:
         data = json.loads(source.read_text(encoding="utf-8"))
@@ -167,23 +173,43 @@ def _tokenizer(path: Path) -> Tokenizer:
             return CharTokenizer([s for s, _ in vocab], bool(model.get("byte_fallback")))
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BpeTokenizer(HFTokenizer.from_str(json.dumps(data)))
+        hf = HFTokenizer.from_str(json.dumps(data))
+        if all(hf.token_to_id(s) == i for i, s in enumerate(SPECIAL_TOKENS)):
+            return BpeTokenizer(hf)
+        tokenizer_config = _json_object(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() \
+            else {}
+        specials = {n: _special_id(hf, config, tokenizer_config, n) for n in ("pad", "unk", "bos", "eos")}
+        if specials["eos"] is None:
+            raise DataError("neither config.json's eos_token_id nor tokenizer_config.json's eos_token names the "
+                            "end-of-text token")
+        if specials["pad"] is None:
+            specials["pad"] = specials["eos"]
+        specials = {n: -1 if v is None else v for n, v in specials.items()}
+        return PretrainedTokenizer(hf, specials, max(config["vocab_size"], hf.get_vocab_size()))
     except OSError as e:
         raise CheckpointError(f"{source}: cannot read it ({e})") from None
     except (ValueError, KeyError, TypeError, AttributeError, DataError, RecursionError) as e:
-        raise CheckpointError(f"{source}: not a tokenizer hanlm can use ({type(e).__name__}: {e}); it needs "
-                              f"{', '.join(SPECIAL_TOKENS)} at ids 0–3 and byte-level BPE, or the char form "
-                              "`hanlm export` writes") from None
+        raise CheckpointError(f"{source}: not a tokenizer hanlm can use ({type(e).__name__}: {e})") from None
     except Exception as e:  # `tokenizers` raises bare Exception on JSON it cannot parse
         raise CheckpointError(f"{source}: not a tokenizer hanlm can use ({e})") from None
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file} is unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return data
 
 
 def load_hf(path: str) -> Checkpoint:
     """The Llama directory at `path` as a hanlm checkpoint at step 0."""
     where = Path(path)
-    config = _config(where)
+    config = _json_object(where / "config.json")
     _check(config, where)
-    tokenizer = _tokenizer(where)
+    tokenizer = _tokenizer(where, config)
     if tokenizer.vocab_size != config["vocab_size"]:
         raise CheckpointError(f"{where}: tokenizer.json has {tokenizer.vocab_size} ids, config.json's vocab_size "
                               f"is {config['vocab_size']}")

@@ -134,7 +134,9 @@ class SequenceTagger(nn.Module):
                 targets: Tensor | None = None) -> Tensor:
         """Emission logits (B, N, n_tags) in float32; with targets, their mean cross-entropy instead (with a CRF
         layer: the gold paths' negative log-likelihood per character)."""
-        h = self.backbone.hidden(ids, ids.ne(0).sum(1))  # rows right-padded with <pad> (id 0), which no text holds
+        # A row's tokens: <eos> and those up to the one completing its last character (padding after them).
+        tokens = char_token.gather(1, (lengths.to(char_token.device) - 1).clamp(min=0)[:, None]).squeeze(1) + 1
+        h = self.backbone.hidden(ids, tokens)
         states = (h.gather(1, char_token.unsqueeze(-1).expand(-1, -1, h.size(-1))) + self.piece_emb(char_piece)
                   + self.char_emb(char_ids))
         if self.bigram_emb is not None:

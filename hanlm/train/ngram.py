@@ -48,6 +48,9 @@ def _count(cfg: Config, echo: Callable[[str], None]) -> tuple[TrainResult, Prepa
         echo(f"removed {leftover}, left half-written by a run that died")
     prepared = prepare(cfg, progress=cfg.log.progress)
     tokenizer = Tokenizer.load(prepared.directory / "tokenizer.json")
+    if (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) != (0, 1, 2, 3):
+        raise ConfigError(f"the n-gram model keeps <pad> <unk> <bos> <eos> at ids 0–3, and this {tokenizer.kind} "
+                          "tokenizer has them elsewhere; count it with a char, bpe or word tokenizer")
     if list_checkpoints(root):  # an earlier count: kept, out of the way of this one's save
         echo(f"note: the earlier n-gram checkpoint in {root} was moved to "
              f"{set_aside(root, list_checkpoints(root), 'earlier')}")
