@@ -388,22 +388,11 @@ class WordTokenizer(_ListTokenizer):
         return cls(vocab + _frequent(words, min_freq)[: max(0, vocab_size - len(vocab))], segmenter, byte_fallback)
 
 
-class BpeTokenizer(Tokenizer):
-    """Byte-level BPE (Hugging Face `tokenizers`): every text round-trips exactly, no <unk>."""
+class _HFBacked(Tokenizer):
+    """What the kinds run by a Hugging Face `tokenizers` model share: encoding through it (specials' spellings
+    stay text) and decoding around the special ids."""
 
-    kind = "bpe"
-
-    def __init__(self, hf: HFTokenizer):
-        self.hf = hf
-        # Not serialised by `tokenizers`, so set on every construction: literal "<eos>" stays text.
-        self.hf.encode_special_tokens = True
-        for i, s in enumerate(SPECIAL_TOKENS):
-            if hf.token_to_id(s) != i:
-                raise DataError(f"special token {s} must have id {i}, has {hf.token_to_id(s)}")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.hf.get_vocab_size()
+    hf: HFTokenizer
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -421,12 +410,31 @@ class BpeTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         # Decode the runs between <unk>s separately so each <unk> shows as exactly one U+FFFD.
         runs: list[list[int]] = [[]]
+        known = self.hf.get_vocab_size()  # a padded embedding's extra ids spell nothing
         for i in ids:
             if i == self.unk_id:
                 runs.append([])
-            elif i not in (self.pad_id, self.bos_id, self.eos_id):
+            elif i not in (self.pad_id, self.bos_id, self.eos_id) and i < known:
                 runs[-1].append(i)
         return UNK_CHAR.join(self.hf.decode(r, skip_special_tokens=False) for r in runs)
+
+
+class BpeTokenizer(_HFBacked):
+    """Byte-level BPE (Hugging Face `tokenizers`): every text round-trips exactly, no <unk>."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        # Not serialised by `tokenizers`, so set on every construction: literal "<eos>" stays text.
+        self.hf.encode_special_tokens = True
+        for i, s in enumerate(SPECIAL_TOKENS):
+            if hf.token_to_id(s) != i:
+                raise DataError(f"special token {s} must have id {i}, has {hf.token_to_id(s)}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
 
     def token_strings(self) -> list[str]:
         return [self.hf.id_to_token(i) for i in range(self.vocab_size)]
@@ -460,7 +468,7 @@ class BpeTokenizer(Tokenizer):
         return cls(hf)
 
 
-class PretrainedTokenizer(Tokenizer):
+class PretrainedTokenizer(_HFBacked):
     """A published model's own tokenizer (its `tokenizer.json`, any model `tokenizers` runs: byte-level BPE as
     Qwen and Llama 3 have, WordPiece, Unigram), with its special tokens where that model put them. It is imported,
     never trained. `vocab_size` is the model's (embedding rows, often padded past the tokenizer's last id); ids
@@ -486,28 +494,6 @@ class PretrainedTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
-
-    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        e = self.hf.encode(text, add_special_tokens=False)
-        return e.ids, list(e.offsets)
-
-    def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
-        return self._packed_batch(docs)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        runs: list[list[int]] = [[]]
-        for i in ids:
-            if i == self.unk_id:
-                runs.append([])
-            elif i not in (self.pad_id, self.bos_id, self.eos_id) and i < self.hf.get_vocab_size():
-                runs[-1].append(i)
-        return UNK_CHAR.join(self.hf.decode(r, skip_special_tokens=False) for r in runs)
 
     def token_strings(self) -> list[str]:
         return [self.hf.id_to_token(i) or f"<unused:{i}>" for i in range(self.vocab_size)]
