@@ -181,3 +181,22 @@ def test_a_classifier_fine_tunes_on_an_encoder_and_classifies(electra_run, tmp_p
     assert classifier.model.backbone.__class__.__name__ == "Encoder"
     (record,) = classifier.classify(["这本书很好看，推荐"])
     assert record["label"] in ("pos", "neg") and abs(sum(record["probabilities"].values()) - 1) < 1e-5
+
+
+def test_an_entity_tagger_fine_tunes_on_an_encoder_with_the_crf_layer_and_bigrams(electra_run, tmp_path):
+    from hanlm.data.corpora import corpus_file
+    from hanlm.finetune.run import Finetuner
+    from hanlm.loading import load_entity_tagger
+
+    with open(corpus_file("people-daily-1998-ner"), encoding="utf-8") as f:
+        (tmp_path / "ner.jsonl").write_text("".join(next(f) for _ in range(300)), encoding="utf-8")
+    cfg = load_config("tiny", ["finetune.task=ner", f"finetune.init_from={electra_run.run_dir}",
+                               f"finetune.data=[{tmp_path / 'ner.jsonl'}]", f"finetune.run_dir={tmp_path / 'run'}",
+                               "finetune.max_length=48", "finetune.epochs=0.2", "finetune.micro_batch=16",
+                               "finetune.eval_every_steps=1000", "finetune.tag_crf=true", "finetune.tag_bigrams=true"])
+    result = Finetuner(cfg, echo=quiet).run()
+    tagger, ner_cfg, _ = load_entity_tagger(str(result.run_dir))
+    assert ner_cfg.model.arch == "encoder" and tagger.tagger.model.backbone.__class__.__name__ == "Encoder"
+    text = "江泽民主席在北京会见客人"
+    (found,) = tagger.entities([text])
+    assert all(0 <= e.start < e.end <= len(text) and e.type in ("PER", "LOC", "ORG") for e in found)
