@@ -7,7 +7,8 @@ report's table shows)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -211,3 +212,16 @@ class EntityScores:
         types = "; ".join(f"{k} P {self.of(k)[0]:.4f} R {self.of(k)[1]:.4f} F1 {self.of(k)[2]:.4f} "
                           f"({c[2]:,} gold)" for k, c in sorted(self.counts.items()))
         return f"entities: P {p:.4f}, R {r:.4f}, F1 {f:.4f}" + (f" ({types})" if types else "")
+
+
+def timed_predictions(predict: Callable[[list[str]], list], texts: Sequence[str],
+                      batch: int = 256) -> tuple[list, float]:
+    """`predict` over `texts` in batches of `batch`: every prediction, in order, and the seconds spent predicting
+    alone (what a tagger's characters per second are measured on)."""
+    predicted, seconds = [], 0.0
+    for i in range(0, len(texts), batch):
+        started = time.perf_counter()
+        predicted += predict(list(texts[i:i + batch]))
+        seconds += time.perf_counter() - started
+    return predicted, seconds
+

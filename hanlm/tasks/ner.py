@@ -10,7 +10,6 @@ CRFsuite) trained on entity tags, or a neural tagger (`hanlm.tasks.neural_tagger
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,7 +24,7 @@ from hanlm.errors import CheckpointError
 from hanlm.tasks.bmes import cut_sentence
 from hanlm.tasks.crf import CRFTagger
 from hanlm.tasks.labelled import SPLITS, split_of
-from hanlm.tasks.metrics import EntityScores
+from hanlm.tasks.metrics import EntityScores, timed_predictions
 
 NER_CORPUS = "people-daily-1998-ner"
 
@@ -145,12 +144,8 @@ def evaluate_entities(find: Callable[[list[str]], list[list[Entity]]], sentences
                       batch: int = 256) -> EntityEvaluation:
     """Entity-level scores of `find` (texts → their entities, e.g. `EntityTagger.entities` or a peer's wrapper) on
     gold sentences, timing only the finding."""
-    scores, seconds = EntityScores(), 0.0
-    for i in range(0, len(sentences), batch):
-        chunk = sentences[i:i + batch]
-        started = time.perf_counter()
-        predicted = find([s.text for s in chunk])
-        seconds += time.perf_counter() - started
-        for gold, found in zip(chunk, predicted):
-            scores.add(gold.entities, found)
+    predicted, seconds = timed_predictions(find, [s.text for s in sentences], batch)
+    scores = EntityScores()
+    for gold, found in zip(sentences, predicted):
+        scores.add(gold.entities, found)
     return EntityEvaluation(scores, seconds, sum(len(s.text) for s in sentences))

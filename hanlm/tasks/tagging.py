@@ -14,7 +14,6 @@ whitespace-free run is tagged as one sequence.
 from __future__ import annotations
 
 import re
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from hanlm.data.tagged import TaggedSentence, read_tagged
 from hanlm.errors import DataError
 from hanlm.tasks.bmes import char_tags, tag_inventory, words_of
 from hanlm.tasks.labelled import SPLITS, split_of
-from hanlm.tasks.metrics import SegmentationScores
+from hanlm.tasks.metrics import SegmentationScores, timed_predictions
 
 TAGGED_CORPUS = "people-daily-1998-tagged"
 _RUNS = re.compile(r"\S+")
@@ -138,14 +137,10 @@ def evaluate_segmenter(segment, sentences: Sequence[TaggedSentence], vocabulary:
                        batch: int = 256) -> TaggerEvaluation:
     """Score `segment` (texts → TaggedSentences, e.g. `Tagger.segment` or a peer's wrapper) on gold
     sentences, timing only the segmenting."""
-    scores, seconds = SegmentationScores(), 0.0
-    for start in range(0, len(sentences), batch):
-        chunk = sentences[start:start + batch]
-        t0 = time.perf_counter()
-        predicted = segment([s.text for s in chunk])
-        seconds += time.perf_counter() - t0
-        for gold, pred in zip(chunk, predicted):
-            scores.add(gold.words, pred.words, vocabulary, gold.tags, pred.tags)
+    predicted, seconds = timed_predictions(segment, [s.text for s in sentences], batch)
+    scores = SegmentationScores()
+    for gold, pred in zip(sentences, predicted):
+        scores.add(gold.words, pred.words, vocabulary, gold.tags, pred.tags)
     return TaggerEvaluation(scores, seconds)
 
 
