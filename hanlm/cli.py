@@ -177,7 +177,8 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     """finetune, classify, segment: the understanding tasks."""
     p = verbs.add_parser("finetune", parents=[common], help="fine-tune a trained language model for text "
                          "classification or word segmentation / POS tagging; train HMM and CRF taggers",
-                         description="classify (default): add a classification head to a gpt or lstm checkpoint "
+                         description="classify (default): add a classification head to a gpt, lstm, encoder or "
+                         "bert checkpoint, or a Hugging Face directory (Qwen, Llama, Mistral, a Chinese BERT), "
                          "and train it on labelled text (finetune.data: built-in chn-reviews, or .jsonl/.csv/.parquet "
                          "with finetune.text_field and finetune.label_field). --task tag: train a character tagger "
                          "for segmentation (and POS tags with --scheme bmes-pos) on tagged text (default the built-in "
@@ -189,8 +190,8 @@ def _task_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                          "finetune.eval_every_steps steps and checkpoints there; at the end scores the best dev "
                          "checkpoint on the test split and writes report.md and results.json in finetune.run_dir. "
                          "Ctrl-C saves and exits; --resume auto continues exactly.")
-    p.add_argument("checkpoint", nargs="?", help="the pretrained checkpoint or run directory (sets "
-                   "finetune.init_from); not for --tagger hmm|crf")
+    p.add_argument("checkpoint", nargs="?", help="the pretrained checkpoint, run directory or Hugging Face "
+                   "directory (sets finetune.init_from); not for --tagger hmm|crf")
     p.add_argument("--task", choices=["classify", "tag", "ner"], help="what to train for (sets finetune.task; "
                    "default classify; ner: a neural entity tagger on the checkpoint, or the crf without one)")
     p.add_argument("--tagger", choices=["neural", "hmm", "crf"], help="the tagger (sets finetune.tagger and implies "

@@ -44,7 +44,7 @@ from hanlm.config_sections import (  # re-exported: the one typed config is hanl
 from hanlm.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-NETWORKS = ("gpt", "lstm", "encoder")  # the archs with weights (and hidden states for task heads)
+NETWORKS = ("gpt", "lstm", "encoder", "bert")  # the archs with weights (and hidden states for task heads)
 
 __all__ = [
     "CONFIG_DIR",
@@ -330,13 +330,20 @@ def check(cfg: Config) -> None:
         if m.n_kv_head is not None and m.n_head % m.n_kv_head:
             raise ConfigError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}): each key/value "
                               "head serves the same number of query heads")
+        if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed "
+                              f"model.rope_low_freq_factor ({m.rope_low_freq_factor}): the band between them is "
+                              "blended")
         head_dim = m.head_dim or m.n_embd // m.n_head
         if head_dim % 2:
             raise ConfigError(f"the head width ({'model.head_dim' if m.head_dim else 'model.n_embd / model.n_head'} = "
                               f"{head_dim}) must be even for rotary position embeddings")
-        if t.block_size > m.context_length:
-            raise ConfigError(f"train.block_size ({t.block_size}) is above model.context_length "
-                              f"({m.context_length}); lower train.block_size or raise model.context_length")
+    if m.arch == "bert" and m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}) in a bert; "
+                          f"e.g. n_head={_divisor_near(m.n_embd, m.n_head)}")
+    if m.arch in ("gpt", "encoder", "bert") and t.block_size > m.context_length:
+        raise ConfigError(f"train.block_size ({t.block_size}) is above model.context_length "
+                          f"({m.context_length}); lower train.block_size or raise model.context_length")
     if m.arch == "ngram":
         _check_ngram(cfg)
     neural_task = m.task == "classify" or (m.task in ("tag", "ner") and cfg.finetune.tagger == "neural")
@@ -350,13 +357,15 @@ def check(cfg: Config) -> None:
     if cfg.finetune.task == "ner" and cfg.finetune.tagger == "hmm":
         raise ConfigError("finetune.task ner trains finetune.tagger neural (on a checkpoint) or crf, not hmm")
     ft = cfg.finetune
-    if ft.lora_rank:
+    if ft.lora_rank or t.lora_rank:
         unknown = sorted(set(ft.lora_targets) - {"qkv", "proj", "gate", "up", "down"})
         if unknown or not ft.lora_targets:
             raise ConfigError(f"finetune.lora_targets {ft.lora_targets}: name some of qkv, proj, gate, up, down "
                               "(the transformer's projections)")
-        if ft.from_scratch:
+        if ft.lora_rank and ft.from_scratch:
             raise ConfigError("finetune.lora_rank adapts pretrained weights; finetune.from_scratch has none to adapt")
+    if t.lora_rank:
+        _check_train_lora(cfg)
     if cfg.finetune.tagger == "crf" and cfg.finetune.tag_scheme == "bmes-pos":
         raise ConfigError("finetune.tagger crf supports tag_scheme bmes only: with ~170 joint BMES-POS tags "
                           "its training is quadratic in them; use hmm or neural for bmes-pos")
@@ -397,14 +406,31 @@ def check(cfg: Config) -> None:
 def _check_objective(cfg: Config) -> None:
     """train.objective fits model.arch: next tokens for decoders, masked ones for the encoder."""
     arch, objective = cfg.model.arch, cfg.train.objective
-    if arch == "encoder" and objective == "lm" and cfg.model.task == "lm":
-        raise ConfigError("model.arch encoder reads both sides, so it cannot learn next tokens: set "
-                          "train.objective=mlm or train.objective=electra")
-    if arch != "encoder" and objective != "lm":
+    if arch in ("encoder", "bert") and objective == "lm" and cfg.model.task == "lm":
+        raise ConfigError(f"model.arch {arch} reads both sides, so it cannot learn next tokens: set "
+                          "train.objective=mlm" + (" or train.objective=electra" if arch == "encoder" else ""))
+    if arch == "bert" and objective == "electra":
+        raise ConfigError("train.objective electra pretrains hanlm's own encoder (model.arch encoder); a bert "
+                          "continues with train.objective mlm")
+    if arch not in ("encoder", "bert") and objective != "lm":
         raise ConfigError(f"train.objective {objective} pretrains an encoder (model.arch encoder); model.arch "
                           f"{arch} learns next tokens (train.objective lm)")
     if cfg.train.mask_whole_words is not None and objective == "lm":
         raise ConfigError("train.mask_whole_words applies to train.objective mlm or electra")
+
+
+def _check_train_lora(cfg: Config) -> None:
+    """train.lora_rank: continued training of pretrained weights, by a plain optimizer over the whole network."""
+    if not cfg.train.init_from:
+        raise ConfigError("train.lora_rank adapts pretrained weights: set train.init_from to the checkpoint (or "
+                          "Hugging Face directory) to continue from")
+    if cfg.train.objective == "electra":
+        raise ConfigError("train.lora_rank with train.objective electra would adapt a fresh generator too; continue "
+                          "an encoder with train.objective mlm, or set train.lora_rank 0")
+    if cfg.dist.shard == "fsdp" or cfg.dist.sync == "diloco":
+        which = "dist.shard fsdp" if cfg.dist.shard == "fsdp" else "dist.sync diloco"
+        raise ConfigError(f"train.lora_rank trains a few small updates beside frozen weights: {which} is for "
+                          "training every weight; use dist.shard none and dist.sync full (or fp16 / powersgd)")
 
 
 def _check_diloco(d: DistConfig) -> None:

@@ -101,9 +101,11 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    arch: Literal["gpt", "lstm", "ngram", "mix", "encoder"] = key(
+    arch: Literal["gpt", "lstm", "ngram", "mix", "encoder", "bert"] = key(
         "gpt", "Model family; `encoder` is a bidirectional transformer (pretrained with train.objective mlm or "
-        "electra, then fine-tuned); `mix` is what a mixture made by `hanlm mix` reports, never trained.")
+        "electra, then fine-tuned); `bert` is BERT's own shape (absolute positions, post-norm LayerNorm, GELU), what "
+        "an imported Chinese BERT, RoBERTa-wwm-ext or MacBERT is; `mix` is what a mixture made by `hanlm mix` "
+        "reports, never trained.")
     preset: Literal["tiny", "small", "base", "1b"] | None = key("small", "Shape preset: " + ", ".join(
         f"{n} ({p['n_layer']}L/{p['n_head']}H/{p['n_embd']}d/{p['context_length']}ctx)"
         for n, p in MODEL_PRESETS.items()) + ".")
@@ -115,13 +117,27 @@ class ModelConfig:
                                 "KV cache by that factor; null: one per query head.", min=1, max=WIDTH_MAX)
     rope_theta: float = key(10000.0, "Rotary position base (gpt, encoder): Llama 2's 10,000; Llama 3 and Qwen use "
                             "500,000 and 1,000,000 for long contexts.", above=0.0, max=1e12)
+    rope_scaling: Literal["none", "linear", "llama3"] = key(
+        "none", "Rotary frequencies rescaled for a longer context (gpt, encoder): `linear` divides them all by "
+        "rope_factor; `llama3` (Llama 3.1 / 3.2) divides only the low ones, keeps the high ones and blends the band "
+        "between (rope_low_freq_factor, rope_high_freq_factor, rope_original_context).")
+    rope_factor: float = key(8.0, "How much model.rope_scaling stretches the context (Llama 3.1's 8).", min=1.0,
+                             max=1e6)
+    rope_low_freq_factor: float = key(1.0, "rope_scaling llama3: wavelengths above rope_original_context / this are "
+                                      "divided by rope_factor.", above=0.0, max=1e6)
+    rope_high_freq_factor: float = key(4.0, "rope_scaling llama3: wavelengths below rope_original_context / this are "
+                                       "kept; it must exceed rope_low_freq_factor.", above=0.0, max=1e6)
+    rope_original_context: int = key(8192, "rope_scaling llama3: the context the model was pretrained at before "
+                                     "the scaling (Llama 3's 8,192).", min=1, max=CONTEXT_MAX)
     head_dim: int | None = key(None, "Width of each attention head (gpt, encoder); null: n_embd / n_head. Qwen3 "
                                "sets it apart from the embedding width.", min=2, max=WIDTH_MAX)
-    intermediate_size: int | None = key(None, "Hidden width of the SwiGLU MLP (gpt, encoder); null: "
-                                        "64·ceil(8·n_embd/3/64), as many weights as a 4·n_embd GELU MLP.", min=1,
-                                        max=1 << 22)
-    norm_eps: float = key(1e-5, "Epsilon of every RMSNorm (gpt, encoder): Llama's 1e-5; Qwen uses 1e-6.",
-                          above=0.0, max=1.0)
+    intermediate_size: int | None = key(None, "Hidden width of the MLP: gpt and encoder's SwiGLU (null: "
+                                        "64·ceil(8·n_embd/3/64), as many weights as a 4·n_embd GELU MLP), bert's "
+                                        "GELU (null: 4·n_embd).", min=1, max=1 << 22)
+    norm_eps: float = key(1e-5, "Epsilon of every RMSNorm (gpt, encoder: Llama's 1e-5; Qwen uses 1e-6) or "
+                          "LayerNorm (bert, whose checkpoints use 1e-12).", above=0.0, max=1.0)
+    type_vocab_size: int = key(2, "Token-type rows of a bert (segment A / B); hanlm feeds one text, type 0, and "
+                               "keeps the rest for export.", min=1, max=1024)
     qkv_bias: bool = key(False, "Biases on the query, key and value projections (gpt, encoder), as Qwen2 has.")
     qk_norm: bool = key(False, "RMSNorm over each head's queries and keys before the rotation (gpt, encoder), as "
                         "Qwen3 has.")
@@ -195,6 +211,10 @@ class TrainConfig:
     threads: int = key(0, "CPU threads for torch; 0 keeps torch's default (one per core).", min=0, max=THREADS_MAX)
     init_from: str | None = key(None, "Start from this checkpoint's weights (continued training) with a fresh "
                                 "optimizer and step count.")
+    lora_rank: int = key(0, "LoRA for continued training from train.init_from: train a rank-r update beside each "
+                         "frozen projection (finetune.lora_targets, scaled by finetune.lora_alpha / r) instead of "
+                         "every weight; loading the checkpoint anywhere folds the updates in. 0: every weight trains.",
+                         min=0, max=4096)
     run_dir: str = key("runs/default", "Run directory: resolved config, logs, checkpoints.")
     objective: Literal["lm", "mlm", "electra"] = key(
         "lm", "What the network learns: next tokens (lm: gpt, lstm), masked tokens (mlm: encoder, BERT's), or "
@@ -323,7 +343,8 @@ class ServeConfig:
 
 @dataclass
 class FinetuneConfig:
-    init_from: str | None = key(None, "The pretrained gpt or lstm checkpoint (or run directory) to start from; its "
+    init_from: str | None = key(None, "The pretrained checkpoint (gpt, lstm, encoder, bert; a run directory or a Hugging "
+                                "Face directory) to start from; its "
                                 "model.*, tokenizer and data.* normalisation are used. `hanlm finetune CKPT` sets it.")
     lora_rank: int = key(0, "LoRA: train a rank-r update B·A beside each frozen projection of the backbone "
                          "(finetune.lora_targets) and the task head, instead of every weight; 0: full fine-tuning.",

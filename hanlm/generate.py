@@ -78,8 +78,9 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def require_generating(model: LanguageModel) -> None:
     """ValueError naming the arch when `model` predicts no next token (an encoder)."""
     if not model.generates:
-        raise ValueError("an encoder (model.arch encoder) reads both sides of each token and predicts no next token: "
-                         "it does not generate; fine-tune it (hanlm finetune) for classification or tagging")
+        raise ValueError(f"a bidirectional encoder ({type(model).__name__}: model.arch encoder or bert) reads both "
+                         "sides of each token and predicts no next token: it does not generate; fine-tune it (hanlm "
+                         "finetune) for classification or tagging")
 
 
 def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,

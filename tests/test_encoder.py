@@ -151,7 +151,7 @@ def test_an_encoder_is_evaluated_on_its_objective_and_refused_by_generation(elec
     assert set(figures) == {"loss", "masked_accuracy", "tokens", "rtd_accuracy"}
     assert main(["generate", str(electra_run.run_dir), "--prompt", "中国"]) == 2
     captured = capsys.readouterr()
-    assert "an encoder (model.arch encoder)" in captured.err and "中国" not in captured.out
+    assert "model.arch encoder or bert) reads both sides" in captured.err and "中国" not in captured.out
 
 
 def test_two_processes_of_ddp_pretrain_an_encoder_as_one_does(tmp_path):

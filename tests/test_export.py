@@ -85,30 +85,39 @@ def cfg_of(path: str):
     return load_checkpoint(path).config.model
 
 
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
+def hf_decoder(tmp_path, people_daily, name: str, config_class, randomise: bool = False, **config):
+    """A tiny random transformers decoder (`config_class` of SHAPE updated by `config`) saved under tmp_path / name
+    with the tokenizer files of a hanlm char export beside it; returns (its directory, the model in eval mode)."""
+    tokens = export_hf(checkpoint(tmp_path, people_daily, "char", root="tok"), tmp_path / "tok-hf")
+    vocab = json.loads((tokens / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config_class(vocab_size=vocab, **(SHAPE | config))).eval()
+    if randomise:
+        with torch.no_grad():
+            for key, p in theirs.named_parameters():
+                if "norm" in key:
+                    p.uniform_(0.5, 1.5)
+                elif key.endswith("bias"):
+                    p.uniform_(-0.5, 0.5)
+    theirs.save_pretrained(tmp_path / name, safe_serialization=True)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name / file).write_bytes((tokens / file).read_bytes())
+    return tmp_path / name, theirs
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_a_transformers_model_of_each_family_imports_computes_the_same_and_exports_back_exactly(tmp_path, people_daily,
                                                                                                 family):
     from safetensors.torch import load_file
 
-    tokens = export_hf(checkpoint(tmp_path, people_daily, "char", root="tok"), tmp_path / "tok-hf")
-    vocab = json.loads((tokens / "config.json").read_text())["vocab_size"]
-    shape = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6,
-                 tie_word_embeddings=family != "mistral", pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    config = {"qwen2": lambda: transformers.Qwen2Config(**shape),
-              "qwen3": lambda: transformers.Qwen3Config(**shape, head_dim=24),
-              "mistral": lambda: transformers.MistralConfig(**shape, sliding_window=None)}[family]()
-    torch.manual_seed(0)
-    theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.uniform_(-0.5, 0.5)
-    theirs.save_pretrained(tmp_path / family, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (tmp_path / family / name).write_bytes((tokens / name).read_bytes())
+    config_class, extra = {"qwen2": (transformers.Qwen2Config, {}), "qwen3": (transformers.Qwen3Config, {"head_dim": 24}),
+                           "mistral": (transformers.MistralConfig, {"sliding_window": None})}[family]
+    _, theirs = hf_decoder(tmp_path, people_daily, family, config_class, randomise=True, rms_norm_eps=1e-6,
+                           rope_theta=1e6, tie_word_embeddings=family != "mistral", **extra)
     model, cfg, tokenizer = load_for_inference(str(tmp_path / family))
     assert (cfg.model.n_kv_head, cfg.model.qkv_bias, cfg.model.qk_norm) == (2, family == "qwen2", family == "qwen3")
     batch = torch.tensor([tokenizer.encode(t)[:24] for t in people_daily[:40] if len(tokenizer.encode(t)) >= 24][:3])
@@ -133,15 +142,7 @@ def test_an_imported_qwen2_fine_tunes_with_lora_for_a_label_and_for_entities(tmp
     from hanlm.finetune.run import Finetuner
     from hanlm.loading import load_classifier, load_entity_tagger
 
-    tokens = export_hf(checkpoint(tmp_path, people_daily, "char", root="tok"), tmp_path / "tok-hf")
-    vocab = json.loads((tokens / "config.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    theirs = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3))
-    theirs.save_pretrained(tmp_path / "qwen2", safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (tmp_path / "qwen2" / name).write_bytes((tokens / name).read_bytes())
+    hf_decoder(tmp_path, people_daily, "qwen2", transformers.Qwen2Config)
     corpus = "chn-reviews" if task == "classify" else "people-daily-1998-ner"
     with open(corpus_file(corpus), encoding="utf-8") as f:
         lines = f.readlines()
@@ -261,14 +262,15 @@ def test_an_export_imports_back_to_identical_tensors_and_serves_as_a_checkpoint(
     ("attention_bias", True, "attention_bias=True"),
     ("rope_theta", -1, "rope_theta=-1"),
     ("rope_theta", "big", "rope_theta='big'"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling="),
-    ("model_type", "gpt2", "model_type='gpt2': hanlm's GPT computes llama, mistral, qwen2, qwen3"),
+    ("rope_scaling", {"rope_type": "longrope", "factor": 8.0}, "rope_scaling.rope_type='longrope'"),
+    ("model_type", "gpt2", "model_type='gpt2': hanlm imports llama, mistral, qwen2, qwen3 .as its gpt. and bert"),
     ("intermediate_size", True, "intermediate_size=True: must be a positive integer"),
     ("head_dim", 15, "head_dim=15: must be an even integer"),
     ("use_sliding_window", True, "use_sliding_window=True"),
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ({"model_type": "mistral", "sliding_window": 64}, None, "sliding_window=64: sliding-window attention"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, None, "rope_parameters=.*only"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}}, None,
+     "rope_parameters.rope_type='yarn': hanlm computes the default rotary embedding and the linear and llama3"),
 ])
 def test_what_hanlm_cannot_compute_is_refused_by_field(tmp_path, people_daily, field, value, message):
     out = export_hf(checkpoint(tmp_path, people_daily, "char"), tmp_path / "hf")
@@ -512,3 +514,39 @@ def test_a_gguf_replaces_a_regular_file_and_writes_through_a_link_to_one(tmp_pat
     os.symlink(old, tmp_path / "current.gguf")
     assert main(["export", step, str(tmp_path / "current.gguf"), "--format", "gguf"]) == 0
     assert os.path.islink(tmp_path / "current.gguf") and old.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "linear", "factor": 4.0}], ids=["llama3", "linear"])
+def test_a_llama_with_rope_scaling_imports_computes_the_same_and_exports_it_back(tmp_path, people_daily, scaling):
+    _, theirs = hf_decoder(tmp_path, people_daily, "llama3", transformers.LlamaConfig, rope_theta=500000.0,
+                           rope_scaling=scaling)
+    model, cfg, tokenizer = load_for_inference(str(tmp_path / "llama3"))
+    assert (cfg.model.rope_scaling, cfg.model.rope_factor) == (scaling["rope_type"], scaling["factor"])
+    batch = torch.tensor([[3, *tokenizer.encode(people_daily[1])[:100]]])  # past the original 32 positions
+    with torch.no_grad():
+        assert (model(batch) - theirs(batch).logits).abs().max() < 1e-4
+    back = export_hf(str(tmp_path / "llama3"), tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    with torch.no_grad():
+        assert (again(batch).logits - theirs(batch).logits).abs().max() < 1e-5
+    with pytest.raises(CheckpointError, match="model.rope_scaling is beyond the llama architecture"):
+        export_gguf(str(tmp_path / "llama3"), tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"rope_type": "yarn", "factor": 4.0}, "rope_parameters.rope_type='yarn'"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_parameters.rope_type='dynamic'"),
+    ({"rope_type": "linear", "factor": 0.5}, r"rope_parameters.factor=0.5: must be a number of at least 1"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 32}, "rope_parameters.high_freq_factor=1.0: must exceed"),
+    ({"rope_type": "llama3", "factor": 8.0}, "rope_parameters.low_freq_factor=None")])
+def test_rope_scalings_hanlm_cannot_compute_are_refused_by_field(tmp_path, people_daily, params, message):
+    out = export_hf(checkpoint(tmp_path, people_daily, "char"), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    config |= {"rope_scaling": None, "rope_parameters": {"rope_theta": 10000.0, **params}}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(str(out))

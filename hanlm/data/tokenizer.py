@@ -61,6 +61,12 @@ class Tokenizer(ABC):
     eos_id: ClassVar[int] = 3
 
     @property
+    def start_id(self) -> int:
+        """The token a task's input opens with: <eos>, since pretraining puts it between documents (<bos> is never
+        in hanlm's data)."""
+        return self.eos_id
+
+    @property
     @abstractmethod
     def vocab_size(self) -> int:
         """Number of ids, specials included; every id is in range(vocab_size)."""
@@ -483,13 +489,23 @@ class PretrainedTokenizer(_HFBacked):
         self._vocab_size = int(vocab_size)
         if self._vocab_size < hf.get_vocab_size():
             raise DataError(f"the model's vocab_size {vocab_size} is below the tokenizer's {hf.get_vocab_size()} ids")
-        for name in ("pad", "unk", "bos", "eos"):
-            value = specials.get(name)
+        for name in ("pad", "unk", "bos", "eos", "mask"):
+            value = specials.get(name, -1 if name == "mask" else None)
             if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < self._vocab_size:
                 raise DataError(f"special token {name}: id {value!r} is not an id of the vocabulary (-1: none)")
             setattr(self, f"{name}_id", value)
         if self.eos_id < 0:
             raise DataError("the tokenizer has no end-of-text token (eos), which hanlm puts between documents")
+
+    @property
+    def start_id(self) -> int:
+        """The model's own start token where it has one (BERT's [CLS], Llama's <s>), else <eos>."""
+        return self.bos_id if self.bos_id >= 0 else self.eos_id
+
+    def special_ids(self) -> set[int]:
+        """Every id that stands for no text: the named specials and the tokenizer's own special tokens."""
+        named = {getattr(self, f"{n}_id") for n in ("pad", "unk", "bos", "eos", "mask")} - {-1}
+        return named | {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
     @property
     def vocab_size(self) -> int:
@@ -499,8 +515,10 @@ class PretrainedTokenizer(_HFBacked):
         return [self.hf.id_to_token(i) or f"<unused:{i}>" for i in range(self.vocab_size)]
 
     def _payload(self) -> dict[str, Any]:
-        return {"hf": json.loads(self.hf.to_str()), "vocab_size": self._vocab_size,
-                "specials": {n: getattr(self, f"{n}_id") for n in ("pad", "unk", "bos", "eos")}}
+        specials = {n: getattr(self, f"{n}_id") for n in ("pad", "unk", "bos", "eos")}
+        if self.mask_id >= 0:  # only where there is one: older payloads, and their fingerprints, stay as they were
+            specials["mask"] = self.mask_id
+        return {"hf": json.loads(self.hf.to_str()), "vocab_size": self._vocab_size, "specials": specials}
 
     @classmethod
     def _from_payload(cls, data: dict[str, Any]) -> PretrainedTokenizer:

@@ -143,7 +143,8 @@ def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
         raise CheckpointError(f"{path}: cannot export a {m.arch} model to GGUF: only the gpt architecture has a "
                               "llama form")
     beyond = [k for k in ("qkv_bias", "qk_norm") if getattr(m, k)] + \
-        (["head_dim"] if m.head_dim not in (None, m.n_embd // m.n_head) else [])
+        (["head_dim"] if m.head_dim not in (None, m.n_embd // m.n_head) else []) + \
+        (["rope_scaling"] if m.rope_scaling != "none" else [])
     if beyond:
         raise CheckpointError(f"{path}: model.{beyond[0]} is beyond the llama architecture this GGUF export writes; "
                               "export it with --format hf (transformers computes it)")

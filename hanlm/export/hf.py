@@ -1,5 +1,6 @@
 """`hanlm export CKPT --format hf OUT/`: a Hugging Face `LlamaForCausalLM` directory (`Qwen2ForCausalLM` for a GPT
-with qkv biases, `Qwen3ForCausalLM` for one with QK-norm).
+with qkv biases, `Qwen3ForCausalLM` for one with QK-norm), or a `BertForMaskedLM` for a bert (`hanlm.imports.bert`
+holds its mapping, both ways).
 
 hanlm's GPT is the Llama block (pre-norm RMSNorm, rotary positions with model.rope_theta, grouped-query
 attention with model.n_kv_head, SwiGLU, optionally tied embeddings; Qwen2's qkv biases and Qwen3's QK-norm on
@@ -25,8 +26,10 @@ from hanlm.checkpoint import Checkpoint
 from hanlm.data.tokenizer import SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, PretrainedTokenizer, Tokenizer
 from hanlm.errors import CheckpointError
 from hanlm.export.target import check_output, output_dir
+from hanlm.imports.bert import hf_bert_config, hf_bert_weights
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
 from hanlm.config import ModelConfig
+from hanlm.models.encoder import MASK_ID
 from hanlm.models.gpt import head_dim_of, mlp_width, qkv_sizes
 
 
@@ -83,6 +86,17 @@ def hf_architecture(m: ModelConfig, source: str) -> tuple[str, str]:
     return ("Qwen2ForCausalLM", "qwen2") if m.qkv_bias else ("LlamaForCausalLM", "llama")
 
 
+def rope_scaling(m: ModelConfig) -> dict[str, Any] | None:
+    """config.json's `rope_scaling` for model.rope_scaling: null, or the parameters transformers reads."""
+    if m.rope_scaling == "none":
+        return None
+    out = {"rope_type": m.rope_scaling, "factor": m.rope_factor}
+    if m.rope_scaling == "llama3":
+        out |= {"low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
+                "original_max_position_embeddings": m.rope_original_context}
+    return out
+
+
 def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
     """config.json of the transformers model (`hf_architecture`) for a GPT checkpoint."""
     m, tok = ckpt.config.model, ckpt.tokenizer
@@ -92,7 +106,7 @@ def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
         "vocab_size": tok.vocab_size, "hidden_size": m.n_embd, "intermediate_size": mlp_width(m),
         "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head, "num_key_value_heads": m.n_kv_head or m.n_head,
         "head_dim": head_dim_of(m), "hidden_act": "silu", "max_position_embeddings": m.context_length,
-        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": None,
+        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": rope_scaling(m),
         "attention_dropout": 0.0, "tie_word_embeddings": m.tie_embeddings,
         "pad_token_id": _id(tok.pad_id), "bos_token_id": _id(tok.bos_id), "eos_token_id": tok.eos_id,
         "initializer_range": 0.02, "use_cache": True,
@@ -130,47 +144,59 @@ def _id(token_id: int) -> int | None:
     return None if token_id < 0 else token_id
 
 
-def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
-    """pad_token, unk_token, bos_token, eos_token: each special the tokenizer has, by its spelling."""
+def special_tokens(tokenizer: Tokenizer, bert: bool = False) -> dict[str, str]:
+    """pad_token, unk_token, bos_token, eos_token: each special the tokenizer has, by its spelling; for a `bert`,
+    also its cls_token (the start token), sep_token (<eos>) and mask_token."""
     strings = tokenizer.token_strings()
-    return {f"{n}_token": strings[getattr(tokenizer, f"{n}_id")] for n in ("pad", "unk", "bos", "eos")
-            if getattr(tokenizer, f"{n}_id") >= 0}
+    out = {f"{n}_token": strings[getattr(tokenizer, f"{n}_id")] for n in ("pad", "unk", "bos", "eos")
+           if getattr(tokenizer, f"{n}_id") >= 0}
+    if bert:
+        mask = tokenizer.mask_id if isinstance(tokenizer, PretrainedTokenizer) else MASK_ID
+        out |= {"cls_token": strings[tokenizer.start_id], "sep_token": strings[tokenizer.eos_id]}
+        if mask >= 0:
+            out["mask_token"] = strings[mask]
+    return out
 
 
-def _tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict[str, Any]:
+def _tokenizer_config(tokenizer: Tokenizer, context_length: int, bert: bool) -> dict[str, Any]:
     return {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length, **special_tokens(tokenizer),
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
+        **special_tokens(tokenizer, bert),
         # hanlm encodes text that spells a special token as text: so must the export.
         "split_special_tokens": True, "clean_up_tokenization_spaces": False,
     }
 
 
 def export_hf(spec: str, out: str | Path, force: bool = False) -> Path:
-    """Write the Hugging Face directory of the GPT checkpoint `spec` into `out`; returns it. An `out` that is,
-    lies inside or contains the checkpoint, is not a directory, or (unless `force`) is a directory holding
+    """Write the Hugging Face directory of the gpt or bert checkpoint `spec` into `out`; returns it. An `out` that
+    is, lies inside or contains the checkpoint, is not a directory, or (unless `force`) is a directory holding
     anything is refused before anything is written (`hanlm.export.target`)."""
     path = resolve_served(spec)
     target = check_output(out, "hf", path, force)
     ckpt = require_language_model(open_checkpoint(path))
     arch = ckpt.config.model.arch
-    if arch != "gpt":
+    if arch not in ("gpt", "bert"):
         why = "an n-gram model is an ARPA file already (model.arpa in the checkpoint)" if arch == "ngram" else \
-            "only the gpt architecture has a Llama form"
+            "only the gpt (a Llama) and bert architectures have a transformers form"
         raise CheckpointError(f"{path}: cannot export a {arch} model to Hugging Face: {why}")
     tokenizer_json = hf_tokenizer_json(ckpt.tokenizer, path)
-    m = ckpt.config.model
+    m, tok, bert = ckpt.config.model, ckpt.tokenizer, arch == "bert"
     weights = model_of(ckpt).state_dict()  # every name, tied ones too (a checkpoint stores a tied tensor once)
-    tok = ckpt.tokenizer
+    if bert:
+        config, state = hf_bert_config(m, tok.vocab_size, tok.pad_id), hf_bert_weights(weights, m.n_layer,
+                                                                                        m.tie_embeddings)
+    else:
+        config, state = hf_config(ckpt), hf_state_dict(weights, m)
     generation = {"bos_token_id": _id(tok.bos_id), "eos_token_id": tok.eos_id, "pad_token_id": _id(tok.pad_id),
                   "do_sample": ckpt.config.generate.temperature > 0, "temperature": ckpt.config.generate.temperature,
                   "top_k": ckpt.config.generate.top_k, "max_new_tokens": ckpt.config.generate.max_tokens}
     with output_dir(target) as tmp:  # complete or not there: a failed export leaves what was
-        save_file(hf_state_dict(weights, m), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(ckpt), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if not bert:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok, m.context_length), indent=2)
-                                                   + "\n")
-        (tmp / "special_tokens_map.json").write_text(json.dumps(special_tokens(tok), indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok, m.context_length, bert),
+                                                              indent=2) + "\n")
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special_tokens(tok, bert), indent=2) + "\n")
     return Path(out)

@@ -94,7 +94,7 @@ def finetune_config(cfg: Config, source: Checkpoint) -> Config:
     model = dataclasses.replace(source.config.model, vectors=None, task=cfg.finetune.task,
                                 dropout=cfg.finetune.dropout)
     run = dataclasses.replace(cfg, model=model, tokenizer=source.config.tokenizer, data=source.config.data)
-    limit = model.context_length if model.arch in ("gpt", "encoder") else None
+    limit = model.context_length if model.arch in ("gpt", "encoder", "bert") else None
     if limit is not None and cfg.finetune.max_length > limit:
         raise ConfigError(f"finetune.max_length ({cfg.finetune.max_length}) is above the model's context_length "
                           f"({limit}); lower finetune.max_length")

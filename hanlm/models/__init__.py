@@ -9,6 +9,7 @@ from hanlm.config import Config, ModelConfig
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import ConfigError
 from hanlm.models.base import LanguageModel
+from hanlm.models.bert import Bert
 from hanlm.models.electra import ElectraPretraining
 from hanlm.models.encoder import Encoder
 from hanlm.models.gpt import GPT, KVCache
@@ -16,10 +17,11 @@ from hanlm.models.lstm import LSTMLM
 from hanlm.models.ngram import NGramLM
 from hanlm.models.vectors import VectorReport, load_vectors
 
-ARCHS: dict[str, type[LanguageModel]] = {"gpt": GPT, "lstm": LSTMLM, "encoder": Encoder}
+ARCHS: dict[str, type[LanguageModel]] = {"gpt": GPT, "lstm": LSTMLM, "encoder": Encoder, "bert": Bert}
 
 __all__ = [
     "ARCHS",
+    "Bert",
     "Encoder",
     "GPT",
     "LSTMLM",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from hanlm.config import ModelConfig
 from hanlm.models.base import LanguageModel
 from hanlm.models.encoder import Encoder
-from hanlm.models.gpt import Block, head_dim_of, init_weights, register_rotary
+from hanlm.models.gpt import Block, init_weights, register_rotary
 
 PREFIX = "discriminator."
 
@@ -45,7 +45,7 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.n_embd, width, bias=False)
-        register_rotary(self, head_dim_of(cfg), cfg.context_length, cfg.rope_theta)
+        register_rotary(self, cfg)
         init_weights(self, self.blocks)
 
     def forward(self, embedded: Tensor) -> Tensor:

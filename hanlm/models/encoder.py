@@ -22,11 +22,28 @@ from hanlm.models.loss import linear_cross_entropy
 MASK_ID = 2
 
 
-class Encoder(Transformer):
+class ReadsBothSides:
+    """What every bidirectional model (the encoder, BERT) says to generation: it predicts no next token."""
+
+    generates = False
+
+    def initial_state(self, batch_size: int = 1):
+        raise TypeError(self._no_generation())
+
+    def log_probs(self, tokens: Tensor, state):
+        raise TypeError(self._no_generation())
+
+    @staticmethod
+    def _no_generation() -> str:
+        return ("a bidirectional model (model.arch encoder or bert) reads both sides of every position and predicts "
+                "no next token: it does not generate or score text left to right; fine-tune it (hanlm finetune) for "
+                "classification or tagging")
+
+
+class Encoder(ReadsBothSides, Transformer):
     """Bidirectional transformer over token ids; see the module docstring."""
 
     causal = False
-    generates = False
 
     def hidden(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The final normalised hidden states (B, T, C) of x (B, T); with `lengths` (B,), positions at or
@@ -50,14 +67,3 @@ class Encoder(Transformer):
         where y != -1 (the masked ones), the head never holding all the logits."""
         h = self.hidden(x)
         return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
-
-    def initial_state(self, batch_size: int = 1):
-        raise TypeError(self._no_generation())
-
-    def log_probs(self, tokens: Tensor, state):
-        raise TypeError(self._no_generation())
-
-    @staticmethod
-    def _no_generation() -> str:
-        return ("model.arch encoder reads both sides of every position and predicts no next token: it does not "
-                "generate or score text left to right; fine-tune it (hanlm finetune) for classification or tagging")

@@ -86,18 +86,37 @@ def _grown(buffer: Tensor, keep: int, capacity: int) -> Tensor:
     return out
 
 
-def rotary_tables(head_dim: int, length: int, theta: float = ROPE_THETA) -> tuple[Tensor, Tensor]:
-    """cos and sin of the angles position × theta^(-2i/head_dim), each (length, head_dim / 2)."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+def rotary_frequencies(cfg: ModelConfig) -> Tensor:
+    """The angle per position of each rotated pair i (float64, head_dim / 2): model.rope_theta^(-2i/head_dim),
+    rescaled under model.rope_scaling — `linear` divides every frequency by model.rope_factor (positions
+    interpolated); `llama3` (Llama 3.1) divides only the low frequencies, those whose wavelength exceeds
+    rope_original_context / rope_low_freq_factor, keeps the high ones (wavelength below rope_original_context /
+    rope_high_freq_factor) and blends the band between."""
+    d = head_dim_of(cfg)
+    inv = cfg.rope_theta ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if cfg.rope_scaling == "linear":
+        return inv / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        wavelength, old = 2 * math.pi / inv, cfg.rope_original_context
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = (old / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+        return torch.where(wavelength > old / low, inv / cfg.rope_factor,
+                           torch.where(wavelength < old / high, inv, blended))
+    return inv
+
+
+def rotary_tables(inv_freq: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles position × inv_freq, each (length, head_dim / 2)."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq.double())
     return angles.cos().float(), angles.sin().float()
 
 
-def register_rotary(module: nn.Module, head_dim: int, length: int, theta: float = ROPE_THETA) -> None:
-    """Give `module` the rotary tables of `length` positions as buffers `rope_cos` / `rope_sin`: real, not
+def register_rotary(module: nn.Module, cfg: ModelConfig) -> None:
+    """Give `module` the rotary tables of model `cfg`'s context as buffers `rope_cos` / `rope_sin`: real, not
     complex, so that casting the model to another dtype keeps them intact; not persistent: they follow from
     the config, so checkpoints hold only learned weights."""
-    cos, sin = rotary_tables(head_dim, length, theta)
+    cos, sin = rotary_tables(rotary_frequencies(cfg), cfg.context_length)
     module.register_buffer("rope_cos", cos, persistent=False)
     module.register_buffer("rope_sin", sin, persistent=False)
 
@@ -239,7 +258,7 @@ class Transformer(LanguageModel):
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        register_rotary(self, head_dim_of(cfg), cfg.context_length, cfg.rope_theta)
+        register_rotary(self, cfg)
         self.head_dim = head_dim_of(cfg)
         self.checkpointing = False
         init_weights(self, self.blocks)

@@ -2,7 +2,9 @@
 that may be masked is chosen; of those, 80% become the mask token, 10% a random token and 10% stay as
 they are; the targets hold the original token at the chosen positions and -1 elsewhere.
 
-Special tokens (<pad>, <unk>, <bos>, <eos>) are never chosen. With a segmenter (`train.mask_whole_words`:
+Special tokens (<pad>, <unk>, <bos>, <eos>; an imported model's own, such as BERT's [CLS] and [SEP]) are never
+chosen; the mask token is <bos> (`MASK_ID`) for hanlm's own tokenizers, the model's own ([MASK]) for an imported
+one. With a segmenter (`train.mask_whole_words`:
 jieba, or a hanlm tagger checkpoint), whole words are chosen instead of single tokens — Chinese-BERT-wwm's
 recipe (Cui et al. 2019) — for char tokenizers, where a word is a run of characters: each word is chosen
 with probability `rate`, and all its characters are masked together (each still 80/10/10).
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 
 from hanlm.data.segmenters import segment_words
-from hanlm.data.tokenizer import SPECIAL_TOKENS, CharTokenizer, Tokenizer
+from hanlm.data.tokenizer import SPECIAL_TOKENS, CharTokenizer, PretrainedTokenizer, Tokenizer
 from hanlm.errors import ConfigError
 from hanlm.models.encoder import MASK_ID
 
@@ -34,10 +36,18 @@ class Masker:
                               f"not {kind} (a word tokenizer's tokens are words already)")
         self.rate, self.vocab_size, self.whole_words = rate, vocab_size, whole_words
         self.pieces = tokenizer.token_strings() if whole_words else []
+        self.mask_id, self.specials = MASK_ID, None
+        if isinstance(tokenizer, PretrainedTokenizer):
+            if tokenizer.mask_id < 0:
+                raise ConfigError("train.objective mlm replaces tokens by the mask token, and this model's tokenizer "
+                                  "names none (tokenizer_config.json's mask_token)")
+            self.mask_id, self.specials = tokenizer.mask_id, torch.tensor(sorted(tokenizer.special_ids()))
 
     def allowed(self, x: Tensor) -> Tensor:
         """Which positions may be masked (B, T): every one that holds no special token."""
-        return x >= FIRST_ORDINARY
+        if self.specials is None:
+            return x >= FIRST_ORDINARY
+        return ~torch.isin(x, self.specials.to(x.device))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None,
                  row_seeds: list[int] | None = None) -> tuple[Tensor, Tensor]:
@@ -58,7 +68,7 @@ class Masker:
         chosen &= allowed
         how = torch.rand(x.shape, generator=generator, device=x.device)
         random = torch.randint(FIRST_ORDINARY, self.vocab_size, x.shape, generator=generator, device=x.device)
-        inputs = torch.where(chosen & (how < 0.8), torch.full_like(x, MASK_ID), x)
+        inputs = torch.where(chosen & (how < 0.8), torch.full_like(x, self.mask_id), x)
         inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random, inputs)
         return inputs, torch.where(chosen, x, torch.full_like(x, -1))
 

@@ -111,7 +111,8 @@ class _Service:
             raise APIError(400, f"the model {self.model_name} is {answers[served]}; {needs[task]}",
                            code="wrong_task")
         if task == "lm" and self.loaded.engine is None:
-            raise APIError(400, f"the model {self.model_name} is a bidirectional encoder (model.arch encoder): it "
+            raise APIError(400, f"the model {self.model_name} is a bidirectional encoder (model.arch "
+                           f"{self.loaded.config.model.arch}): it "
                            "reads both sides of each token, so it neither generates nor scores text; fine-tune it "
                            "with hanlm finetune and serve the classifier or tagger", code="wrong_task")
         return self.loaded

@@ -129,11 +129,12 @@ def read_labelled(cfg: Config, sources: list[str] | None = None) -> LabelledData
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Each text as <eos> + its first max_length − 2 tokens + <eos>: pretraining put <eos> between
-    documents, so the first marks a document's start and the last is where the whole text has been read
+    """Each text as the start token + its first max_length − 2 tokens + <eos>: pretraining put <eos> between
+    documents, so it marks a document's start (`Tokenizer.start_id`: a model's own start token instead where it
+    has one, BERT's [CLS] that `first` pooling reads), and the last <eos> is where the whole text has been read
     (the position `last` pooling reads)."""
-    eos = tokenizer.eos_id
-    return [[eos, *ids[:max_length - 2], eos] for ids in tokenizer.encode_batch(texts)]
+    start, eos = tokenizer.start_id, tokenizer.eos_id
+    return [[start, *ids[:max_length - 2], eos] for ids in tokenizer.encode_batch(texts)]
 
 
 def collate(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

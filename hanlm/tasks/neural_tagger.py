@@ -65,11 +65,11 @@ def encode_row(tokenizer: Tokenizer, text: str, targets: list[int] | None = None
     ids, spans = tokenizer.encode_spans(text)
     char_token = [0] * len(text)
     char_piece = [0] * len(text)
-    for position, (a, b) in enumerate(spans, start=1):  # position 0 is the leading <eos>
+    for position, (a, b) in enumerate(spans, start=1):  # position 0 is the start token (Tokenizer.start_id)
         for i in range(a, b):
             char_token[i] = position  # the last token touching a character completes it
             char_piece[i] = POSITIONS.index("S" if b - a == 1 else "B" if i == a else "E" if i == b - 1 else "M")
-    return TaggerRow([tokenizer.eos_id, *ids], char_token, char_piece, [ord(c) % CHAR_BUCKETS for c in text], targets)
+    return TaggerRow([tokenizer.start_id, *ids], char_token, char_piece, [ord(c) % CHAR_BUCKETS for c in text], targets)
 
 
 def collate_rows(rows: Sequence[TaggerRow], pad_id: int = 0) -> tuple[Tensor, ...]:
