@@ -42,6 +42,7 @@ from hanlm.errors import CheckpointError, DataError
 from hanlm.imports.hf import is_hf_dir, load_hf
 from hanlm.mixture_file import is_mixture, manifest_digest, mixture_file, read_mixture
 from hanlm.models import build_for_training
+from hanlm.models.lora import has_lora, merged_state_dict
 from hanlm.models.arpa import read_arpa, tokenizer_for
 from hanlm.models.mixture import MixtureLM
 from hanlm.models.ngram import NGramLM
@@ -63,7 +64,12 @@ def open_checkpoint(path: str, map_location: str | torch.device = "cpu",
     Face model directory read as one at step 0."""
     if is_hf_dir(path):
         return load_hf(path)
-    return load_checkpoint(path, map_location, note)
+    ckpt = load_checkpoint(path, map_location, note)
+    if ckpt.config.model.task == "lm" and has_lora(ckpt.weights):
+        # A language model continued with train.lora_rank: every reader (eval, generate, serve, export, init_from)
+        # gets the plain network with its updates folded in; only the run itself resumes the unfolded form.
+        ckpt = dataclasses.replace(ckpt, weights=merged_state_dict(ckpt.weights))
+    return ckpt
 
 
 def resolve_checkpoint(spec: str, note: Callable[[str], None] = _note) -> str:

@@ -100,3 +100,49 @@ def test_a_lora_classifier_learns_with_the_pretrained_weights_untouched(checkpoi
     rows = encode_texts(classifier.tokenizer, texts, 64)
     torch.testing.assert_close(rows_probabilities(plain.eval(), rows), classifier.probabilities(texts), atol=1e-5,
                                rtol=0)
+
+
+def continued(tmp_path, source: str, *overrides):
+    return load_config("tiny", [f"train.run_dir={tmp_path}", f"train.init_from={source}", "train.lora_rank=4",
+                                "train.max_steps=4", "train.warmup_steps=1", "checkpoint.every_steps=2",
+                                "eval.every_steps=4", "log.peak_tflops=0.1", *QUIET, *overrides])
+
+
+def test_continued_pretraining_with_lora_trains_the_updates_resumes_exactly_and_loads_folded(checkpoints, tmp_path,
+                                                                                             capsys):
+    from hanlm.export.hf import export_hf
+    from hanlm.loading import load_for_inference, open_checkpoint
+    from hanlm.train.loop import Trainer
+
+    source = load_checkpoint(resolve_checkpoint(checkpoints["gpt"])).weights
+    whole = Trainer(continued(tmp_path / "whole", checkpoints["gpt"])).run()
+    assert "LoRA rank 4 on qkv, proj, gate, up, down" in capsys.readouterr().out
+    raw = load_checkpoint(whole.checkpoint).weights  # as stored: the frozen weights beside the updates
+    assert torch.equal(raw["blocks.1.attn.qkv.weight"], source["blocks.1.attn.qkv.weight"])
+    assert raw["blocks.1.attn.qkv.lora_b"].abs().sum() > 0
+    folded = open_checkpoint(whole.checkpoint).weights  # as every reader sees it
+    assert not any("lora" in k for k in folded)
+    assert all(torch.equal(folded[k], v) for k, v in merged_state_dict(raw).items())
+    assert not torch.equal(folded["blocks.1.attn.qkv.weight"], source["blocks.1.attn.qkv.weight"])
+    Trainer(continued(tmp_path / "halves", checkpoints["gpt"])).run(stop_after=2)
+    resumed = Trainer(continued(tmp_path / "halves", checkpoints["gpt"]), resume="auto").run()
+    again = load_checkpoint(resumed.checkpoint).weights
+    assert resumed.step == 4 and all(torch.equal(again[k], raw[k]) for k in raw)
+    model, _, _ = load_for_inference(whole.checkpoint)
+    exported = export_hf(whole.checkpoint, tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(exported / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"],
+                       folded["blocks.1.mlp.down.weight"])
+    assert model.blocks[0].attn.qkv.weight.shape == folded["blocks.0.attn.qkv.weight"].shape
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lora_rank=4"], "set train.init_from"),
+    (["train.lora_rank=4", "train.init_from=runs/x", "model.arch=encoder", "train.objective=electra"],
+     "would adapt a fresh generator"),
+    (["train.lora_rank=4", "train.init_from=runs/x", "dist.sync=diloco"], "dist.sync diloco is for training every"),
+])
+def test_impossible_continued_lora_settings_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)

@@ -69,17 +69,24 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] =
     return replaced
 
 
-def adapted(backbone: nn.Module, cfg: Config) -> nn.Module:
-    """`backbone` with LoRA on finetune.lora_targets when finetune.lora_rank > 0 (its other weights frozen), else
-    as it is: the one place task networks get it, so a checkpoint rebuilds the shape it was trained in."""
+def adapted(backbone: nn.Module, cfg: Config, rank: int | None = None) -> nn.Module:
+    """`backbone` with LoRA of `rank` (default finetune.lora_rank; hanlm train passes train.lora_rank) on
+    finetune.lora_targets when it is above 0 (its other weights frozen), else as it is: the one place networks
+    get it, so a checkpoint rebuilds the shape it was trained in."""
     ft = cfg.finetune
-    if not ft.lora_rank:
+    rank = ft.lora_rank if rank is None else rank
+    if not rank:
         return backbone
-    if cfg.model.arch not in ("gpt", "encoder"):
-        raise ConfigError(f"finetune.lora_rank adapts a transformer's projections; model.arch {cfg.model.arch} has "
-                          "none: set finetune.lora_rank 0")
-    add_lora(backbone, ft.lora_rank, ft.lora_alpha, ft.lora_targets)
+    if cfg.model.arch not in ("gpt", "encoder", "bert"):
+        raise ConfigError(f"LoRA (finetune.lora_rank, train.lora_rank) adapts a transformer's projections; "
+                          f"model.arch {cfg.model.arch} has none: set the rank to 0")
+    add_lora(backbone, rank, ft.lora_alpha, ft.lora_targets)
     return backbone
+
+
+def has_lora(weights: dict[str, Tensor]) -> bool:
+    """Whether a state dict holds LoRA updates (a network trained with them, before `merged_state_dict`)."""
+    return any(k.endswith(".lora_a") for k in weights)
 
 
 def merged_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -45,6 +45,7 @@ from hanlm.generate import config_samples
 from hanlm.loading import open_checkpoint, require_language_model, resolve_served
 from hanlm.log import RunLogger, measure_matmul_peak
 from hanlm.models import build_for_training
+from hanlm.models.lora import adapted, trainable_share
 from hanlm.models.masking import Masker, row_seed
 from hanlm.runlock import RunLock
 from hanlm.train.autobatch import resolve_micro_batch
@@ -122,12 +123,14 @@ class Trainer:
         if self.model.vector_report is not None:
             self.echo(self.model.vector_report.summary())
         if ckpt is not None:
+            adapted(self.model, cfg, cfg.train.lora_rank)  # a LoRA run's checkpoint holds its updates
             load_weights(self.model, ckpt.weights, ckpt.path)
             if cfg.train.micro_batch == "auto":  # keep the size the run started with: resume stays exact
                 cfg = with_micro_batch(cfg, ckpt.config.train.micro_batch)
         elif cfg.train.init_from:
             source = require_language_model(open_checkpoint(resolve_served(cfg.train.init_from), self.device))
             load_weights(self.model, source.weights, source.path)
+            adapted(self.model, cfg, cfg.train.lora_rank)
             self.echo(f"initialised from {source.path} (step {source.step})")
         # Measured on rank 0 and shared: every rank must run the same batch size.
         cfg = broadcast_from_main(resolve_micro_batch(cfg, self.model, self.tokenizer.vocab_size)
@@ -371,8 +374,11 @@ class Trainer:
                     else measure_matmul_peak(self.device, self.amp_dtype or torch.float32))
         flops_per_token = self.model.flops_per_token(cfg.train.block_size)
         peak_text = f"; matmul peak {peak / 1e9:.0f} GFLOP/s" if peak else ""
+        trainable, total = trainable_share(self.model)
+        lora = (f", LoRA rank {cfg.train.lora_rank} on {', '.join(cfg.finetune.lora_targets)}: {trainable:,} of them "
+                "train" if cfg.train.lora_rank else "")
         self.echo(f"model: {cfg.model.arch}, {self.model.num_params():,} parameters "
-                  f"({self.model.num_params(embeddings=False):,} without embeddings), "
+                  f"({self.model.num_params(embeddings=False):,} without embeddings{lora}), "
                   f"{flops_per_token / 1e6:.1f} MFLOP per token; {self.device}, "
                   f"{'bf16 autocast' if self.amp_dtype else 'fp32'}{peak_text}")
         self.echo(f"batch: {cfg.derived.micro_batch} × {cfg.train.grad_accum} × {cfg.derived.world_size} "
