@@ -225,3 +225,16 @@ def test_a_sharded_bert_imports_from_its_index_and_a_missing_shard_is_named(bert
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"names {shards[-1].name}, which is not in"):
         open_checkpoint(str(path))
+
+
+def test_an_imported_bert_is_evaluated_on_masked_lm_and_refused_by_generation(bert_dir, tmp_path, capsys,
+                                                                               people_daily):
+    from hanlm.cli import main
+
+    text = tmp_path / "val.txt"
+    text.write_text("\n".join(people_daily[:100]) + "\n", encoding="utf-8")
+    assert main(["eval", str(bert_dir), "--data", str(text), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert set(figures) == {"loss", "masked_accuracy", "tokens"} and figures["tokens"] > 100
+    assert main(["generate", str(bert_dir), "--prompt", "中国"]) == 2
+    assert "Bert: model.arch encoder or bert) reads both sides" in capsys.readouterr().err
