@@ -550,3 +550,46 @@ def test_rope_scalings_hanlm_cannot_compute_are_refused_by_field(tmp_path, peopl
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(str(out))
+
+
+def sentencepiece_model(tmp_path, people_daily, **options) -> Path:
+    """A sentencepiece BPE model trained on People's Daily, Llama 2's settings unless `options` say otherwise: no
+    normalisation, spaces kept, bytes for what the vocabulary lacks."""
+    spm = pytest.importorskip("sentencepiece")
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "train.txt").write_text("\n".join(people_daily[:1500]), encoding="utf-8")
+    settings = dict(vocab_size=3000, model_type="bpe", byte_fallback=True, character_coverage=0.995,
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2) | options
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "spm"), **settings)
+    return tmp_path / "spm.model"
+
+
+def test_a_llama_with_only_a_sentencepiece_tokenizer_model_imports_with_sentencepieces_ids(tmp_path, people_daily):
+    spm = pytest.importorskip("sentencepiece")
+    model_file = sentencepiece_model(tmp_path, people_daily)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=3000, **(SHAPE | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}))).eval()
+    directory = tmp_path / "llama2-like"
+    theirs.save_pretrained(directory, safe_serialization=True)
+    (directory / "tokenizer.model").write_bytes(model_file.read_bytes())
+    model, cfg, tokenizer = load_for_inference(str(directory))
+    assert (cfg.tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == ("pretrained", 1, 2, 2)
+    processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    for text in TEXTS + ["新年好😀！", " two  spaces\\nand a newline", "ÉCOLE"] + people_daily[-10:]:
+        assert tokenizer.encode(text) == processor.encode(text), text
+        assert tokenizer.decode(tokenizer.encode(text)) == processor.decode(processor.encode(text))
+    batch = torch.tensor([[1, *tokenizer.encode(people_daily[3])[:40]]])
+    with torch.no_grad():
+        assert (model(batch) - theirs(batch).logits).abs().max() < 1e-4
+    nfkc = tmp_path / "nfkc"
+    nfkc.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (nfkc / f).write_bytes((directory / f).read_bytes())
+    (nfkc / "tokenizer.model").write_bytes(
+        sentencepiece_model(tmp_path / "n", people_daily, normalization_rule_name="nmt_nfkc").read_bytes())
+    with pytest.raises(CheckpointError, match="tokenizer.model: .*normalizer_spec.name='nmt_nfkc'"):
+        open_checkpoint(str(nfkc))
+    (nfkc / "tokenizer.model").write_bytes(b"\x0a\xff not a sentencepiece model")
+    with pytest.raises(CheckpointError, match="tokenizer.model: not a tokenizer hanlm can use"):
+        open_checkpoint(str(nfkc))

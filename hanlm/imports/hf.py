@@ -260,18 +260,60 @@ def wordpiece(vocab_file: Path, lowercase: bool):
     return hf
 
 
+def sentencepiece(model_file: Path):
+    """The `tokenizers` form of a sentencepiece `tokenizer.model` (Llama 2's, Mistral's), converted by transformers'
+    Llama converter — which reproduces sentencepiece's ids for models that do not normalise text (Llama's
+    `identity`, spaces kept); a model that normalises (the default `nmt_nfkc`, or collapsing spaces) is refused
+    by that field. Needs the optional
+    extra hanlm[sentencepiece] (sentencepiece, transformers)."""
+    from tokenizers import decoders, normalizers
+
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+        from transformers import LlamaTokenizer
+    except ImportError:
+        raise DataError("reading a sentencepiece tokenizer.model needs pip install 'hanlm[sentencepiece]' "
+                        "(sentencepiece and transformers); or save the model's fast tokenizer as tokenizer.json "
+                        "with transformers") from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    spec = proto.normalizer_spec
+    for field, value, kept in (("name", spec.name, spec.name in ("identity", "")),
+                               ("remove_extra_whitespaces", spec.remove_extra_whitespaces,
+                                not spec.remove_extra_whitespaces)):
+        if not kept:
+            raise DataError(f"normalizer_spec.{field}={value!r}: the model normalises text, which the conversion "
+                            "does not reproduce; save the model's fast tokenizer as tokenizer.json")
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        raise DataError(f"trainer_spec.model_type={proto.trainer_spec.model_type}: only BPE sentencepiece models "
+                        "(Llama's) are converted; save the model's fast tokenizer as tokenizer.json")
+    hf = LlamaTokenizer.from_pretrained(str(model_file.parent), legacy=False).backend_tokenizer
+    # transformers' Metaspace prepends "▁" only where the text does not already open with a space; sentencepiece's
+    # dummy prefix always does. As a normaliser, as the original Llama conversion had it, the ids are sentencepiece's.
+    prefix = [normalizers.Prepend("▁")] if spec.add_dummy_prefix else []
+    hf.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
+    hf.pre_tokenizer = None
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    *([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])])
+    return hf
+
+
 def _tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
     """hanlm's tokenizer from the directory's tokenizer.json: the char or BPE form `hanlm export` writes (hanlm's
     own kinds, specials at ids 0–3), else the model's own tokenizer as it is (`pretrained`), its special tokens
-    from config.json and tokenizer_config.json; without a tokenizer.json, a BERT's WordPiece vocab.txt."""
+    from config.json and tokenizer_config.json; without a tokenizer.json, a BERT's WordPiece vocab.txt or a
+    sentencepiece tokenizer.model."""
     source = path / "tokenizer.json"
-    if not source.is_file() and (path / "vocab.txt").is_file():
-        source = path / "vocab.txt"
+    for other in ("vocab.txt", "tokenizer.model"):
+        if not source.is_file() and (path / other).is_file():
+            source = path / other
     tokenizer_config = _json_object(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() \
         else {}
     try:
         if source.name == "vocab.txt":
             hf = wordpiece(source, bool(tokenizer_config.get("do_lower_case", True)))
+        elif source.name == "tokenizer.model":
+            hf = sentencepiece(source)
         else:
             data = json.loads(source.read_text(encoding="utf-8"))
             model = data["model"]
