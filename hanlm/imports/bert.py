@@ -12,6 +12,7 @@ and the reader says so).
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -96,11 +97,22 @@ def _fresh_head(width: int, vocab: int) -> dict[str, torch.Tensor]:
             "lm_head.bias": torch.zeros(vocab)}
 
 
-def bert_weights(hf: dict[str, torch.Tensor], config: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """hanlm's bert state dict from transformers' tensors `hf` of a checked `config`."""
-    hf = {_canonical(k): v for k, v in hf.items()}
-    if "cls.predictions.decoder.bias" in hf and "cls.predictions.bias" not in hf:
-        hf["cls.predictions.bias"] = hf["cls.predictions.decoder.bias"]
+class _Canonical(dict):
+    """Canonical name → the tensor of `tensors` stored under its own name, read when asked for."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        super().__init__({_canonical(k): k for k in tensors})
+        self.tensors = tensors
+        if "cls.predictions.decoder.bias" in self and "cls.predictions.bias" not in self:
+            self["cls.predictions.bias"] = super().__getitem__("cls.predictions.decoder.bias")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[super().__getitem__(name)]
+
+
+def bert_weights(tensors: Mapping[str, torch.Tensor], config: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """hanlm's bert state dict from transformers' tensors of a checked `config` (read one at a time)."""
+    hf = _Canonical(tensors)
     n_layer, width, vocab = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
     try:
         out = {ours: hf[theirs] for ours, theirs in _names(n_layer).items()}

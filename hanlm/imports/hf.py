@@ -14,11 +14,12 @@ Weights are read only from safetensors files: a pytorch_model.bin is a pickle, w
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from hanlm.checkpoint import Checkpoint
 from hanlm.config import load_config
@@ -131,7 +132,7 @@ def _pairs_vector(b: torch.Tensor, heads: int) -> torch.Tensor:
     return _to_pairs(b.unsqueeze(1), heads).squeeze(1)
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def _read(path: Path) -> SafetensorsFiles:
     """Every tensor of the directory's safetensors files: those model.safetensors.index.json maps (a sharded
     checkpoint, each shard checked to be there), else every model*.safetensors."""
     index = path / "model.safetensors.index.json"
@@ -149,13 +150,35 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise CheckpointError(f"{path}: no model*.safetensors (pytorch_model.bin is a pickle, which hanlm never "
                               "loads: convert it to safetensors)")
-    hf: dict[str, torch.Tensor] = {}
-    for f in files:
+    return SafetensorsFiles(files)
+
+
+class SafetensorsFiles(Mapping[str, torch.Tensor]):
+    """The tensors of safetensors files by name, each read when asked for — from the memory-mapped file — and
+    returned in fp32: the import converts one tensor at a time instead of holding the whole checkpoint twice
+    (as stored, bf16 in most published models, and as hanlm's fp32)."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, Any]] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own types for a damaged file
+                raise CheckpointError(f"{f} is damaged ({type(e).__name__}: {e})") from None
+            self._where |= {name: (f, handle) for name in handle.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f, handle = self._where[name]
         try:
-            hf |= load_file(str(f))
-        except Exception as e:  # safetensors raises its own types for a damaged file
-            raise CheckpointError(f"{f} is damaged ({type(e).__name__}: {e})") from None
-    return hf
+            return handle.get_tensor(name).float()
+        except Exception as e:
+            raise CheckpointError(f"{f}: tensor {name} is damaged ({type(e).__name__}: {e})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -168,8 +191,9 @@ def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     heads, tied = config["num_attention_heads"], config.get("tie_word_embeddings", True)
     kv = config.get("num_key_value_heads", heads)
     try:
-        out = {"tok_emb.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-               "lm_head.weight": hf["model.embed_tokens.weight"] if tied else hf["lm_head.weight"]}
+        embedding = hf["model.embed_tokens.weight"]
+        out = {"tok_emb.weight": embedding, "norm.weight": hf["model.norm.weight"],
+               "lm_head.weight": embedding if tied else hf["lm_head.weight"]}
         for i in range(config["num_hidden_layers"]):
             src, dst = f"model.layers.{i}.", f"blocks.{i}."
             q = _to_pairs(hf[src + "self_attn.q_proj.weight"], heads)
@@ -193,7 +217,7 @@ def _weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
                               "this config.json has") from None
     except RuntimeError as e:  # a tensor of the wrong size for the config's shape
         raise CheckpointError(f"{path}: a tensor does not fit config.json's shape ({e})") from None
-    return {name: t.float() for name, t in out.items()}
+    return out
 
 
 # For a BERT, hanlm's start and end tokens are its [CLS] and [SEP]: tokenizer_config.json's key for each special,
