@@ -68,3 +68,15 @@ def test_help_and_run_selection(capsys):
     assert encoders.selected(names, "pretrain-*,seg-mlm") == ["pretrain-gpt", "pretrain-mlm", "pretrain-electra",
                                                              "seg-mlm"]
     assert encoders.selected(names, "") == names
+
+
+def test_the_curve_fine_tunes_from_every_kept_checkpoint_and_refuses_a_step_that_does_not_divide(capsys, tmp_path):
+    assert encoders.curve_steps(2000, 500) == [500, 1000, 1500, 2000] and encoders.curve_steps(2000, 0) == []
+    names = encoders.run_names(1, [500, 1000])
+    assert names[-6:] == ["curve-gpt-k500", "curve-mlm-k500", "curve-electra-k500", "curve-gpt-k1000",
+                          "curve-mlm-k1000", "curve-electra-k1000"]
+    overrides = encoders.pretrain_overrides(2000, tmp_path, 500)
+    assert "checkpoint.every_steps=500" in overrides and "checkpoint.keep_last=5" in overrides
+    with pytest.raises(SystemExit) as exit_:
+        encoders.main(["--steps", "2000", "--curve-every", "300", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--curve-every must divide --steps (2000)" in capsys.readouterr().err

@@ -14,8 +14,12 @@ with jieba) and `electra` (an encoder, replaced-token detection). On each backbo
   here to keep its predictions; C on dev) on the same test texts; also of the seeds' majority vote;
 - a neural word segmenter (`--config segment`, BiLSTM head), one seed, its test F1.
 
-Every run lives in --out/runs/NAME (pretrain-B, cls-B-sS, seg-B) and is not redone once its results.json is
-there (delete the directory to rerun it). --only picks runs by glob patterns over those names (a run's
+With --curve-every N, pretraining keeps a checkpoint every N steps and `curve-B-kK` fine-tunes a classifier
+(seed 1) from step K of each backbone (K = N, 2N, …, --steps): the curve of dev accuracy against pretraining
+minutes, drawn as a fourth panel.
+
+Every run lives in --out/runs/NAME (pretrain-B, cls-B-sS, seg-B, curve-B-kK) and is not redone once its
+results.json is there (delete the directory to rerun it). --only picks runs by glob patterns over those names (a run's
 pretraining is run when it is missing). Writes results.json, table.md and curves.png into --out.
 """
 
@@ -48,13 +52,16 @@ GOAL_SEGMENT_F1, GOAL_ACCURACY = 0.970, 0.880
 CLS_EVAL, SEG_EVAL = 25, 20  # dev evaluations every this many fine-tuning steps
 
 
-def pretrain_overrides(steps: int, run_dir: Path) -> list[str]:
-    """The settings every backbone shares (the demo's: small preset, 16 × 128 tokens, lr 3e-3, cosine to 0.1 ×)."""
+def pretrain_overrides(steps: int, run_dir: Path, every: int = 0) -> list[str]:
+    """The settings every backbone shares (the demo's: small preset, 16 × 128 tokens, lr 3e-3, cosine to 0.1 ×);
+    with `every`, a checkpoint every that many steps, all kept (what the curve fine-tunes from)."""
+    saves = [f"checkpoint.every_steps={every}", f"checkpoint.keep_last={steps // every + 1}"] if every else \
+        [f"checkpoint.every_steps={steps}"]
     return ["tokenizer.kind=char", "model.preset=small", "model.dropout=0.0", "train.block_size=128",
             "train.micro_batch=16", "train.grad_accum=1", "train.lr=3e-3", f"train.warmup_steps={max(1, steps // 10)}",
             f"train.max_steps={steps}", "train.max_minutes=null", "train.schedule=cosine",
             "train.schedule_clock=steps", "train.seed=1337", f"train.run_dir={run_dir}",
-            f"eval.every_steps={max(1, steps // 6)}", "eval.max_batches=20", f"checkpoint.every_steps={steps}",
+            f"eval.every_steps={max(1, steps // 6)}", "eval.max_batches=20", *saves,
             "log.progress=false", "log.every_steps=10", "generate.max_tokens=20"]
 
 
@@ -138,10 +145,17 @@ def table(results: dict) -> str:
 
 # -- the runs ---------------------------------------------------------------------------------------------------------
 
-def run_names(seeds: int) -> list[str]:
-    """Every run, in the order it is run: pretraining, the first seed's classifiers, segmenters, other seeds."""
+def curve_steps(steps: int, every: int) -> list[int]:
+    """The pretraining steps the curve fine-tunes from: every `every` steps up to `steps` (none when 0)."""
+    return list(range(every, steps + 1, every)) if every else []
+
+
+def run_names(seeds: int, curve: Sequence[int] = ()) -> list[str]:
+    """Every run, in the order it is run: pretraining, the first seed's classifiers, segmenters, other seeds, the
+    curve's classifiers."""
     names = [f"pretrain-{b}" for b in BACKBONES] + [f"cls-{b}-s1" for b in BACKBONES] + [f"seg-{b}" for b in BACKBONES]
-    return names + [f"cls-{b}-s{s}" for s in range(2, seeds + 1) for b in BACKBONES]
+    names += [f"cls-{b}-s{s}" for s in range(2, seeds + 1) for b in BACKBONES]
+    return names + [f"curve-{b}-k{k}" for k in curve for b in BACKBONES]
 
 
 def selected(names: list[str], only: str) -> list[str]:
@@ -158,7 +172,7 @@ def _checkpoint(run_dir: Path) -> str:
     return str(run_dir / "checkpoints")
 
 
-def pretrain(backbone: str, steps: int, out: Path) -> dict:
+def pretrain(backbone: str, steps: int, out: Path, every: int = 0) -> dict:
     run_dir = out / "runs" / f"pretrain-{backbone}"
     done = _done(run_dir)
     if done is not None:
@@ -168,7 +182,7 @@ def pretrain(backbone: str, steps: int, out: Path) -> dict:
         return done
     from hanlm.log import METRICS_FILE, read_metrics
 
-    overrides = BACKBONES[backbone][0] + pretrain_overrides(steps, run_dir)
+    overrides = BACKBONES[backbone][0] + pretrain_overrides(steps, run_dir, every)
     cmd = [sys.executable, "-m", "hanlm.cli", "train", "--resume", "auto", *(a for o in overrides for a in ("--set", o))]
     wall = None
     if not (run_dir / "report.md").exists():  # a run that finished before its results.json was written is not redone
@@ -186,6 +200,8 @@ def pretrain(backbone: str, steps: int, out: Path) -> dict:
               "val": {k: v for k, v in evals[-1].items() if k not in ("kind", "time")},
               "val_curve": [{"step": r["step"], "loss": r["loss"], "minutes": (r["time"] - train[0]["time"]) / 60}
                             for r in evals],
+              # the loop's minutes at each logged step: where the curve's checkpoints sit in time
+              "minutes_at": {r["step"]: (r["time"] - train[0]["time"]) / 60 for r in train},
               "overrides": overrides}
     (run_dir / RESULTS).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
@@ -283,6 +299,16 @@ def collect(out: Path, seeds: int, cls_settings: dict, seg_settings: dict) -> di
                 vote = majority_vote(preds)
                 entry["classify"]["vote"] = {**mcnemar(test.labels, vote, tfidf[0]),
                                              "accuracy": sum(x == t for x, t in zip(vote, test.labels)) / len(vote)}
+        curve = []
+        for run in runs.glob(f"curve-{b}-k*"):
+            if (run / RESULTS).exists():
+                r = json.loads((run / RESULTS).read_text(encoding="utf-8"))
+                k = int(run.name.rsplit("-k", 1)[1])
+                at = (entry["pretrain"] or {}).get("minutes_at", {})
+                curve.append({"step": k, "minutes": at.get(str(k), at.get(k)), "dev_accuracy": r["dev"]["accuracy"],
+                              "test_accuracy": r["test"]["accuracy"]})
+        if curve:
+            entry["curve"] = sorted(curve, key=lambda c: c["step"])
         seg = _done(runs / f"seg-{b}")
         if seg is not None:
             entry["segment"] = {**seg["test"], "dev_f1": seg["dev"]["f1"], "minutes": seg["seconds"] / 60,
@@ -302,8 +328,9 @@ def plot(out: Path, results: dict, path: Path) -> None:
     from hanlm.log import METRICS_FILE, read_metrics
 
     colours = {"gpt": "tab:blue", "mlm": "tab:orange", "electra": "tab:green"}
-    fig = Figure(figsize=(15, 4.2), layout="tight")
-    ax_pre, ax_cls, ax_seg = fig.subplots(1, 3)
+    curves = any(entry.get("curve") for entry in results["backbones"].values())
+    fig = Figure(figsize=(20 if curves else 15, 4.2), layout="tight")
+    ax_pre, ax_cls, ax_seg, *more = fig.subplots(1, 4 if curves else 3)
     for b, entry in results["backbones"].items():
         p = entry.get("pretrain")
         if p:
@@ -320,14 +347,23 @@ def plot(out: Path, results: dict, path: Path) -> None:
             if (run / METRICS_FILE).exists() else []
         if ev:
             ax_seg.plot([r["step"] for r in ev], [r["f1"] for r in ev], "o-", color=colours[b], label=b)
+        if more and entry.get("curve"):
+            points = [c for c in entry["curve"] if c["minutes"] is not None]
+            more[0].plot([c["minutes"] for c in points], [c["dev_accuracy"] for c in points], "o-", color=colours[b],
+                         label=b)
     ref = results["reference"]
     if ref.get("tfidf_accuracy") is not None:
-        ax_cls.axhline(ref["tfidf_accuracy"], color="gray", ls="--", label="TF-IDF+LR (test)")
+        for ax in (ax_cls, *more):
+            ax.axhline(ref["tfidf_accuracy"], color="gray", ls="--", label="TF-IDF+LR (test)")
     ax_seg.axhline(ref.get("crf_f1", CRF_F1), color="gray", ls="--", label="CRF (test, issue 14)")
-    for ax, x, y, title in ((ax_pre, "pretraining minutes (2 CPU cores)", "val loss, own objective (nats)",
-                             "pretraining: each objective's own loss (not comparable across)"),
-                            (ax_cls, "fine-tuning step (32 reviews each)", "dev accuracy", "chn-reviews classification"),
-                            (ax_seg, "fine-tuning step (32 pieces each)", "dev word F1", "People's Daily segmentation")):
+    panels = [(ax_pre, "pretraining minutes (2 CPU cores)", "val loss, own objective (nats)",
+               "pretraining: each objective's own loss (not comparable across)"),
+              (ax_cls, "fine-tuning step (32 reviews each)", "dev accuracy", "chn-reviews classification"),
+              (ax_seg, "fine-tuning step (32 pieces each)", "dev word F1", "People's Daily segmentation")]
+    if more:
+        panels.append((more[0], "pretraining minutes at the checkpoint (2 CPU cores)", "dev accuracy",
+                       "classification (seed 1) from checkpoints along pretraining"))
+    for ax, x, y, title in panels:
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.set_title(title, fontsize=9)
@@ -349,20 +385,31 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 0.1: 82 steps)")
     parser.add_argument("--only", default="", help="comma-separated glob patterns over the run names (default all: "
                         "pretrain-B, cls-B-sS, seg-B for B in gpt, mlm, electra); e.g. 'pretrain-*,cls-*-s1'")
+    parser.add_argument("--curve-every", type=int, default=0, help="keep a pretraining checkpoint every N steps and "
+                        "fine-tune a classifier (seed 1) from each: dev accuracy against pretraining minutes "
+                        "(default 0: off)")
     parser.add_argument("--report-only", action="store_true", help="run nothing: gather the finished runs")
     args = parser.parse_args(argv)
     if args.steps < 10 or args.seeds < 1:
         parser.error("--steps must be at least 10 and --seeds at least 1")
+    if args.curve_every < 0 or (args.curve_every and args.steps % args.curve_every):
+        parser.error(f"--curve-every must divide --steps ({args.steps}), or be 0")
     args.out.mkdir(parents=True, exist_ok=True)
     cls_settings = {"epochs": args.cls_epochs, "eval_every_steps": CLS_EVAL, "lr": "default 3e-4", "micro_batch": 32,
                     "max_length": 128, "dropout": 0.1}
     seg_settings = {"epochs": args.seg_epochs, "eval_every_steps": SEG_EVAL, "config": "segment (lr 1e-3, micro_batch 32, "
                     "max_length 128)", "tag_head": "bilstm"}
-    for name in ([] if args.report_only else selected(run_names(args.seeds), args.only)):
+    curve = curve_steps(args.steps, args.curve_every)
+    for name in ([] if args.report_only else selected(run_names(args.seeds, curve), args.only)):
         kind, backbone = name.split("-")[:2]
         checkpoint = _checkpoint(args.out / "runs" / f"pretrain-{backbone}")
-        pretrain(backbone, args.steps, args.out)
-        if kind == "cls":
+        pretrain(backbone, args.steps, args.out, args.curve_every)
+        if kind == "curve":
+            step = int(name.rsplit("-k", 1)[1])
+            finetune(name, None, [f"finetune.init_from={checkpoint}/step-{step:08d}",
+                                  f"finetune.pooling={BACKBONES[backbone][1]}", f"finetune.epochs={args.cls_epochs}",
+                                  f"finetune.eval_every_steps={CLS_EVAL}", "train.seed=1"], args.out)
+        elif kind == "cls":
             seed = int(name.rsplit("-s", 1)[1])
             finetune(name, None, [f"finetune.init_from={checkpoint}", f"finetune.pooling={BACKBONES[backbone][1]}",
                                   f"finetune.epochs={args.cls_epochs}", f"finetune.eval_every_steps={CLS_EVAL}",
