@@ -92,8 +92,10 @@ def _canonical(name: str) -> str:
 
 def _fresh_head(width: int, vocab: int) -> dict[str, torch.Tensor]:
     """A masked-LM head as BERT initialises one: N(0, 0.02) dense, zero biases, unit LayerNorm."""
-    return {"head_dense.weight": torch.randn(width, width) * 0.02, "head_dense.bias": torch.zeros(width),
-            "head_norm.weight": torch.ones(width), "head_norm.bias": torch.zeros(width),
+    seeded = torch.Generator().manual_seed(0)  # the same head at every load of the same directory
+    return {"head_dense.weight": torch.randn(width, width, generator=seeded) * 0.02,
+            "head_dense.bias": torch.zeros(width), "head_norm.weight": torch.ones(width),
+            "head_norm.bias": torch.zeros(width),
             "lm_head.bias": torch.zeros(vocab)}
 
 
