@@ -38,10 +38,10 @@ sshd:
 
 # lint-imports: the layer contracts of pyproject.toml (an import that climbs a layer or closes a loop fails here,
 # named; tests/test_layers.py proves that it would). HANLM_REQUIRE_SERVERS=1: a test whose server (sshd, moto's S3)
-# is missing fails instead of skipping.
+# is missing fails instead of skipping. --durations: the slowest tests in every log, to keep the suite in budget.
 test: install browser sshd
 	$(BIN)/lint-imports --no-cache
-	HANLM_REQUIRE_SERVERS=1 $(BIN)/python -m pytest -q
+	HANLM_REQUIRE_SERVERS=1 $(BIN)/python -m pytest -q --durations=20
 
 clean:
 	rm -rf $(VENV) build *.egg-info
