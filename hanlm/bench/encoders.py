@@ -271,12 +271,12 @@ def collect(out: Path, seeds: int, cls_settings: dict, seg_settings: dict) -> di
         entry: dict = {"pretrain": _done(runs / f"pretrain-{b}")}
         cls_runs = [(s, json.loads((runs / f"cls-{b}-s{s}" / "results.json").read_text(encoding="utf-8")))
                     for s in range(1, seeds + 1) if (runs / f"cls-{b}-s{s}" / "results.json").exists()]
+        if data is None and (cls_runs or any(runs.glob(f"curve-{b}-k*/{RESULTS}"))):
+            data = labelled_data(_checkpoint(runs / f"pretrain-{b}"))
+            tfidf = tfidf_predictions(data)
+            results["reference"].update({"tfidf_accuracy": tfidf[2], "tfidf_setting": tfidf[1],
+                                         "test_texts": len(data.splits["test"])})
         if cls_runs:
-            if data is None:
-                data = labelled_data(_checkpoint(runs / f"pretrain-{b}"))
-                tfidf = tfidf_predictions(data)
-                results["reference"].update({"tfidf_accuracy": tfidf[2], "tfidf_setting": tfidf[1],
-                                             "test_texts": len(data.splits["test"])})
             test = data.splits["test"]
             preds = [test_predictions(runs / f"cls-{b}-s{s}", test.texts, data.labels) for s, _ in cls_runs]
             tests = []
@@ -318,8 +318,9 @@ def collect(out: Path, seeds: int, cls_settings: dict, seg_settings: dict) -> di
 
 
 def plot(out: Path, results: dict, path: Path) -> None:
-    """Three panels: each backbone's pretraining val loss (its own objective) against pretraining minutes, dev
-    accuracy of classification and dev F1 of segmentation against fine-tuning steps."""
+    """Each backbone's pretraining val loss (its own objective) against pretraining minutes; dev accuracy of
+    classification and dev F1 of segmentation against fine-tuning steps; the curve's dev accuracy against the
+    pretraining minutes of its checkpoint. A panel whose runs are not in --out is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,9 +329,16 @@ def plot(out: Path, results: dict, path: Path) -> None:
     from hanlm.log import METRICS_FILE, read_metrics
 
     colours = {"gpt": "tab:blue", "mlm": "tab:orange", "electra": "tab:green"}
-    curves = any(entry.get("curve") for entry in results["backbones"].values())
-    fig = Figure(figsize=(20 if curves else 15, 4.2), layout="tight")
-    ax_pre, ax_cls, ax_seg, *more = fig.subplots(1, 4 if curves else 3)
+    runs = out / "runs"
+    shown = ["pretrain", *(["classify"] if any(runs.glob("cls-*")) else []),
+             *(["segment"] if any(runs.glob("seg-*")) else []),
+             *(["curve"] if any(entry.get("curve") for entry in results["backbones"].values()) else [])]
+    fig = Figure(figsize=(5 * len(shown), 4.2), layout="tight")
+    spare = Figure()  # what a panel without data draws on: never saved
+    axes = dict(zip(shown, fig.subplots(1, len(shown), squeeze=False)[0]))
+    ax_pre = axes["pretrain"]
+    ax_cls, ax_seg = axes.get("classify", spare.gca()), axes.get("segment", spare.gca())
+    more = [axes["curve"]] if "curve" in axes else []
     for b, entry in results["backbones"].items():
         p = entry.get("pretrain")
         if p:
@@ -356,14 +364,14 @@ def plot(out: Path, results: dict, path: Path) -> None:
         for ax in (ax_cls, *more):
             ax.axhline(ref["tfidf_accuracy"], color="gray", ls="--", label="TF-IDF+LR (test)")
     ax_seg.axhline(ref.get("crf_f1", CRF_F1), color="gray", ls="--", label="CRF (test, issue 14)")
-    panels = [(ax_pre, "pretraining minutes (2 CPU cores)", "val loss, own objective (nats)",
-               "pretraining: each objective's own loss (not comparable across)"),
-              (ax_cls, "fine-tuning step (32 reviews each)", "dev accuracy", "chn-reviews classification"),
-              (ax_seg, "fine-tuning step (32 pieces each)", "dev word F1", "People's Daily segmentation")]
-    if more:
-        panels.append((more[0], "pretraining minutes at the checkpoint (2 CPU cores)", "dev accuracy",
-                       "classification (seed 1) from checkpoints along pretraining"))
-    for ax, x, y, title in panels:
+    labels = {"pretrain": ("pretraining minutes (2 CPU cores)", "val loss, own objective (nats)",
+                           "pretraining: each objective's own loss (not comparable across)"),
+              "classify": ("fine-tuning step (32 reviews each)", "dev accuracy", "chn-reviews classification"),
+              "segment": ("fine-tuning step (32 pieces each)", "dev word F1", "People's Daily segmentation"),
+              "curve": ("pretraining minutes at the checkpoint (2 CPU cores)", "dev accuracy",
+                        "classification (seed 1) from checkpoints along pretraining")}
+    for name, ax in axes.items():
+        x, y, title = labels[name]
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.set_title(title, fontsize=9)
