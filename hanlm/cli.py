@@ -33,7 +33,7 @@ from hanlm.limits import CONTEXT_MAX, NPROC_MAX
 from hanlm.train.run import RESTART_HELP, STOP_AFTER_HELP
 
 
-def _speculation_flags(p: argparse.ArgumentParser) -> None:
+def _decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=["none", "ngram", "prompt"], help="draft tokens for the model to check "
                    "several per forward: with an n-gram model (--draft-model) or from the prompt and output so far "
                    "(default: generate.speculative)")
@@ -41,6 +41,9 @@ def _speculation_flags(p: argparse.ArgumentParser) -> None:
                    "for --speculative ngram (default: generate.draft_model)")
     p.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per forward (default: "
                    "generate.draft_tokens)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="compile the decoding step with torch.compile: "
+                   "the same tokens, faster after seconds to a minute of compiling (default: generate.compile, auto: "
+                   "on for a GPU)")
 
 
 def _pipeline_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -117,7 +120,7 @@ def _pipeline_verbs(verbs: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold; 1 = off")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
-    _speculation_flags(p)
+    _decoding_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--verbose", "-v", action="store_true", help="report tokens, finish reason and drafts kept on "
                    "stderr")
@@ -142,7 +145,7 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--max-batch", type=int, metavar="N", help="sequences decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests before 429 (default: serve.max_queue)")
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")
-    _speculation_flags(p)
+    _decoding_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_serve)
 

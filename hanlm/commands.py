@@ -78,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from hanlm.loading import load_for_inference
-    from hanlm.generate import Generation, generate, require_generating
+    from hanlm.generate import Generation, compile_wanted, generate, require_generating
     from hanlm.sampling import SamplingParams
     from hanlm.speculative import speculation_from_config
 
@@ -91,18 +91,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _apply_flags(cfg, {"generate.max_tokens": ("--max-tokens", args.max_tokens),
                        "generate.temperature": ("--temperature", args.temperature),
                        "generate.top_k": ("--top-k", args.top_k), "generate.top_p": ("--top-p", args.top_p),
-                       "generate.seed": ("--seed", args.seed)})
+                       "generate.seed": ("--seed", args.seed), "generate.compile": ("--compile", args.compile)})
     params = SamplingParams.from_config(cfg.generate, stop=args.stop)
     speculation = speculation_from_config(cfg.generate, tokenizer, args.speculative, args.draft_model,
                                           args.draft_tokens)
     result = Generation()
     print(args.prompt, end="", flush=True)
     try:
-        for piece in generate(model, tokenizer, args.prompt, params, result=result, speculation=speculation):
+        for piece in generate(model, tokenizer, args.prompt, params, result=result, speculation=speculation,
+                              compile=compile_wanted(cfg.generate.compile, model)):
             print(piece, end="", flush=True)
     except ValueError as e:
         raise HanlmError(str(e)) from None
     print()
+    if result.compile_seconds:
+        print(f"[compiled the decoding step in {result.compile_seconds:.1f} s (generate.compile; Inductor keeps it in "
+              "its on-disk cache for the next run)]", file=sys.stderr)
     if args.verbose:
         drafted = ""
         if speculation is not None:
@@ -146,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     _apply_flags(cfg, {"serve.port": ("--port", args.port), "serve.max_batch": ("--max-batch", args.max_batch),
-                       "serve.max_queue": ("--max-queue", args.max_queue)})
+                       "serve.max_queue": ("--max-queue", args.max_queue),
+                       "generate.compile": ("--compile", args.compile)})
     s = cfg.serve
     api_key = _api_key(args.api_key)
     host = args.host or s.host
@@ -163,7 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
           metrics_public=s.metrics_public, device=args.device or "cpu",
           draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens),
-          max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s)
+          max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s,
+          compile=cfg.generate.compile, prefill_chunk=s.prefill_chunk, prefix_cache_tokens=s.prefix_cache_tokens)
     return 0
 
 

@@ -317,6 +317,11 @@ class GenerateConfig:
     draft_tokens: int = key(4, "Most tokens drafted per forward.", min=1, max=64)
     draft_adaptive: bool = key(True, "Adapt the draft length: one more after a step that kept every draft, half "
                                "after one that kept none.")
+    compile: Literal["auto", "on", "off"] = key(
+        "auto", "Compile the decoding step with torch.compile (Inductor; CUDA graphs on a GPU) over a preallocated "
+        "KV cache, for hanlm generate, its speculation and the server: the same greedy tokens; the first steps "
+        "compile (seconds to a minute, reported; Inductor caches the result on disk). auto: on for a GPU, off on a "
+        "CPU. GPT checkpoints only; other models ignore it.")
 
 
 @dataclass
@@ -337,6 +342,12 @@ class ServeConfig:
     task_threads: int | None = key(None, "Torch threads of that worker; null: 1 for hmm and crf taggers (their "
                                    "decode gains nothing from more), torch's default for networks.", min=1,
                                    max=THREADS_MAX)
+    prefill_chunk: int = key(256, "Most prompt tokens prefilled between two decoding steps: a long prompt is "
+                             "prefilled a chunk at a time while the running sequences go on; 0: whole prompts at "
+                             "once.", min=0, max=1 << 20)
+    prefix_cache_tokens: int = key(4096, "Prompt tokens whose prefilled state is kept, most recently used first, so "
+                                   "that a prompt sharing a cached prompt's beginning (a system prompt) prefills only "
+                                   "the rest; 0: no prefix cache.", min=0, max=1 << 24)
     header_timeout_s: float = key(10.0, "Seconds a client may take to send a request head (line and headers); then "
                                   "408 and the connection closes.", above=0.0, max=3600.0)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from hanlm.config import GenerateConfig
 from hanlm.data.tokenizer import UNK_CHAR, Tokenizer
 from hanlm.models import LanguageModel
+from hanlm.models.base import DecodeBatch
 from hanlm.sampling import SamplingParams, sample
 from hanlm.speculative import DraftLength, Speculation, speculative_tokens
 
@@ -28,6 +28,7 @@ class Generation:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""  # "stop" (eos or a stop string) or "length"
+    compile_seconds: float = 0.0  # spent compiling the decoding step (generate.compile)
 
 
 class TextStream:
@@ -75,6 +76,12 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [tokenizer.eos_id, *tokenizer.encode(prompt)]
 
 
+def compile_wanted(setting: str, model: LanguageModel) -> bool:
+    """Whether generate.compile `setting` (auto, on, off) compiles decoding for `model`: auto compiles on a GPU,
+    where a compiled step replays as a CUDA graph; on a CPU it gains less than its compile time costs a short run."""
+    return setting == "on" or (setting == "auto" and model.device.type == "cuda")
+
+
 def require_generating(model: LanguageModel) -> None:
     """ValueError naming the arch when `model` predicts no next token (an encoder)."""
     if not model.generates:
@@ -85,13 +92,15 @@ def require_generating(model: LanguageModel) -> None:
 
 def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,
              use_cache: bool = True, result: Generation | None = None,
-             speculation: Speculation | None = None) -> Iterator[str]:
+             speculation: Speculation | None = None, compile: bool = False) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces; `result` collects ids and the finish reason.
 
     With use_cache=False every step re-reads the whole sequence from an empty state: slower,
     and the reference that the cached path must match. With a `speculation`, its drafter proposes
     tokens that the model checks several per forward (hanlm.speculative): the same greedy output,
-    the same distribution when sampling; its `stats` count what was kept.
+    the same distribution when sampling; its `stats` count what was kept. `compile` runs the decoding
+    steps through torch.compile (hanlm.models.slot_cache): the same tokens, faster once compiled; the seconds
+    spent compiling go to `result.compile_seconds`.
     """
     require_generating(model)
     result = result if result is not None else Generation()
@@ -111,13 +120,16 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
     stream = TextStream(tokenizer, params.stop)
     try:
         with torch.no_grad():
-            logp, state = model.log_probs(torch.tensor([ids], device=device), model.initial_state(1))
-            if speculation is not None and use_cache:
-                tokens = speculative_tokens(model, ids, logp[:, -1], state, speculation.drafter,
-                                            DraftLength(speculation.k, speculation.adaptive), params, generator,
-                                            limit, speculation.stats)
+            if use_cache:
+                logp, batch = prefilled(model, ids, compile=compile)
+                if speculation is not None:
+                    tokens = speculative_tokens(batch, ids, logp, speculation.drafter,
+                                                DraftLength(speculation.k, speculation.adaptive), params, generator,
+                                                limit, speculation.stats, model.context_length)
+                else:
+                    tokens = plain_tokens(batch, logp, params, generator)
             else:
-                tokens = plain_tokens(model, ids, logp[:, -1], state, params, generator, use_cache)
+                tokens = uncached_tokens(model, ids, params, generator)
             result.finish_reason = "length"
             for token in itertools.islice(tokens, limit):
                 if token == tokenizer.eos_id:
@@ -130,6 +142,8 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
                 if stream.stopped:
                     result.finish_reason = "stop"
                     break
+            if use_cache:
+                result.compile_seconds = batch.compile_seconds
         result.text = stream.text
         piece = stream.finish()
         if piece:
@@ -138,19 +152,34 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str, params: Sa
         model.train(was_training)
 
 
-def plain_tokens(model: LanguageModel, ids: list[int], logp: torch.Tensor, state: Any, params: SamplingParams,
-                  generator: torch.Generator | None, use_cache: bool) -> Iterator[int]:
-    """The continuation of `ids` one forward per token, from the model's `logp` (1, V) and `state` after them."""
-    out: list[int] = []
+def prefilled(model: LanguageModel, ids: list[int], *, compile: bool = False) -> tuple[torch.Tensor, DecodeBatch]:
+    """The model's next-token log-probabilities (1, V) after `ids`, and a decoding batch of one row holding them
+    (its step compiled when `compile`)."""
+    logp, state = model.log_probs(torch.tensor([ids], device=model.device), model.initial_state(1))
+    batch = model.decode_batch(1, compile=compile)
+    batch.admit(state, len(ids))
+    return logp[:, -1], batch
+
+
+def plain_tokens(batch: DecodeBatch, logp: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None) -> Iterator[int]:
+    """The continuation of the one row of `batch`, one forward per token, from its log-probabilities `logp` (1, V)."""
     while True:
         token = int(sample(logp.float(), params, generator))
         yield token
+        logp = batch.step(torch.tensor([[token]], device=logp.device))[:, -1]
+
+
+def uncached_tokens(model: LanguageModel, ids: list[int], params: SamplingParams,
+                    generator: torch.Generator | None) -> Iterator[int]:
+    """The continuation of `ids`, every step re-reading the whole sequence from an empty state: the reference
+    that the cached loops must match."""
+    out: list[int] = []
+    while True:
+        logp, _ = model.log_probs(torch.tensor([ids + out], device=model.device), model.initial_state(1))
+        token = int(sample(logp[:, -1].float(), params, generator))
+        yield token
         out.append(token)
-        if use_cache:
-            logp, state = model.log_probs(torch.tensor([[token]], device=model.device), state)
-        else:
-            logp, _ = model.log_probs(torch.tensor([ids + out], device=model.device), model.initial_state(1))
-        logp = logp[:, -1]
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

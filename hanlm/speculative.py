@@ -26,7 +26,7 @@ import torch
 
 from hanlm.errors import ConfigError
 from hanlm.loading import load_for_inference
-from hanlm.models import LanguageModel
+from hanlm.models.base import DecodeBatch
 from hanlm.models.ngram import NGramLM
 from hanlm.sampling import GREEDY_BELOW, filter_logits, sample
 
@@ -150,31 +150,29 @@ class DraftLength:
             self.k = min(self.k_max, self.k + 1) if kept == proposed else max(1, self.k // 2) if kept == 0 else self.k
 
 
-def speculative_tokens(model: LanguageModel, ids: list[int], logp: torch.Tensor, state, drafter: Drafter,
+def speculative_tokens(batch: DecodeBatch, ids: list[int], logp: torch.Tensor, drafter: Drafter,
                        length: DraftLength, params, generator: torch.Generator | None, limit: int,
-                       stats: DraftStats) -> Iterator[int]:
-    """The model's continuation of `ids`, one token at a time, checked `length.k` drafted tokens per
-    forward. `logp` (1, V) and `state` are the model's after `ids`; at most `limit` tokens come out.
-    The caller may stop early (an `<eos>`, a stop string)."""
-    device = model.device
+                       stats: DraftStats, context_length: int | None) -> Iterator[int]:
+    """The continuation of `ids`, whose state is the one row of `batch`, one token at a time, checked
+    `length.k` drafted tokens per forward. `logp` (1, V) is the model's after `ids`; at most `limit` tokens
+    come out. The caller may stop early (an `<eos>`, a stop string)."""
     context = list(ids)
     pending = [int(sample(logp.float(), params, generator))]
     while True:
         yield from pending
         context += pending
         room = limit - (len(context) - len(ids)) - 1  # emitted tokens never pass the limit
-        if model.context_length is not None:  # the state holds all of context but its last token
-            room = min(room, model.context_length - len(context))
+        if context_length is not None:  # the state holds all of context but its last token
+            room = min(room, context_length - len(context))
         if room < 0:
             return
         started = time.perf_counter()
         draft = drafter.propose(context, min(length.k, room))
         stats.draft_s += time.perf_counter() - started
-        tokens = torch.tensor([[context[-1], *draft]], device=device)
-        all_logp, after = model.log_probs(tokens, state)
+        all_logp = batch.step(torch.tensor([[context[-1], *draft]], device=logp.device))
         pending = accept(all_logp[0], draft, params, generator)
         kept = len(pending) - 1
-        state = model.rewound(state, after, tokens, kept + 1)
+        batch.cut(0, kept + 1)
         stats.steps += 1
         stats.proposed += len(draft)
         stats.accepted += kept

@@ -134,14 +134,14 @@ def test_grouped_query_attention_caches_fewer_heads_and_decodes_ragged_rows_exac
     model = build_model(tiny("gpt-gqa"), tok.vocab_size).eval()
     assert model.blocks[0].attn.qkv.weight.shape == ((2 + 2 * 1) * 32, 64)  # 2 query heads, 1 key and 1 value
     tokens = batch[0][:3, :12]
-    states = []
+    batch = model.decode_batch(3)
     with torch.no_grad():
         for row, n in zip(tokens, (5, 9, 2)):  # rows of different lengths, decoded together
             _, state = model.log_probs(row[None, :n], model.initial_state(1))
-            states.append(state)
-        assert states[0].layer(0)[0].shape == (1, 1, 5, 32)
+            batch.admit(state, n)
+        assert state.layer(0)[0].shape == (1, 1, 2, 32)
         nxt = torch.stack([row[n] for row, n in zip(tokens, (5, 9, 2))])
-        logp, _ = model.decode_step(nxt, states)
+        logp = batch.step(nxt[:, None])[:, -1]
         for b, (row, n) in enumerate(zip(tokens, (5, 9, 2))):
             full = F.log_softmax(model(row[None, :n + 1]).float(), dim=-1)[0, -1]
             torch.testing.assert_close(logp[b], full, atol=1e-5, rtol=0)

@@ -174,7 +174,7 @@ def test_32_concurrent_streams_finish_and_greedy_output_equals_unbatched(checkpo
 
 
 def test_a_client_disconnect_cancels_its_generation(checkpoints):
-    decode = Gate("decode_step", after=2)  # two steps go, the third is held until the client has left
+    decode = Gate("slot_forward", after=2)  # two steps go, the third is held until the client has left
     with serve(checkpoints["gpt"], patches=[decode]) as server:
         server.wait_ready()
         body = {"prompt": "今天", "max_tokens": 100, "temperature": 0, "stream": True}

@@ -201,7 +201,7 @@ def test_metrics_public_serves_metrics_without_the_key_and_nothing_else(impatien
 @pytest.fixture(scope="module")
 def failing(checkpoints):
     """A server whose model breaks at its third decoding step, and at every one after."""
-    with serve(checkpoints["gpt"], patches=[FailAfter("decode_step", 2)]) as server:
+    with serve(checkpoints["gpt"], patches=[FailAfter("slot_forward", 2)]) as server:
         yield server.wait_ready()
 
 

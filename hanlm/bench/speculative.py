@@ -23,7 +23,7 @@ from hanlm.bench import suite_parser
 from hanlm.checkpoint import load_checkpoint
 from hanlm.config import load_config
 from hanlm.loading import load_for_inference, resolve_served
-from hanlm.generate import plain_tokens, prompt_ids
+from hanlm.generate import plain_tokens, prefilled, prompt_ids
 from hanlm.sampling import SamplingParams
 from hanlm.speculative import DraftLength, DraftStats, NGramDraft, PromptLookup, Speculation, speculative_tokens
 
@@ -59,13 +59,13 @@ def _decode(model, tokenizer, prompt: str, tokens: int, speculation: Speculation
     ids = prompt_ids(tokenizer, prompt)
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
     started = time.perf_counter()
-    logp, state = model.log_probs(torch.tensor([ids]), model.initial_state(1))
+    logp, batch = prefilled(model, ids)
     if speculation is None:
-        stream = plain_tokens(model, ids, logp[:, -1], state, params, None, True)
+        stream = plain_tokens(batch, logp, params, None)
     else:
-        stream = speculative_tokens(model, ids, logp[:, -1], state, speculation.drafter,
+        stream = speculative_tokens(batch, ids, logp, speculation.drafter,
                                     DraftLength(speculation.k, speculation.adaptive), params, None, tokens,
-                                    speculation.stats)
+                                    speculation.stats, model.context_length)
     out = list(itertools.islice(stream, tokens))
     return out, time.perf_counter() - started
 

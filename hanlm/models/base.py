@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from abc import ABCMeta, abstractmethod
+from abc import ABC, ABCMeta, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,6 +81,18 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
             return after
         return before if keep == 0 else self.log_probs(tokens[:, :keep], before)[1]
 
+    def decode_batch(self, capacity: int, *, compile: bool = False) -> DecodeBatch:
+        """A batch of up to `capacity` sequences decoded together (generation, the server). This default keeps
+        each sequence's own state and advances them with `decode_step(s)`; the GPT overrides it with one
+        preallocated cache for the whole batch. `compile` asks for a compiled step; models without one ignore it."""
+        return RowsBatch(self)
+
+    def state_prefix(self, state: Any, length: int, keep: int) -> Any | None:
+        """The state after only the first `keep` of the `length` tokens `state` holds, without recomputing
+        them (a cached prompt's shared prefix), or None where the state cannot be cut (this default, unless
+        keep == length)."""
+        return state if keep == length else None
+
     def token_log_probs(self, x: Tensor, y: Tensor, state: Any) -> Tensor:
         """log p(y[b, t] | state, x[b, :t+1]) for every position, (B, T); 0 where y == -1.
 
@@ -114,3 +127,64 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         head = self.lm_head.weight.numel() if self.tied else 0  # untied: already in num_params
         return 6.0 * (self.num_params(embeddings=False) + head)
 
+
+
+class DecodeBatch(ABC):
+    """Sequences decoded together, one row each in the order they were admitted: what generation and the
+    server's continuous batching advance one forward at a time."""
+
+    compile_seconds: float = 0.0  # spent compiling steps (a compiled batch; see hanlm.models.slot_cache)
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """The rows now in the batch."""
+
+    @abstractmethod
+    def admit(self, state: Any, length: int) -> None:
+        """Add a row that continues `state` (a `log_probs` state of batch size 1 holding `length` tokens)."""
+
+    @abstractmethod
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (increasing), which become rows 0 … len(rows) − 1; the others leave."""
+
+    @abstractmethod
+    def step(self, tokens: Tensor) -> Tensor:
+        """Advance every row by its T tokens, `tokens` (B, T) with B = len(self): the log-probabilities after
+        each (B, T, V), float32."""
+
+    @abstractmethod
+    def cut(self, row: int, keep: int) -> None:
+        """After a `step`, `row` keeps only the first `keep` of that step's tokens (a rejected draft leaves)."""
+
+
+class RowsBatch(DecodeBatch):
+    """Each row's own state, advanced by the model's `decode_step` (T = 1) or `decode_steps`."""
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+        self.states: list[Any] = []
+        self._before: list[Any] = []  # the states before the last step, and its tokens: what `cut` rewinds
+        self._tokens: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def admit(self, state: Any, length: int) -> None:
+        self.states.append(state)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.states = [self.states[i] for i in rows]
+        self._before, self._tokens = [], None
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self._before, self._tokens = self.states, tokens
+        if tokens.size(1) == 1:
+            logp, self.states = self.model.decode_step(tokens.view(-1), self.states)
+            return logp[:, None]
+        logp, self.states = self.model.decode_steps(tokens, self.states)
+        return logp
+
+    def cut(self, row: int, keep: int) -> None:
+        if self._tokens is None:
+            raise RuntimeError("cut follows a step")
+        self.states[row] = self.model.rewound(self._before[row], self.states[row], self._tokens[row:row + 1], keep)

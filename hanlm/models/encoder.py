@@ -49,7 +49,7 @@ class Encoder(ReadsBothSides, Transformer):
         """The final normalised hidden states (B, T, C) of x (B, T); with `lengths` (B,), positions at or
         after a row's length are padding that no position attends to."""
         B, T = x.shape
-        self._check_length(T, "the input")
+        self.check_length(T, "the input")
         rot = self._rotations(slice(0, T))
         mask = None
         if lengths is not None:

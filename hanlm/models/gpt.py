@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from hanlm.config import ModelConfig
 from hanlm.models.base import LanguageModel
 from hanlm.models.loss import linear_cross_entropy
+from hanlm.models.slot_cache import SlotBatch
 
 ROPE_THETA = 10000.0
 RMS_EPS = 1e-5  # the RMSNorms' default epsilon (Llama's; model.norm_eps)
@@ -139,8 +140,14 @@ def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
     broadcast against x's pairs (..., head_dim / 2).
 
     One complex multiply: on CPU about 3x faster, forward and backward, than the same rotation as
-    real multiplies and a concatenation.
+    real multiplies and a concatenation. Inductor generates no code for complex numbers, so under
+    torch.compile `rot` holds (cos, sin) on a last axis of 2 (`Transformer._rotations`) and the rotation is
+    done in real arithmetic.
     """
+    if torch.compiler.is_compiling():
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rot.unbind(-1)
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
@@ -179,12 +186,14 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.sizes = qkv_sizes(cfg)
 
-    def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int] | None = None,
+    def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int | Tensor] | None = None,
                 mask: Tensor | None = None) -> Tensor:
         """x (B, T, C) at the positions `rot` (broadcasting against (B, T, 2, H, head_dim / 2)) was
         made for. With a `cache` (key buffer, value buffer, P), the new keys and values are written
         at P .. P + T - 1 of the buffers (B, H, capacity, hd) and attention sees positions up to
-        P + T - 1. `mask` (boolean, broadcast to (B, H, T, P + T)) replaces the causal mask: rows
+        P + T - 1; where P is a tensor (B, T) of each row's own positions (a slot batch), they are
+        written there and attention reads the buffers' first mask.size(-1) positions, which `mask` hides
+        per row. `mask` (boolean, broadcast to (B, H, T, P + T)) replaces the causal mask: rows
         padded to a common length. A non-causal attention (the encoder's) sees every position but those
         `mask` hides."""
         B, T, C = x.shape
@@ -201,7 +210,13 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, rot).transpose(1, 2), apply_rotary(k, rot).transpose(1, 2)  # (B, heads, T, hd)
             v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         P = 0
-        if cache is not None:
+        if cache is not None and isinstance(cache[2], Tensor):  # a slot batch: each row writes at its own positions
+            k_buf, v_buf, positions = cache
+            rows = torch.arange(B, device=x.device).view(B, 1)
+            k_buf[rows, :, positions] = k.transpose(1, 2)  # (B, T, heads, hd) into (B, heads, capacity, hd)
+            v_buf[rows, :, positions] = v.transpose(1, 2)
+            k, v = k_buf[:, :, :mask.size(-1)], v_buf[:, :, :mask.size(-1)]
+        elif cache is not None:
             k_buf, v_buf, P = cache
             k_buf[:, :, P:P + T] = k
             v_buf[:, :, P:P + T] = v
@@ -235,7 +250,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.n_embd, mlp_width(cfg))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int] | None = None,
+    def forward(self, x: Tensor, rot: Tensor, cache: tuple[Tensor, Tensor, int | Tensor] | None = None,
                 mask: Tensor | None = None) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), rot, cache, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
@@ -276,14 +291,18 @@ class Transformer(LanguageModel):
         """
         return super().flops_per_token(seq_len) + 12.0 * self.n_layer * self.n_head * self.head_dim * seq_len
 
-    def _check_length(self, n: int, what: str) -> None:
+    def check_length(self, n: int, what: str) -> None:
+        """ValueError when `what`, `n` tokens, is longer than the model's context."""
         if n > self.context_length:
             raise ValueError(f"{what} is {n} tokens, longer than the model's context_length "
                              f"{self.context_length}; shorten it or use a model with a longer context")
 
     def _rotations(self, positions: Tensor | slice) -> Tensor:
         """Unit complex numbers (*positions, 1, 1, head_dim / 2) that rotate those positions; they
-        broadcast against the (B, T, 2, H, head_dim / 2) query and key pairs."""
+        broadcast against the (B, T, 2, H, head_dim / 2) query and key pairs. Under torch.compile, their
+        real and imaginary parts on a last axis instead (see `apply_rotary`)."""
+        if torch.compiler.is_compiling():
+            return torch.stack((self.rope_cos[positions], self.rope_sin[positions]), -1).float()[..., None, None, :, :]
         return torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[..., None, None, :]
 
 
@@ -298,7 +317,7 @@ class GPT(Transformer):
         """The final normalised hidden states (B, T, C) of x (B, T): what the head reads. (`lengths` of
         right-padded rows need no mask here: a causal position never sees the padding after it.)"""
         T = x.size(1)
-        self._check_length(T, "the input")
+        self.check_length(T, "the input")
         rot = self._rotations(slice(0, T))
         h = self.tok_emb(x)  # (B, T, C)
         for block in self.blocks:
@@ -322,7 +341,7 @@ class GPT(Transformer):
         P = state.pos
         if B != state.batch_size:
             raise ValueError(f"tokens have batch size {B} but the cache was made for {state.batch_size}")
-        self._check_length(P + T, f"the cached {P} plus {T} new tokens")
+        self.check_length(P + T, f"the cached {P} plus {T} new tokens")
         store = state.room(T, self.context_length)
         rot = self._rotations(slice(P, P + T))
         h = self.tok_emb(tokens)  # (B, T, C)
@@ -335,39 +354,26 @@ class GPT(Transformer):
         """`after` cut back to `before` plus `keep` tokens: no recomputation."""
         return after.truncated(before.pos + keep)
 
-    def decode_step(self, tokens: Tensor, states: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
-        """One token for each of B sequences with caches of different lengths, in one forward:
-        `decode_steps` with T = 1, the next-token log-probabilities (B, V)."""
-        logp, advanced = self.decode_steps(tokens.view(-1, 1), states)
-        return logp[:, -1], advanced
+    def decode_batch(self, capacity: int, *, compile: bool = False) -> SlotBatch:
+        """One preallocated cache for up to `capacity` sequences (hanlm.models.slot_cache), its step compiled
+        with torch.compile when `compile`."""
+        return SlotBatch(self, capacity, compile=compile)
 
-    def decode_steps(self, tokens: Tensor, states: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
-        """T tokens (B, T) for each of B sequences with caches of different lengths, in one forward:
-        log-probabilities after each (B, T, V) and the caches advanced by T (speculative decoding
-        checks drafts this way, then cuts each row's cache back to what it kept).
+    def state_prefix(self, state: KVCache, length: int, keep: int) -> KVCache:
+        """The cache's first `keep` tokens: a view of the same store, which stays valid (module docstring)."""
+        return KVCache(state.store, keep)
 
-        The caches are padded to the longest (L) in one batch buffer, the new tokens' keys and
-        values go at positions L … L + T − 1 of every row, and a mask hides each row's padding (and
-        the new tokens after each query); rotary positions are per row. Each sequence keeps its own
-        cache: the new keys and values are then written into its own store."""
+    def slot_forward(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor],
+                     span: int) -> Tensor:
+        """Log-probabilities (B, T, V) after `tokens` (B, T) at `positions` (B, T), each row continuing its own
+        keys and values in `keys[i]` / `values[i]` (B, key/value heads, capacity, head_dim) for layer i, which
+        get the new ones written at `positions`. Each query attends to its row's positions up to its own among
+        the first `span`; what lies beyond a row's length is hidden, so stale keys there do no harm."""
         B, T = tokens.shape
-        lengths = torch.tensor([s.pos for s in states], device=tokens.device)
-        L = int(lengths.max())
-        self._check_length(L + T, f"the cached {L} plus {T} new tokens")
-        offsets = torch.arange(T, device=tokens.device)
-        rot = self._rotations(lengths.view(B, 1) + offsets)  # (B, T, 1, 1, head_dim / 2)
-        slots = torch.arange(L + T, device=tokens.device)
-        mask = (slots < lengths.view(B, 1, 1)) | ((slots >= L) & (slots <= L + offsets.view(1, T, 1)))
-        mask = mask.view(B, 1, T, L + T)
-        stores = [s.room(T, self.context_length) for s in states]
+        rot = self._rotations(positions)  # (B, T, 1, 1, head_dim / 2)
+        slots = torch.arange(span, device=tokens.device)
+        mask = (slots.view(1, 1, span) <= positions.view(B, T, 1)).view(B, 1, T, span)
         h = self.tok_emb(tokens)
-        for i, block in enumerate(self.blocks):
-            cached = [s.layer(i) for s in states]
-            k = torch.cat([F.pad(k, (0, 0, 0, L + T - s.pos)) for s, (k, _) in zip(states, cached)])
-            v = torch.cat([F.pad(v, (0, 0, 0, L + T - s.pos)) for s, (_, v) in zip(states, cached)])
-            h = block(h, rot, (k, v, L), mask)  # k, v: (B, H, L + T, hd), the new tokens' at L …
-            for b, (s, store) in enumerate(zip(states, stores)):
-                store.k[i][0, :, s.pos:s.pos + T] = k[b, :, L:]
-                store.v[i][0, :, s.pos:s.pos + T] = v[b, :, L:]
-        logp = F.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)  # (B, T, V)
-        return logp, [KVCache(store, s.pos + T) for s, store in zip(states, stores)]
+        for block, k, v in zip(self.blocks, keys, values):
+            h = block(h, rot, (k, v, positions), mask)
+        return F.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)

@@ -51,6 +51,7 @@ from hanlm.eval import perplexity
 from hanlm.loading import load_for_inference, resolve_served
 from hanlm.mixture_file import is_mixture, read_mixture
 from hanlm.models.base import LanguageModel
+from hanlm.generate import compile_wanted
 from hanlm.serve import generation
 from hanlm.serve.body import Schema, parse_body
 from hanlm.serve.connections import HEAD_TIMEOUT_S, uvicorn_settings
@@ -354,9 +355,11 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
                api_key: str | None = None, max_batch: int = 16, max_queue: int = 256, max_body_bytes: int = 1 << 20,
                max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
                speculation: Callable[[Tokenizer], Speculation | None] | None = None, max_task_queue: int = 8,
-               task_threads: int | None = None) -> FastAPI:
+               task_threads: int | None = None, compile: str = "auto", prefill_chunk: int = 256,
+               prefix_cache_tokens: int = 4096) -> FastAPI:
     """The app; `load` runs in a background thread at startup (/health says 503 until it is done).
-    `speculation` makes the engine's drafter for the loaded tokenizer (None: no speculative decoding).
+    `speculation` makes the engine's drafter for the loaded tokenizer (None: no speculative decoding);
+    `compile` (generate.compile), `prefill_chunk` and `prefix_cache_tokens` (serve.*) configure the engine.
     A classifier or tagger runs its batches on a worker thread with `task_threads` intra-op threads
     (None: `task_threads_for` its config), where at most `max_task_queue` batches wait.
 
@@ -371,7 +374,9 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
             engine = None
             if cfg.model.task == "lm" and model.generates:
                 engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=s.metrics,
-                                speculation=speculation(tokenizer) if speculation else None)
+                                speculation=speculation(tokenizer) if speculation else None,
+                                compile=compile_wanted(compile, model), prefill_chunk=prefill_chunk,
+                                prefix_cache_tokens=prefix_cache_tokens)
                 engine.start()
             elif cfg.model.task != "lm":
                 s.worker = TaskWorker(max_waiting=max_task_queue, threads=task_threads or task_threads_for(cfg),
@@ -403,9 +408,11 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
 def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_body_bytes: int, max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
           model_name: str | None = None, device: str = "cpu", draft: tuple | None = None, max_task_queue: int = 8,
-          task_threads: int | None = None, header_timeout_s: float = HEAD_TIMEOUT_S) -> None:
+          task_threads: int | None = None, header_timeout_s: float = HEAD_TIMEOUT_S, compile: str = "auto",
+          prefill_chunk: int = 256, prefix_cache_tokens: int = 4096) -> None:
     """Run the server until interrupted; the model loads while it already answers /health. `draft`:
-    speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k).
+    speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k);
+    the rest as `create_app`.
     `header_timeout_s`: how long a client may take to send a request head (then the connection closes)."""
     import uvicorn
 
@@ -422,7 +429,8 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
                      max_queue=max_queue, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
                      body_timeout_s=body_timeout_s, metrics_public=metrics_public,
                      speculation=_drafts(*draft) if draft else None, max_task_queue=max_task_queue,
-                     task_threads=task_threads)
+                     task_threads=task_threads, compile=compile, prefill_chunk=prefill_chunk,
+                     prefix_cache_tokens=prefix_cache_tokens)
     # Ctrl-C: finish what can finish in a few seconds, then cancel the rest (whose generations stop).
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
                 **uvicorn_settings(header_timeout_s))

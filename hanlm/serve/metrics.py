@@ -23,6 +23,10 @@ class Metrics:
         self.itl = Histogram("hanlm_inter_token_latency_seconds", "Between consecutive tokens of one sequence",
                              buckets=_ITL_BUCKETS, registry=r)
         self.prompt_tokens = Counter("hanlm_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prefix_tokens = Counter("hanlm_prefix_cached_tokens", "Prompt tokens taken from the prefix cache, not "
+                                     "prefilled again", registry=r)
+        self.compile_seconds = Gauge("hanlm_compile_seconds", "Seconds spent compiling the decoding step at start "
+                                     "(generate.compile)", registry=r)
         self.generation_tokens = Counter("hanlm_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("hanlm_requests", "HTTP requests to the API by endpoint and status",
                                 ["endpoint", "status"], registry=r)
