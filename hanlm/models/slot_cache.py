@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
+import torch._inductor.config
 from torch import Tensor, nn
 
 from hanlm.models.base import DecodeBatch
@@ -59,8 +60,12 @@ class SlotBatch(DecodeBatch):
         self.compile_seconds = 0.0
         self._shapes: set[tuple[int, int]] = set()
         self._compiled: Callable[..., Tensor] | None = None
+        # On a GPU the compiled step replays as a CUDA graph; on a CPU, Inductor's freezing folds the weights in as
+        # constants and prepacks them for oneDNN, which at batch 1 measured 1.6× eager against 1.1-1.3× without.
+        # It is set only around these calls: frozen weights would be wrong for anything that trains.
+        self._freeze = w.device.type == "cpu"
         if compile:
-            mode = "reduce-overhead" if w.device.type == "cuda" else None  # CUDA graphs on a GPU
+            mode = "reduce-overhead" if w.device.type == "cuda" else None
             self._compiled = torch.compile(model.slot_forward, mode=mode, fullgraph=True)
 
     def __len__(self) -> int:
@@ -124,8 +129,11 @@ class SlotBatch(DecodeBatch):
         keys, values = [k[:B] for k in self.keys], [v[:B] for v in self.values]
         first = self.compiled and (B, T) not in self._shapes
         started = time.perf_counter()
-        forward = self._compiled or self.model.slot_forward
-        logp = forward(tokens, positions, keys, values, span)
+        if self._compiled is None:
+            logp = self.model.slot_forward(tokens, positions, keys, values, span)
+        else:
+            with torch._inductor.config.patch(freezing=self._freeze):
+                logp = self._compiled(tokens, positions, keys, values, span)
         if first:
             self._shapes.add((B, T))
             self.compile_seconds += time.perf_counter() - started
