@@ -30,6 +30,7 @@ from hanlm.sampling import SamplingParams, sample, sample_rows
 from hanlm.models.base import LanguageModel
 from hanlm.serve.metrics import Metrics
 from hanlm.serve.prefix_cache import PrefixCache
+from hanlm.serve.protocol import MAX_CHOICES
 from hanlm.speculative import DraftLength, Speculation, accept
 
 
@@ -116,7 +117,8 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
         self.speculation = speculation  # its drafter serves every sequence; each has its own draft length
-        self.batch = model.decode_batch(max_batch, compile=compile)  # row i holds _running[i]
+        # Row i holds _running[i]. A request's n choices start together even beyond max_batch when nothing else runs.
+        self.batch = model.decode_batch(max(max_batch, MAX_CHOICES), compile=compile)
         self.compiled = compile
         self.prefill_chunk = prefill_chunk
         self.prefixes = PrefixCache(model, prefix_cache_tokens) if prefix_cache_tokens else None
