@@ -152,7 +152,7 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
     p = verbs.add_parser("mix", help="combine a neural and an n-gram checkpoint into one model",
                          description="Interpolate the next-token distributions of a neural checkpoint and an n-gram "
                          "checkpoint (the same tokenizer), the neural weight depending on how much context the "
-                         "n-gram knows; the weights are tuned on held-out training text, never the val split. "
+                         "n-gram knows; the weights are tuned on the prepared tune split (data.tune_fraction), never the val split. "
                          "Writes OUT/mixture.json, which eval, generate and serve take like a checkpoint.")
     p.add_argument("neural", help="the gpt or lstm checkpoint (path or checkpoint directory)")
     p.add_argument("ngram", nargs="?", help="the n-gram checkpoint, trained on the same prepared data (default: count "
@@ -161,7 +161,8 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
                    help="order of the n-gram to count when none is given (default 5)")
     p.add_argument("--out", required=True, help="directory for mixture.json")
     p.add_argument("--tune-tokens", type=int, default=100_000, metavar="N",
-                   help="held-out tokens at the end of the train split to tune on (default 100000)")
+                   help="most tokens of the tune split to tune on (default 100000; without a tune split, "
+                   "the last tokens of the train split)")
     p.add_argument("--no-buckets", action="store_true",
                    help="one weight for every context instead of one per n-gram context length")
     p.add_argument("--no-eval", action="store_true", help="skip scoring the parts and the mixture on the val split")

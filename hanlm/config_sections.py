@@ -47,6 +47,9 @@ class DataConfig:
     val_source: list[str] = key([], "Validation text; when empty, `val_fraction` of the documents is held out.")
     val_fraction: float = key(0.02, "Share of documents held out for validation, chosen by a hash of each "
                               "document (deterministic).", min=0.0, max=0.5)
+    tune_fraction: float = key(0.02, "Share of the training sources' documents held out as the `tune` split, by "
+                               "the same hash, disjoint from val: never trained on, it is what hanlm mix fits the "
+                               "mixture's weights on; 0: none.", min=0.0, max=0.5)
     format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = key("auto", "File format; `auto` goes by the "
                                                                     "extension.")
     txt_documents: Literal["line", "paragraph"] = key("line", "In .txt files a document is one line, or a "

@@ -3,12 +3,12 @@
     hanlm mix runs/default runs/ngram5 --out runs/mix     # tune the weights, write runs/mix/mixture.json
     hanlm eval runs/mix                                   # then use it like any checkpoint
 
-The weights are tuned on held-out *training* text, never on the val split: the last
-`tune_tokens` tokens of the neural run's train split (cut at a document boundary). The n-gram
-has counted that text, which would make it look far better there than on new text, so the
-tuning scores it with an n-gram re-estimated without those documents (same order, discounts and
-pruning; seconds). The neural model has trained on that text too; its advantage there is small
-beside the n-gram's (it never memorises whole contexts) and biases the weight towards it.
+The weights are tuned on the prepared data's `tune` split (data.tune_fraction of the training
+sources' documents, by hash), which neither part trained on and which is not the val split: the
+weights are fitted on text as new to both as the val text is (at most `tune_tokens` of it). Data
+prepared without a tune split falls back to the last `tune_tokens` tokens of the train split with
+the n-gram re-estimated without them (same order, discounts and pruning; seconds); the neural
+model trained on that text, which biases the weight towards it, and the output says so.
 
 `mixture.json` holds the weights and the two parts' paths with the digest of their manifests:
 the parts stay where they are, and loading refuses a part that has changed since the tuning.
@@ -33,7 +33,8 @@ from hanlm.eval import EvalResult, evaluate, prepared_for, prepared_split, token
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
 from hanlm.mixture_file import MIXTURE_FILE, MIXTURE_FORMAT, is_mixture, manifest_digest
 from hanlm.models.mixture import MixtureLM, fit_weights, mixed_nats
-from hanlm.models.ngram import estimate
+from hanlm.data.shards import open_split
+from hanlm.models.ngram import NGramLM, estimate
 from hanlm.train.ngram import train_ngram
 
 
@@ -76,15 +77,7 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
     ngram_ckpt = open_checkpoint(ngram_path)
     _check_parts(neural_ckpt, ngram_ckpt)
     neural, cfg, tokenizer = model_of(neural_ckpt, device), neural_ckpt.config, neural_ckpt.tokenizer
-    train, _ = prepared_split(cfg, tokenizer, "train")
-    train = np.asarray(train, dtype=np.int64)
-    cut = _heldout_start(train, tune_tokens, tokenizer.eos_id)
-    held = train[cut:]
-    m = ngram_ckpt.config.model
-    echo(f"tuning on the last {len(held):,} tokens of the train split; re-estimating the {ngram_ckpt.ngram.order}-gram "
-         f"without them ...")
-    leave_out, _ = estimate(train[:cut], tokenizer.vocab_size, ngram_ckpt.ngram.order,
-                            discount_fallback=m.discount_fallback, prune=m.prune)
+    held, leave_out = _tuning_text(cfg, tokenizer, ngram_ckpt, tune_tokens, echo)
     x, y = held[:-1], held[1:]
     neural_lp = torch.cat(list(token_scores(neural, held, block_size=cfg.train.block_size,
                                             batch_size=cfg.eval.batch_size))).numpy()
@@ -114,6 +107,28 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
                                      characters=characters, stride=cfg.eval.stride)
                       for name, model in (("neural", neural), ("ngram", ngram_ckpt.ngram), ("mixture", mixture))}
     return report
+
+
+def _tuning_text(cfg: Config, tokenizer, ngram_ckpt, tune_tokens: int,
+                 echo: Callable[[str], None]) -> tuple[np.ndarray, NGramLM]:
+    """The tokens the weights are fitted on, and the n-gram that scores them: the prepared data's tune split
+    (data.tune_fraction), which neither part trained on, with the n-gram as it is; else, for data prepared
+    without one, the last `tune_tokens` of the train split with the n-gram re-estimated without them — but the
+    neural model did train on them, so its weight comes out too high (the output says so)."""
+    directory, meta = prepared_for(cfg, tokenizer)
+    if "tune" in meta["splits"]:
+        held = np.asarray(open_split(directory, "tune"), dtype=np.int64)[:tune_tokens]
+        echo(f"tuning on {len(held):,} tokens of the tune split (data.tune_fraction: text neither part trained on) ...")
+        return held, ngram_ckpt.ngram
+    train = np.asarray(open_split(directory, "train"), dtype=np.int64)
+    cut = _heldout_start(train, tune_tokens, tokenizer.eos_id)
+    m = ngram_ckpt.config.model
+    echo(f"no tune split in {directory} (data.tune_fraction is 0, or too little data): tuning on the last "
+         f"{len(train) - cut:,} tokens of the train split, which the neural model trained on, so its weight comes out "
+         f"too high; re-estimating the {ngram_ckpt.ngram.order}-gram without them ...")
+    leave_out, _ = estimate(train[:cut], tokenizer.vocab_size, ngram_ckpt.ngram.order,
+                            discount_fallback=m.discount_fallback, prune=m.prune)
+    return train[cut:], leave_out
 
 
 def count_ngram(cfg: Config, order: int, out: Path, echo: Callable[[str], None]) -> str:

@@ -115,6 +115,7 @@ def test_hanlm_mix_tunes_writes_and_the_mixture_evaluates_like_a_checkpoint(chec
     assert main(["mix", str(neural), str(ngram), "--out", str(out), "--tune-tokens", "20000"]) == 0
     printed = capsys.readouterr().out
     assert "| mixture |" in printed and "below the better part" in printed
+    assert "tokens of the tune split (data.tune_fraction" in printed  # fitted on text neither part trained on
     record = json.loads((out / "mixture.json").read_text())
     assert len(record["weights"]) == 3 and all(0 <= w <= 1 for w in record["weights"])
     model, cfg, _ = load_for_inference(str(out))

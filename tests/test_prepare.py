@@ -17,7 +17,7 @@ from hanlm.config import load_config
 from hanlm.data import prepare as prepare_module
 from hanlm.data import spool as spool_module
 from hanlm.data.prepare import prepare
-from hanlm.data.splits import is_val
+from hanlm.data.splits import split_of
 from hanlm.data.shards import FORMAT_VERSION, ShardWriter, TokenShards, open_split, read_meta, token_dtype
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import ConfigError, DataError
@@ -41,8 +41,9 @@ def pd_char(tmp_path_factory):
 def test_people_daily_char_shards_hold_the_whole_corpus(pd_char, people_daily):
     meta, splits = pd_char.meta, pd_char.meta["splits"]
     assert meta["dtype"] == "uint16" and meta["tokenizer_kind"] == "char"
-    assert splits["train"]["documents"] + splits["val"]["documents"] == len(people_daily) == 19_484
-    assert splits["train"]["characters"] + splits["val"]["characters"] == sum(map(len, people_daily))
+    assert sum(s["documents"] for s in splits.values()) == len(people_daily) == 19_484
+    assert sum(s["characters"] for s in splits.values()) == sum(map(len, people_daily))
+    assert 0.01 < splits["tune"]["documents"] / len(people_daily) < 0.03
     train, val = splits["train"], splits["val"]  # char: a token per character and an <eos> per document,
     assert train["tokens"] == train["characters"] + train["documents"]  # and 2-4 bytes per character unseen in train
     assert val["characters"] + val["documents"] < val["tokens"] < val["characters"] + val["documents"] + 100
@@ -52,8 +53,8 @@ def test_people_daily_char_shards_hold_the_whole_corpus(pd_char, people_daily):
 
 
 def test_shards_decode_back_to_the_split_documents(pd_char, people_daily):
-    train = [d for d in people_daily if not is_val(d, 0.02)]
-    val = [d for d in people_daily if is_val(d, 0.02)]
+    train = [d for d in people_daily if split_of(d, 0.02, 0.02) == "train"]
+    val = [d for d in people_daily if split_of(d, 0.02, 0.02) == "val"]
     assert documents_of(pd_char.directory, "train") == train
     # val characters never seen in train are spelled by their UTF-8 bytes, so val decodes exactly too
     vocab = set(Tokenizer.load(pd_char.directory / "tokenizer.json").vocab)
@@ -68,7 +69,7 @@ def test_bpe_shards_round_trip_exactly(tmp_path, people_daily):
     result = prepare(cfg, tmp_path / "out", progress=False)
     docs = people_daily[:2000]
     assert documents_of(result.directory, "train") + documents_of(result.directory, "val") == \
-        [d for d in docs if not is_val(d, 0.02)] + [d for d in docs if is_val(d, 0.02)]
+        [d for d in docs if split_of(d, 0.02, 0.02) == "train"] + [d for d in docs if split_of(d, 0.02, 0.02) == "val"]
     assert result.meta["vocab_size"] == 1000
 
 
@@ -219,7 +220,8 @@ def test_explicit_val_source_and_empty_val_split(tmp_path, people_daily):
     result = prepare(load_config(None, [f"data.source={train}", f"data.val_source={val}"]), tmp_path / "o",
                      progress=False)
     assert result.meta["splits"]["val"]["documents"] == 50
-    assert result.meta["splits"]["train"]["documents"] == 400
+    splits = result.meta["splits"]
+    assert splits["train"]["documents"] + splits["tune"]["documents"] == 400 and splits["tune"]["documents"] > 0
     one = tmp_path / "one.txt"
     one.write_text(people_daily[0] + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="the val split is empty.*data.val_fraction"):
@@ -249,7 +251,7 @@ def test_cli_prepare_prints_the_statistics(capsys, pd_char):
     assert f"{train['documents']:,} documents" in out and f"{train['tokens']:,} tokens" in out
     assert f"distinct characters (train): {pd_char.meta['distinct_characters']:,}" in out
     assert main(["prepare", "--out", str(pd_char.directory), "--json", "--set", "tokenizer.kind=char"]) == 0
-    assert json.loads(capsys.readouterr().out)["splits"]["train"]["tokens"] > 1_800_000
+    assert json.loads(capsys.readouterr().out)["splits"]["train"]["tokens"] > 1_750_000
 
 
 def test_cli_prepare_reports_a_missing_source_without_a_traceback(tmp_path):
@@ -324,7 +326,7 @@ def test_tokenizer_training_reads_at_most_train_chars_spread_over_the_split(tmp_
                                         "tokenizer.train_chars=40000"]), tmp_path / "o", progress=False)
     chars = sum(map(len, seen))
     assert 30_000 <= chars <= 40_000 < result.meta["splits"]["train"]["characters"] / 3
-    train = [d for d in docs if not is_val(d, 0.02)]
+    train = [d for d in docs if split_of(d, 0.02, 0.02) == "train"]
     assert set(seen) < set(train)
     assert train.index(seen[0]) < len(train) / 10 and train.index(seen[-1]) > len(train) * 0.8, \
         "the sample spans the whole split"
@@ -340,7 +342,7 @@ def test_lone_surrogates_in_a_json_source_follow_on_decode_error(tmp_path, peopl
     result = prepare(load_config(None, [f"data.source={src}", "data.on_decode_error=replace"]), tmp_path / "o",
                      progress=False)
     assert "1 invalid UTF-8 sequence(s)" in result.meta["read_report"]
-    docs = documents_of(result.directory, "train") + documents_of(result.directory, "val")
+    docs = [d for split in result.meta["splits"] for d in documents_of(result.directory, split)]
     assert "坏\ufffd字" in docs and len(docs) == 201
 
 
@@ -390,3 +392,25 @@ def test_a_tampered_file_index_is_refused_by_name(tmp_path, files, message):
                                                     "splits": {"train": {"files": files, "tokens": 3}}}))
     with pytest.raises(DataError, match=message):
         open_split(tmp_path, "train")
+
+
+def test_the_tune_split_is_disjoint_from_train_and_val_and_the_same_every_time(tmp_path, people_daily):
+    src = tmp_path / "pd.txt"
+    docs = list(dict.fromkeys(people_daily[:1500]))  # distinct documents: each can be found in one split
+    src.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    cfg = load_config(None, [f"data.source={src}", "tokenizer.kind=char", "data.tune_fraction=0.05"])
+    first, again = prepare(cfg, tmp_path / "a", progress=False), prepare(cfg, tmp_path / "b", progress=False)
+    tokenizer = Tokenizer.load(first.directory / "tokenizer.json")
+
+    def documents(directory, split):
+        ids = np.asarray(open_split(directory, split), dtype=np.int64)
+        cuts = np.flatnonzero(ids == tokenizer.eos_id)
+        return {tokenizer.decode(part.tolist()) for part in np.split(ids, cuts + 1) if len(part) > 1}
+
+    by_split = {split: documents(first.directory, split) for split in ("train", "val", "tune")}
+    assert 0.03 * len(docs) < len(by_split["tune"]) < 0.07 * len(docs)
+    assert not by_split["tune"] & by_split["train"] and not by_split["tune"] & by_split["val"]
+    assert by_split["train"] | by_split["val"] | by_split["tune"] == set(docs)
+    assert (first.directory / "tune.bin").read_bytes() == (again.directory / "tune.bin").read_bytes()
+    none = prepare(load_config(None, [f"data.source={src}", "data.tune_fraction=0"]), tmp_path / "c", progress=False)
+    assert set(none.meta["splits"]) == {"train", "val"}

@@ -104,7 +104,7 @@ def test_auto_format_reads_words_and_slash_files_and_bmes_pos_needs_tags(paragra
 
 
 def test_the_split_is_deterministic_disjoint_and_the_test_split_is_pretrainings_val(sample):
-    from hanlm.data.splits import is_val
+    from hanlm.data.splits import split_of
 
     cfg = load_config("segment", [f"finetune.data=[{sample}]"])
     first, again = read_tagged_data(cfg), read_tagged_data(cfg)
@@ -112,7 +112,7 @@ def test_the_split_is_deterministic_disjoint_and_the_test_split_is_pretrainings_
            {n: [s.words for s in v] for n, v in again.splits.items()}
     texts = {n: {s.text for s in v} for n, v in first.splits.items()}
     assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["dev"])
-    assert all(is_val(t, 0.02) for t in texts["test"]) and len(texts["test"]) > 10
+    assert all(split_of(t, 0.02, 0) == "val" for t in texts["test"]) and len(texts["test"]) > 10
     assert first.vocabulary == frozenset(w for s in first.splits["train"] for w in s.words)
 
 

@@ -32,7 +32,7 @@ from hanlm.config import Config
 from hanlm.data.corpora import hanlm_home
 from hanlm.data import spark_prepare
 from hanlm.data.reader import DocumentReader
-from hanlm.data.splits import is_val, text_bucket
+from hanlm.data.splits import split_names, split_of, text_bucket
 from hanlm.data.spool import DocumentSpool, read_chunk
 from hanlm.data.segmenters import SegmenterLoader, plug_segmenter_loader, segmenter_loader
 from hanlm.data.shards import FORMAT_VERSION, ShardWriter, open_split, read_meta, token_dtype
@@ -147,8 +147,10 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
         if launcher == "spark":
             spools, stats = spark_prepare.spool(cfg, train_reader, val_reader, tmp)
         else:
-            spools = _split_documents(train_reader, val_reader, cfg.data.val_fraction, tmp, progress)
+            spools = _split_documents(train_reader, val_reader, cfg, tmp, progress)
             stats = train_reader.stats
+        if "tune" in spools and spools["tune"].documents == 0:  # too little data for one: hanlm mix says so
+            spools.pop("tune").remove()
         for split, spool in spools.items():
             if spool.documents == 0:
                 raise _empty_split_error(split, cfg)
@@ -180,6 +182,7 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
             "sources": {"train": train_reader.fingerprints(),
                         "val": val_reader.fingerprints() if val_reader else "held out from train"},
             "val_fraction": None if val_reader else cfg.data.val_fraction,
+            "tune_fraction": cfg.data.tune_fraction,
             "read_report": stats.summary(),
             "splits": splits,
         }
@@ -187,14 +190,15 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
     return Prepared(directory, meta, reused=False, seconds=time.perf_counter() - start)
 
 
-def _split_documents(train: DocumentReader, val: DocumentReader | None, val_fraction: float, tmp: Path,
+def _split_documents(train: DocumentReader, val: DocumentReader | None, cfg: Config, tmp: Path,
                      progress: bool) -> dict[str, DocumentSpool]:
     """Read every source once, spooling each split's documents to disk."""
-    spools = {s: DocumentSpool(tmp, s) for s in ("train", "val")}
+    spools = {s: DocumentSpool(tmp, s) for s in split_names(cfg.data.tune_fraction)}
+    val_fraction = 0.0 if val is not None else cfg.data.val_fraction
     try:
         with tqdm(desc="read", unit=" docs", disable=not progress, leave=False) as bar:
             for doc in train:
-                spools["val" if val is None and is_val(doc, val_fraction) else "train"].add(doc)
+                spools[split_of(doc, val_fraction, cfg.data.tune_fraction)].add(doc)
                 bar.update()
             for doc in val or ():
                 spools["val"].add(doc)
@@ -238,7 +242,7 @@ def training_sample(docs: Iterable[str], characters: int, cap: int) -> Iterator[
 def _empty_split_error(split: str, cfg: Config) -> DataError:
     how = ("data.val_source gave no documents" if cfg.data.val_source
            else f"data.val_fraction={cfg.data.val_fraction} held out no document")
-    return DataError(f"the {split} split is empty: {how if split == 'val' else 'every document went to val'}; "
+    return DataError(f"the {split} split is empty: {how if split == 'val' else 'every document went to val or tune'}; "
                      "add data or change data.val_fraction")
 
 

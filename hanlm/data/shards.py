@@ -21,7 +21,7 @@ import numpy as np
 from hanlm.errors import DataError
 
 FORMAT_VERSION = 3
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "tune")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -30,7 +30,7 @@ import numpy as np
 
 from hanlm import errors
 from hanlm.config import Config
-from hanlm.data.splits import is_val
+from hanlm.data.splits import split_names, split_of
 from hanlm.data.spool import DocumentSpool, read_chunk
 from hanlm.data.reader import DocumentReader, ReadStats
 from hanlm.data.sources import SourceFile
@@ -75,14 +75,15 @@ def _results(rows: list[dict]) -> list[Any]:
 
 
 def _spool_file(index: int, src: SourceFile, split: str | None, cfg: Config, root: str) -> dict[str, Any]:
-    """Spool one source file: every document to `split`, or by the val hash when split is None."""
+    """Spool one source file: every document to `split`, or by the split hash (`split_of`) when split is None."""
     directory = Path(root) / f"part-{index:05d}"
     directory.mkdir(parents=True, exist_ok=True)
     reader = DocumentReader.of_files([src], cfg.data, allow_empty=True)
-    spools = {s: DocumentSpool(directory, s) for s in ("train", "val")}
+    spools = {s: DocumentSpool(directory, s) for s in split_names(cfg.data.tune_fraction)}
+    val_fraction = 0.0 if cfg.data.val_source else cfg.data.val_fraction
     try:
         for doc in reader:
-            spools[split or ("val" if is_val(doc, cfg.data.val_fraction) else "train")].add(doc)
+            spools[split or split_of(doc, val_fraction, cfg.data.tune_fraction)].add(doc)
     finally:
         for spool in spools.values():
             spool.close()
@@ -96,11 +97,11 @@ def spool(cfg: Config, train: DocumentReader, val: DocumentReader | None,
         raise ConfigError("data.dedup keeps the first of each repeated document, which needs one ordered pass over "
                           "every file: prepare without --launcher spark, or deduplicate the corpus beforehand")
     root = tmp / PARTS
-    jobs = [(i, src, "train" if val is not None else None) for i, src in enumerate(train.files)]
+    jobs = [(i, src, None) for i, src in enumerate(train.files)]
     jobs += [(len(jobs) + i, src, "val") for i, src in enumerate(val.files if val is not None else [])]
     task = _guarded(lambda i, src, split: _spool_file(i, src, split, cfg, str(root)))
     parts = _results(_context().parallelize(jobs, len(jobs)).map(task).collect())
-    spools = {s: DocumentSpool(tmp, s) for s in ("train", "val")}
+    spools = {s: DocumentSpool(tmp, s) for s in split_names(cfg.data.tune_fraction)}
     stats = ReadStats(files=len(train.files))
     for (_, _, split), part in zip(jobs, parts):
         for s, spool_ in spools.items():

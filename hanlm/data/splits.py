@@ -13,6 +13,16 @@ def text_bucket(doc: str, salt: bytes = b"") -> int:
     return int.from_bytes(digest, "little") % 1_000_000
 
 
-def is_val(doc: str, val_fraction: float) -> bool:
-    """Whether a document belongs to the val split (by `text_bucket`)."""
-    return text_bucket(doc) < val_fraction * 1_000_000
+def split_names(tune_fraction: float) -> tuple[str, ...]:
+    """The splits prepare writes: train, val, and tune unless data.tune_fraction is 0."""
+    return ("train", "val", "tune") if tune_fraction else ("train", "val")
+
+
+def split_of(doc: str, val_fraction: float, tune_fraction: float) -> str:
+    """The split of a training source's document, by `text_bucket`: "val" for the first `val_fraction` of the
+    hash range (0 when the val text comes from sources of its own), "tune" for the next `tune_fraction` (held
+    out of training for what is fitted after it: mixture weights, the best checkpoint), else "train"."""
+    bucket = text_bucket(doc)
+    if bucket < val_fraction * 1_000_000:
+        return "val"
+    return "tune" if bucket < (val_fraction + tune_fraction) * 1_000_000 else "train"
