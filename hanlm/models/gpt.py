@@ -365,15 +365,17 @@ class GPT(Transformer):
 
     def slot_forward(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor],
                      span: int) -> Tensor:
-        """Log-probabilities (B, T, V) after `tokens` (B, T) at `positions` (B, T), each row continuing its own
-        keys and values in `keys[i]` / `values[i]` (B, key/value heads, capacity, head_dim) for layer i, which
-        get the new ones written at `positions`. Each query attends to its row's positions up to its own among
-        the first `span`; what lies beyond a row's length is hidden, so stale keys there do no harm."""
+        """Log-probabilities (B, T, V) after `tokens` (B, T) at `positions` (B, T), row b continuing its own
+        keys and values in row b of `keys[i]` / `values[i]` (rows ≥ B, key/value heads, capacity, head_dim) for
+        layer i, which get the new ones written at `positions`. Each query attends to its row's positions up to
+        its own among the first `span`; what lies beyond a row's length is hidden, so stale keys there do no
+        harm. The buffers come whole and are cut to B rows here, so that compiled they are the same tensors
+        every step (static addresses for CUDA graphs)."""
         B, T = tokens.shape
         rot = self._rotations(positions)  # (B, T, 1, 1, head_dim / 2)
         slots = torch.arange(span, device=tokens.device)
         mask = (slots.view(1, 1, span) <= positions.view(B, T, 1)).view(B, 1, T, span)
         h = self.tok_emb(tokens)
         for block, k, v in zip(self.blocks, keys, values):
-            h = block(h, rot, (k, v, positions), mask)
+            h = block(h, rot, (k[:B], v[:B], positions), mask)
         return F.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)

@@ -66,6 +66,9 @@ class SlotBatch(DecodeBatch):
         self._freeze = w.device.type == "cpu"
         if compile:
             mode = "reduce-overhead" if w.device.type == "cuda" else None
+            if mode:  # CUDA graphs replay fixed addresses; on a CPU, freezing would fold static buffers in as constants
+                for buffer in (*self.keys, *self.values):
+                    torch._dynamo.mark_static_address(buffer)
             self._compiled = torch.compile(model.slot_forward, mode=mode, fullgraph=True)
 
     def __len__(self) -> int:
@@ -126,14 +129,13 @@ class SlotBatch(DecodeBatch):
         lengths = torch.tensor(self.lengths, device=tokens.device)
         positions = lengths.view(B, 1) + torch.arange(T, device=tokens.device)
         span = self.keys[0].size(2) if self.compiled else longest
-        keys, values = [k[:B] for k in self.keys], [v[:B] for v in self.values]
         first = self.compiled and (B, T) not in self._shapes
         started = time.perf_counter()
         if self._compiled is None:
-            logp = self.model.slot_forward(tokens, positions, keys, values, span)
+            logp = self.model.slot_forward(tokens, positions, self.keys, self.values, span)
         else:
             with torch._inductor.config.patch(freezing=self._freeze):
-                logp = self._compiled(tokens, positions, keys, values, span)
+                logp = self._compiled(tokens, positions, self.keys, self.values, span)
         if first:
             self._shapes.add((B, T))
             self.compile_seconds += time.perf_counter() - started
