@@ -146,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     _apply_flags(cfg, {"serve.port": ("--port", args.port), "serve.max_batch": ("--max-batch", args.max_batch),
-                       "serve.max_queue": ("--max-queue", args.max_queue)})
+                       "serve.max_queue": ("--max-queue", args.max_queue), "serve.engine": ("--engine", args.engine)})
     s = cfg.serve
     api_key = _api_key(args.api_key)
     host = args.host or s.host
@@ -163,7 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
           metrics_public=s.metrics_public, device=args.device or "cpu",
           draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens),
-          max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s)
+          max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s,
+          engine=s.engine, gguf_dtype=s.gguf_dtype)
     return 0
 
 
