@@ -43,6 +43,7 @@ from hanlm.serve.protocol import MAX_CHOICES
 MISSING = "--engine llama.cpp needs llama-cpp-python: pip install 'hanlm[llamacpp]'"
 # llama.cpp's LLAMA_MAX_SEQ: the most sequence ids one context holds.
 MAX_SEQUENCES = 256
+_CPU = torch.device("cpu")
 _GGML_LOG_ERROR = 4  # ggml_log_level: none, debug, info, warn, error, cont
 
 
@@ -129,6 +130,12 @@ class LlamaCppLM(LanguageModel):
         self.context_length = context_length
         self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         self._slots = [_Slot(i) for i in range(sequences)]
+
+    @property
+    def device(self) -> torch.device:
+        """The CPU, where llama.cpp's logits arrive (asked twice a step: a constant, not a search of the
+        parameters, which this model has none of)."""
+        return _CPU
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Normalised logits (log-probabilities, B, T, V) of `x`, row by row; llama.cpp does not train."""
