@@ -145,6 +145,9 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--max-batch", type=int, metavar="N", help="sequences decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests before 429 (default: serve.max_queue)")
     p.add_argument("--model-name", help="the model's id in the API (default: the run directory's name)")
+    p.add_argument("--engine", choices=["torch", "llama.cpp"], help="what computes a gpt's tokens: torch, or "
+                   "llama.cpp on the checkpoint's GGUF (cached under $HANLM_HOME/gguf; pip install 'hanlm[llamacpp]') "
+                   "(default: serve.engine, torch)")
     _decoding_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_serve)

@@ -150,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     _apply_flags(cfg, {"serve.port": ("--port", args.port), "serve.max_batch": ("--max-batch", args.max_batch),
-                       "serve.max_queue": ("--max-queue", args.max_queue),
+                       "serve.max_queue": ("--max-queue", args.max_queue), "serve.engine": ("--engine", args.engine),
                        "generate.compile": ("--compile", args.compile)})
     s = cfg.serve
     api_key = _api_key(args.api_key)
@@ -169,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           metrics_public=s.metrics_public, device=args.device or "cpu",
           draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens),
           max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s,
-          compile=cfg.generate.compile, prefill_chunk=s.prefill_chunk, prefix_cache_tokens=s.prefix_cache_tokens)
+          compile=cfg.generate.compile, prefill_chunk=s.prefill_chunk, prefix_cache_tokens=s.prefix_cache_tokens,
+          engine=s.engine, gguf_dtype=s.gguf_dtype)
     return 0
 
 

@@ -353,6 +353,13 @@ class ServeConfig:
                                    "the rest; 0: no prefix cache.", min=0, max=1 << 24)
     header_timeout_s: float = key(10.0, "Seconds a client may take to send a request head (line and headers); then "
                                   "408 and the connection closes.", above=0.0, max=3600.0)
+    engine: Literal["torch", "llama.cpp"] = key(
+        "torch", "What computes a gpt language model's tokens: torch, or llama.cpp (the extra hanlm[llamacpp]) on "
+        "the checkpoint's GGUF, written once per checkpoint content under $HANLM_HOME/gguf. Sampling, streaming, "
+        "auth and metrics stay hanlm's either way; other models, classifiers and taggers need torch.")
+    gguf_dtype: Literal["f32", "f16", "q8_0"] = key(
+        "f32", "The GGUF's matrices with engine llama.cpp: f32 computes what torch does; f16 and q8_0 stream half "
+        "and a quarter of the bytes per token (faster; tokens may differ).")
 
 
 @dataclass

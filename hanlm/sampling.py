@@ -70,7 +70,9 @@ def sample_rows(logprobs: torch.Tensor, params: Sequence[SamplingParams],
     for i, p in enumerate(params):
         groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
     for (temperature, top_k, top_p), rows in groups.items():
-        picked = logprobs[torch.tensor(rows, device=logprobs.device)]
+        # index_select, not logprobs[ids]: advanced indexing runs in a parallel region, whose threads can wait
+        # a whole scheduler slice on shared cores (8 ms measured on 2 busy cores, against 3 µs)
+        picked = logprobs.index_select(0, torch.tensor(rows, device=logprobs.device))
         if min(temperature, top_p) < GREEDY_BELOW:
             tokens = picked.argmax(-1)
         else:

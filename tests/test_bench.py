@@ -30,9 +30,11 @@ def test_gpu_bench_script_runs_the_harness_on_cpu_quick(tmp_path):
     llama = {r["model"] for r in decode if r["model"].startswith("llama.cpp")}
     with_llama = importlib.util.find_spec("llama_cpp") is not None
     assert llama == ({"llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0"} if with_llama else set())
+    assert any(r["model"] == "hanlm serve engine, llama.cpp f32" for r in decode) == with_llama
     report = results.with_suffix(".md").read_text()
     assert "Machine limit" in report and "goal ≥ 75%" in report and "goal ≥ 2.0×" in report
     assert ("llama.cpp f32 decodes" if with_llama else "llama.cpp: not measured") in report
+    assert ("of llama.cpp's own tokens/s (goal ≥ 90%" in report) == with_llama
     speculated = {r["model"]: r for r in data["suites"]["generate"]["speculative"]["rows"]}
     assert all(r["same_output"] == "4/4" for name, r in speculated.items() if name.startswith("hanlm"))
     assert 0 <= speculated["hanlm GPT + prompt lookup draft, k = 4"]["acceptance_rate"] <= 1

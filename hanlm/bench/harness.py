@@ -6,7 +6,8 @@ dense matmul peak first (fp32 on CPU, bf16 on CUDA), then each suite. Results go
 
     train     hanlm's training step (tokens/s, MFU) against transformers Llama and GPT-2 of the same shape
     generate  greedy decode tokens/s at batch 1 and 8 against transformers' generate, and at batch 1
-              against llama.cpp (f32, f16, q8_0 GGUF of the same weights; the `llamacpp` extra)
+              against llama.cpp (f32, f16, q8_0 GGUF of the same weights; the `llamacpp` extra), and
+              hanlm's serving engine on llama.cpp f32 against llama.cpp's own loop
     data      `prepare` MB/s per tokenizer
     dist      1 → 2 processes scaling efficiency; bytes sent per rank per sync strategy
     ngram     n-gram build time, peak RSS, val BPC; query speed against kenlm and NLTK
@@ -37,7 +38,7 @@ from hanlm.data.prepare import prepare
 from hanlm.log import measure_matmul_peak, read_metrics
 
 PEERS = {"train": ("transformers",), "generate": ("transformers",), "ngram": ("kenlm", "nltk"), "serve": ("httpx",)}
-GOALS = {"mfu": 0.75, "train_vs_hf": 1.2, "decode_vs_hf": 2.0}
+GOALS = {"mfu": 0.75, "train_vs_hf": 1.2, "decode_vs_hf": 2.0, "engine_vs_llama_cpp": 0.9}
 
 
 def data_suite(quick: bool) -> list[dict]:
@@ -201,7 +202,7 @@ def _train_md(rows: list[dict]) -> list[str]:
 
 
 def _generate_md(result: dict[str, Any]) -> list[str]:
-    from hanlm.bench import speculative
+    from hanlm.bench import speculative, step
 
     rows = result["decode"]
     lines = ["## Generation (greedy decode)", "",
@@ -215,6 +216,12 @@ def _generate_md(result: dict[str, Any]) -> list[str]:
                    f"(goal ≥ {goal}×: {_verdict(one['hanlm_speedup'], goal)})")]
     llama = [x for x in rows if x["model"].startswith("llama.cpp")]
     lines += [f"- batch 1: {x['model']} decodes {1 / x['hanlm_speedup']:.2f}× as fast as hanlm" for x in llama]
+    served = next((x for x in rows if x["model"] == step.SERVE_ENGINE), None)
+    if served:
+        own = next(x for x in llama if x["model"] == "llama.cpp f32")
+        kept, goal = served["tokens_per_s"] / own["tokens_per_s"], GOALS["engine_vs_llama_cpp"]
+        lines.append(f"- batch 1: hanlm's serving engine on llama.cpp f32 keeps {kept:.0%} of llama.cpp's own "
+                     f"tokens/s (goal ≥ {goal:.0%}: {_verdict(kept, goal)})")
     if not llama:
         lines.append("- llama.cpp: not measured (CPU only, and it needs the extra: pip install -e '.[llamacpp]')")
     lines.append("")

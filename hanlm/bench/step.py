@@ -9,12 +9,13 @@ optimizer update. FLOPs per token use hanlm's formula with each model's own para
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from hanlm.config import MODEL_PRESETS, Config, load_config
 from hanlm.export.hf import hf_state_dict
 from hanlm.models import GPT, build_model
 from hanlm.models.gpt import RMS_EPS, ROPE_THETA
+from hanlm.sampling import SamplingParams
+from hanlm.serve.engine import Engine, ErrorEvent, FinishEvent, Request
+from hanlm.serve.llamacpp import LlamaCppLM, sequences_for
 from hanlm.train.optim import build_optimizer
 
 
@@ -98,6 +102,19 @@ def _time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _taking_turns(runs: dict[str, Callable[[], None]], warmup: int, rounds: int,
+                  device: torch.device) -> dict[str, float]:
+    """Median seconds of each run after `warmup` rounds, the runs taking turns (one call of each per round),
+    so that the machine's load, which drifts over minutes on shared cores, falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + rounds):
+        for name, run in runs.items():
+            seconds = _time_steps(run, 0, 1, device)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def train_step_suite(device: torch.device, peak: float, quick: bool, vocab: int = 4700) -> list[dict]:
@@ -179,10 +196,30 @@ def _greedy_llama_cpp(llm, prompt: list[int], new_tokens: int) -> list[int]:
 
 LLAMA_CPP_DTYPES = ("f32", "f16", "q8_0")
 LLAMA_CPP_MISSING = "llama.cpp rows skipped: llama-cpp-python is not installed (pip install -e '.[llamacpp]')"
+SERVE_ENGINE = "hanlm serve engine, llama.cpp f32"
 
 
-def _llama_cpp_models(model: GPT, cfg: Config, vocab: int, workdir: Path) -> dict[str, object]:
-    """llama.cpp models of `model`'s weights, one per GGUF dtype (none without llama-cpp-python).
+def _greedy_engine(engine: Engine, loop: asyncio.AbstractEventLoop, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding through the server's engine (`hanlm serve --engine llama.cpp` without the HTTP):
+    one request, its tokens as the engine hands them to the event loop."""
+    async def run() -> list[int]:
+        request = Request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0))
+        engine.submit([request])
+        tokens = []
+        while not isinstance(event := await request.events.get(), FinishEvent):
+            if isinstance(event, ErrorEvent):
+                raise RuntimeError(event.message)
+            tokens.append(event.token)
+        return tokens
+
+    return loop.run_until_complete(run())
+
+
+@contextlib.contextmanager
+def _llama_cpp_runs(model: GPT, cfg: Config, vocab: int, workdir: Path) -> Iterator[dict[str, Callable]]:
+    """Greedy decoders of `model`'s weights run by llama.cpp, `(prompt ids, new tokens) -> tokens`: its own
+    loop through llama-cpp-python for each GGUF dtype, and hanlm's serving engine on the f32 file; none
+    without llama-cpp-python. Closed (files unmapped, the engine stopped) on leaving.
 
     The vocabulary is a char tokenizer of `vocab` CJK characters: the prompt goes in as ids, so what
     the tokens spell does not matter, only that the file holds a vocabulary of the right size."""
@@ -190,23 +227,36 @@ def _llama_cpp_models(model: GPT, cfg: Config, vocab: int, workdir: Path) -> dic
         import llama_cpp
     except ImportError:
         print(LLAMA_CPP_MISSING, flush=True)
-        return {}
+        yield {}
+        return
     from hanlm.data.tokenizer import SPECIAL_TOKENS, CharTokenizer
     from hanlm.export.gguf_export import write_gguf
 
     tokenizer = CharTokenizer([*SPECIAL_TOKENS, *(chr(0x4E00 + i) for i in range(vocab - len(SPECIAL_TOKENS)))])
     weights = {k: v.float().cpu().numpy() for k, v in model.state_dict().items()}
     threads = torch.get_num_threads()
-    return {f"llama.cpp {dtype}": llama_cpp.Llama(
-        str(write_gguf(workdir / f"{dtype}.gguf", weights, cfg.model, tokenizer, dtype)),
-        n_ctx=cfg.model.context_length, n_threads=threads, n_threads_batch=threads, verbose=False)
-        for dtype in LLAMA_CPP_DTYPES}
+    files = {dtype: write_gguf(workdir / f"{dtype}.gguf", weights, cfg.model, tokenizer, dtype)
+             for dtype in LLAMA_CPP_DTYPES}
+    runs: dict[str, Callable] = {f"llama.cpp {dtype}": partial(_greedy_llama_cpp, llama_cpp.Llama(
+        str(path), n_ctx=cfg.model.context_length, n_threads=threads, n_threads_batch=threads, verbose=False))
+        for dtype, path in files.items()}
+    served = LlamaCppLM(files["f32"], context_length=cfg.model.context_length, sequences=sequences_for(1),
+                        threads=threads)
+    engine, loop = Engine(served, tokenizer, max_batch=1), asyncio.new_event_loop()
+    engine.start()
+    runs[SERVE_ENGINE] = partial(_greedy_engine, engine, loop)
+    try:
+        yield runs
+    finally:
+        engine.stop()
+        loop.close()
+        runs.clear()  # llama.cpp maps its files: let them go before the directory does
 
 
 def decode_suite(device: torch.device, quick: bool, vocab: int = 4700) -> list[dict]:
     """Greedy decode tokens/s at batch 1 and 8: hanlm's cache against transformers' `generate`
     (Llama of the same shape) and, at batch 1 on CPU, llama.cpp on GGUF files of the same weights
-    (f32, f16, q8_0), the first shape of `shapes`. `same_tokens` counts how many of a peer's greedy
+    (f32, f16, q8_0) and hanlm's serving engine on llama.cpp f32, the first shape of `shapes`. `same_tokens` counts how many of a peer's greedy
     tokens agree with hanlm's before the first difference."""
     shape = shapes(device.type, quick)[0]
     cfg = load_config(overrides=shape.overrides())
@@ -218,24 +268,24 @@ def decode_suite(device: torch.device, quick: bool, vocab: int = 4700) -> list[d
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # lm_head is tied
     new_tokens = 50 if quick else min(200, shape.context_length - 8)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="hanlm-bench-gguf-") as workdir:
-        llama = _llama_cpp_models(ours, cfg, vocab, Path(workdir)) if device.type == "cpu" else {}
+    with tempfile.TemporaryDirectory(prefix="hanlm-bench-gguf-") as workdir, \
+            _llama_cpp_runs(ours, cfg, vocab, Path(workdir)) if device.type == "cpu" else contextlib.nullcontext({}) \
+            as llama:
         for batch in (1, 8):
             prompt = torch.randint(4, vocab, (batch, 4), device=device)
             runs = {"hanlm GPT": partial(_greedy_hanlm, ours, prompt, new_tokens),
                     "transformers Llama generate": partial(_greedy_transformers, hf, prompt, new_tokens)}
             if batch == 1:
-                runs |= {name: partial(_greedy_llama_cpp, llm, prompt[0].tolist(), new_tokens)
-                         for name, llm in llama.items()}
+                runs |= {name: partial(run, prompt[0].tolist(), new_tokens) for name, run in llama.items()}
             outputs: dict[str, list[int]] = {}
             with torch.no_grad():
-                timings = {name: _time_steps(lambda name=name, run=run: outputs.__setitem__(name, run()), 1,
-                                             1 if quick else 3, device) for name, run in runs.items()}
+                timings = _taking_turns({name: lambda name=name, run=run: outputs.__setitem__(name, run())
+                                         for name, run in runs.items()}, 1, 1 if quick else 5, device)
             for name, seconds in timings.items():
                 same = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["hanlm GPT"])) if a != b),
                             new_tokens)
+                # The engine ends a sequence at <eos>: its rate counts the tokens it gave.
                 rows.append({"shape": shape.name, "batch": batch, "model": name, "new_tokens": new_tokens,
-                             "tokens_per_s": batch * new_tokens / seconds, "same_tokens": same,
+                             "tokens_per_s": batch * len(outputs[name]) / seconds, "same_tokens": same,
                              "hanlm_speedup": timings[name] / timings["hanlm GPT"]})
-        del llama  # llama.cpp maps its file: close it before the directory goes
     return rows

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hanlm.atomic import atomic_path
+from hanlm.checkpoint import Checkpoint
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
 from hanlm.config import ModelConfig
 from hanlm.data.tokenizer import BYTE_BASE, BYTE_TOKENS, SPECIAL_TOKENS, BpeTokenizer, CharTokenizer, Tokenizer
@@ -25,6 +26,8 @@ from hanlm.export.target import check_output
 from hanlm.models.gpt import mlp_width, qkv_sizes
 
 DTYPES = ("f32", "f16", "q8_0")
+# Bump when write_gguf writes other bytes from the same inputs: the files `gguf_cache` keeps are then written anew.
+LAYOUT = 1
 # GGUF token types (llama.cpp's llama_token_type): normal, unknown, control, byte.
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
 
@@ -46,6 +49,9 @@ def gguf_tensors(weights: dict[str, np.ndarray], m: ModelConfig) -> dict[str, np
         out |= {dst + "attn_q.weight": q, dst + "attn_k.weight": k, dst + "attn_v.weight": v}
         out |= {dst + theirs: weights[src + ours] for ours, theirs in _TENSORS.items()}
     return {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in out.items()}
+
+
+TOKENIZERS = ("char", "bpe")  # the tokenizer kinds a GGUF is written with (llama.cpp's llama and gpt2 models)
 
 
 def _add_tokenizer(writer, tokenizer: Tokenizer, source: str) -> None:
@@ -130,6 +136,20 @@ def write_gguf(out: str | Path, weights: dict[str, np.ndarray], m: ModelConfig, 
     return out
 
 
+def beyond_llama(m: ModelConfig) -> list[str]:
+    """The model.* keys of a gpt of shape `m` that the llama architecture written here cannot hold (empty:
+    it fits)."""
+    return [k for k in ("qkv_bias", "qk_norm") if getattr(m, k)] + \
+        (["head_dim"] if m.head_dim not in (None, m.n_embd // m.n_head) else []) + \
+        (["rope_scaling"] if m.rope_scaling != "none" else [])
+
+
+def gguf_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The float32 state dict `write_gguf` takes, of the gpt language model in `ckpt` (LoRA updates folded
+    in by `open_checkpoint`, tied tensors as the model shares them)."""
+    return {k: v.float().numpy() for k, v in model_of(ckpt).state_dict().items()}
+
+
 def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
     """Write the GPT checkpoint `spec` as one GGUF file `out` with matrices in `dtype`; returns it. An `out`
     inside the checkpoint, a directory or anything but a regular file is refused before anything is written
@@ -142,15 +162,12 @@ def export_gguf(spec: str, out: str | Path, dtype: str = "f32") -> Path:
     if m.arch != "gpt":
         raise CheckpointError(f"{path}: cannot export a {m.arch} model to GGUF: only the gpt architecture has a "
                               "llama form")
-    beyond = [k for k in ("qkv_bias", "qk_norm") if getattr(m, k)] + \
-        (["head_dim"] if m.head_dim not in (None, m.n_embd // m.n_head) else []) + \
-        (["rope_scaling"] if m.rope_scaling != "none" else [])
+    beyond = beyond_llama(m)
     if beyond:
         raise CheckpointError(f"{path}: model.{beyond[0]} is beyond the llama architecture this GGUF export writes; "
                               "export it with --format hf (transformers computes it)")
-    weights = {k: v.float().numpy() for k, v in model_of(ckpt).state_dict().items()}
     try:  # written at the real path: a symlink to a file stays one, its file gets the export
-        write_gguf(target.path, weights, ckpt.config.model, ckpt.tokenizer, dtype,
+        write_gguf(target.path, gguf_weights(ckpt), ckpt.config.model, ckpt.tokenizer, dtype,
                    name=Path(path).parent.parent.name or "hanlm", source=str(path))
     except OSError as e:
         raise target.failed(e) from None

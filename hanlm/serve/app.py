@@ -27,6 +27,7 @@ wait and the next gets a 429 at once. Each connection's request head must arrive
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import math
 import threading
@@ -57,6 +58,7 @@ from hanlm.serve.body import Schema, parse_body
 from hanlm.serve.connections import HEAD_TIMEOUT_S, uvicorn_settings
 from hanlm.serve.engine import Engine
 from hanlm.serve.generation import Loaded
+from hanlm.serve.llamacpp import llama_cpp_model
 from hanlm.serve.metrics import Metrics
 from hanlm.serve.protocol import (
     APIError,
@@ -409,11 +411,13 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
           max_body_bytes: int, max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
           model_name: str | None = None, device: str = "cpu", draft: tuple | None = None, max_task_queue: int = 8,
           task_threads: int | None = None, header_timeout_s: float = HEAD_TIMEOUT_S, compile: str = "auto",
-          prefill_chunk: int = 256, prefix_cache_tokens: int = 4096) -> None:
+          prefill_chunk: int = 256, prefix_cache_tokens: int = 4096, engine: str = "torch",
+          gguf_dtype: str = "f32") -> None:
     """Run the server until interrupted; the model loads while it already answers /health. `draft`:
-    speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k);
-    the rest as `create_app`.
-    `header_timeout_s`: how long a client may take to send a request head (then the connection closes)."""
+    speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k).
+    `header_timeout_s`: how long a client may take to send a request head (then the connection closes).
+    `engine` llama.cpp: a gpt's GGUF (matrices in `gguf_dtype`) is written or reused and opened before the
+    server starts, and llama.cpp computes its tokens (hanlm.serve.llamacpp); the rest as `create_app`."""
     import uvicorn
 
     if is_mixture(spec):
@@ -424,8 +428,14 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
     parts = path.rstrip("/").split("/")
     # runs/NAME/checkpoints/step-… is served as NAME.
     default_name = parts[-3] if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]
-    app = create_app(lambda: load_for_inference(path, device, tasks=("lm", "classify", "tag")),
-                     model_name=model_name or default_name, api_key=api_key, max_batch=max_batch,
+    if engine == "llama.cpp":
+        speculative = (draft[1] or draft[0].speculative) if draft else "none"
+        loaded = llama_cpp_model(path, max_batch=max_batch, dtype=gguf_dtype, device=device, speculative=speculative)
+        # No prefix cache: each kept prompt would hold one of llama.cpp's few sequence slots.
+        load, draft, prefix_cache_tokens = (lambda: loaded), None, 0
+    else:
+        load = functools.partial(load_for_inference, path, device, tasks=("lm", "classify", "tag"))
+    app = create_app(load, model_name=model_name or default_name, api_key=api_key, max_batch=max_batch,
                      max_queue=max_queue, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
                      body_timeout_s=body_timeout_s, metrics_public=metrics_public,
                      speculation=_drafts(*draft) if draft else None, max_task_queue=max_task_queue,
