@@ -95,6 +95,7 @@ def _llama_cpp_runs(checkpoint: str, tokenizer, tokens: int, work: Path) -> dict
     from hanlm.export.gguf_export import export_gguf
 
     threads = torch.get_num_threads()
+    work.mkdir(parents=True, exist_ok=True)
     runs = {}
     for dtype in ("f32", "q8_0"):
         llm = llama_cpp.Llama(str(export_gguf(checkpoint, work / f"{dtype}.gguf", dtype)), n_ctx=0,
@@ -131,6 +132,8 @@ def speculative_suite(quick: bool, checkpoint: str | None = None, tokens: int | 
         hf = AutoModelForCausalLM.from_pretrained(str(export_hf(checkpoint, work / "hf"))).eval()
         # Greedy, and past <eos> like hanlm's loops: the export's generation_config samples and stops at <eos>.
         hf.generation_config.update(eos_token_id=None, do_sample=False, temperature=None, top_k=None, top_p=None)
+        # llama.cpp maps its file: a mapping outlives the directory on Linux.
+        llama = {} if quick else _llama_cpp_runs(checkpoint, tokenizer, tokens, work / "gguf")
     runs = {"hanlm GPT": lambda p: _decode(model, tokenizer, p, tokens, None)}
     stats = {}
     for name, drafter in drafts.items():
@@ -146,10 +149,9 @@ def speculative_suite(quick: bool, checkpoint: str | None = None, tokens: int | 
             runs[label] = lambda p, s=stats[label]: _decode(model, tokenizer, p, tokens, s, True)
     runs["transformers Llama generate"] = lambda p: _transformers(hf, tokenizer, p, tokens, None)
     runs["transformers generate, prompt lookup 4"] = lambda p: _transformers(hf, tokenizer, p, tokens, 4)
+    runs |= llama
     outputs: dict[str, dict[str, list[int]]] = {}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    if not quick:
-        runs |= _llama_cpp_runs(checkpoint, tokenizer, tokens, work / "gguf")
     compiling = time.perf_counter()
     with torch.no_grad():
         for name, run in runs.items():  # warm-up; the compiled runs compile here, outside the timing
