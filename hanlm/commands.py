@@ -163,7 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
           metrics_public=s.metrics_public, device=args.device or "cpu",
           draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens),
-          max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s)
+          max_task_queue=s.max_task_queue, task_threads=s.task_threads, task_batch_texts=s.task_batch_texts,
+          header_timeout_s=s.header_timeout_s)
     return 0
 
 

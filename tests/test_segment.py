@@ -10,7 +10,19 @@ import sys
 import httpx
 import pytest
 import torch
-from serve_helpers import AUTH, KEY, LiveServer, ask_the_playground, browser, checkpoints, error_of  # noqa: F401
+from serve_helpers import (  # noqa: F401
+    AUTH,
+    KEY,
+    Gate,
+    LiveServer,
+    ask_the_playground,
+    browser,
+    checkpoints,
+    error_of,
+    metric,
+    queued_together,
+    serve,
+)
 
 from hanlm.loading import load_for_inference
 from hanlm.config import load_config
@@ -367,6 +379,21 @@ def test_v1_segment_batches_texts_checks_keys_and_refuses_other_tasks(hmm, check
         server.wait_ready()
         error = error_of(httpx.post(server.url + "/v1/segment", json={"input": "好"}), 400)
         assert "language model" in error["message"] and "/v1/segment needs a tagger" in error["message"]
+
+
+def test_concurrent_segment_requests_join_one_batch_and_get_what_each_gets_alone(neural, sample):
+    tagger = load_tagger(str(neural.run_dir)).tagger
+    texts = [s.text for s in read_tagged([str(sample)], load_config("tiny").data, "auto")][200:240]
+    bodies = [{"input": texts[0]}, {"input": texts[1:9]}, {"input": texts[9]}, {"input": texts[10:40]}]
+    gate = Gate("segment")
+    with serve(str(neural.run_dir), patches=[gate], tasks=("tag",), api_key=KEY) as server:
+        server.wait_ready()
+        together = queued_together(server, gate, "/v1/segment", bodies)
+        assert gate.calls == 2 and metric(server, "hanlm_task_batched_requests_total") == 4  # the held one, then 3
+    for response, body in zip(together, bodies):
+        assert response.status_code == 200, response.text
+        alone = tagger.segment([body["input"]] if isinstance(body["input"], str) else body["input"])
+        assert [d["words"] for d in response.json()["data"]] == [s.words for s in alone]
 
 
 def test_a_tagger_can_be_the_word_tokenizers_segmenter(hmm, paragraphs, tmp_path):
