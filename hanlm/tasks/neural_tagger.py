@@ -66,32 +66,26 @@ def encode_row(tokenizer: Tokenizer, text: str, targets: list[int] | None = None
     char_token = [0] * len(text)
     char_piece = [0] * len(text)
     for position, (a, b) in enumerate(spans, start=1):  # position 0 is the start token (Tokenizer.start_id)
-        for i in range(a, b):
-            char_token[i] = position  # the last token touching a character completes it
-            char_piece[i] = POSITIONS.index("S" if b - a == 1 else "B" if i == a else "E" if i == b - 1 else "M")
+        char_token[a:b] = [position] * (b - a)  # the last token touching a character completes it
+        char_piece[a:b] = [_S] if b - a == 1 else [_B, *[_M] * (b - a - 2), _E]
     return TaggerRow([tokenizer.start_id, *ids], char_token, char_piece, [ord(c) % CHAR_BUCKETS for c in text], targets)
+
+
+_S, _B, _M, _E = (POSITIONS.index(p) for p in "SBME")
 
 
 def collate_rows(rows: Sequence[TaggerRow], pad_id: int = 0) -> tuple[Tensor, ...]:
     """(ids (B, T), char_token (B, N), char_piece (B, N), char_ids (B, N), char lengths (B,), targets (B, N)
     or None)."""
-    tokens = max(len(r.ids) for r in rows)
-    chars = max(len(r) for r in rows)
-    ids = torch.full((len(rows), tokens), pad_id, dtype=torch.long)
-    char_token = torch.zeros(len(rows), chars, dtype=torch.long)
-    char_piece = torch.zeros(len(rows), chars, dtype=torch.long)
-    char_ids = torch.zeros(len(rows), chars, dtype=torch.long)
-    targets = torch.full((len(rows), chars), IGNORE, dtype=torch.long)
-    for k, r in enumerate(rows):
-        ids[k, :len(r.ids)] = torch.tensor(r.ids)
-        char_token[k, :len(r)] = torch.tensor(r.char_token)
-        char_piece[k, :len(r)] = torch.tensor(r.char_piece)
-        char_ids[k, :len(r)] = torch.tensor(r.char_ids)
-        if r.targets is not None:
-            targets[k, :len(r)] = torch.tensor(r.targets)
-    lengths = torch.tensor([len(r) for r in rows])
+    def padded(lists: list[list[int]], fill: int) -> Tensor:  # one tensor from Python lists: no tensor per row
+        width = max(map(len, lists))
+        return torch.tensor([x + [fill] * (width - len(x)) for x in lists], dtype=torch.long)
+
     has_targets = all(r.targets is not None for r in rows)
-    return ids, char_token, char_piece, char_ids, lengths, (targets if has_targets else None)
+    return (padded([r.ids for r in rows], pad_id), padded([r.char_token for r in rows], 0),
+            padded([r.char_piece for r in rows], 0), padded([r.char_ids for r in rows], 0),
+            torch.tensor([len(r) for r in rows]),
+            padded([r.targets for r in rows], IGNORE) if has_targets else None)
 
 
 class SequenceTagger(nn.Module):
