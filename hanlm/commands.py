@@ -168,9 +168,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_body_bytes=s.max_body_bytes, max_json_depth=s.max_json_depth, body_timeout_s=s.body_timeout_s,
           metrics_public=s.metrics_public, device=args.device or "cpu",
           draft=(cfg.generate, args.speculative, args.draft_model, args.draft_tokens),
-          max_task_queue=s.max_task_queue, task_threads=s.task_threads, header_timeout_s=s.header_timeout_s,
-          compile=cfg.generate.compile, prefill_chunk=s.prefill_chunk, prefix_cache_tokens=s.prefix_cache_tokens,
-          engine=s.engine, gguf_dtype=s.gguf_dtype)
+          max_task_queue=s.max_task_queue, task_threads=s.task_threads, task_batch_texts=s.task_batch_texts,
+          header_timeout_s=s.header_timeout_s, compile=cfg.generate.compile, prefill_chunk=s.prefill_chunk,
+          prefix_cache_tokens=s.prefix_cache_tokens, engine=s.engine, gguf_dtype=s.gguf_dtype)
     return 0
 
 

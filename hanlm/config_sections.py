@@ -340,8 +340,11 @@ class ServeConfig:
                                 "Content-Length); then 408.", above=0.0, max=3600.0)
     metrics_public: bool = key(False, "Serve /metrics without the API key (e.g. for a Prometheus scraper that sends "
                                "none); every other endpoint but /health always needs it.")
-    max_task_queue: int = key(8, "/v1/classify and /v1/segment: batches waiting behind the running one before new "
-                              "ones get 429 (they run one at a time on one worker thread).", min=0, max=1 << 16)
+    max_task_queue: int = key(8, "/v1/classify, /v1/segment and /v1/ner: requests waiting behind the running batch "
+                              "before new ones get 429 (they run on one worker thread).", min=0, max=1 << 16)
+    task_batch_texts: int = key(256, "Dynamic batching on that worker: the texts of requests waiting together run "
+                                "through the model as one batch, joined up to this many texts (a bigger request "
+                                "runs alone); 1: each request alone.", min=1, max=1 << 16)
     task_threads: int | None = key(None, "Torch threads of that worker; null: 1 for hmm and crf taggers (their "
                                    "decode gains nothing from more), torch's default for networks.", min=1,
                                    max=THREADS_MAX)

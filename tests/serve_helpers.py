@@ -147,11 +147,11 @@ class LiveServer:
         assert not self.thread.is_alive(), "the server did not shut down within 20 s"
 
 
-def serve(checkpoint, *, patches=(), **kwargs):
-    """A live server for `checkpoint`, whose model has `patches` (Gate, FailAfter) installed; they are
-    released before the server stops, so that a held gate cannot hold the shutdown."""
+def serve(checkpoint, *, patches=(), tasks=("lm",), **kwargs):
+    """A live server for `checkpoint` (a model of one of `tasks`), whose model has `patches` (Gate, FailAfter)
+    installed; they are released before the server stops, so that a held gate cannot hold the shutdown."""
     def load():
-        model, cfg, tokenizer = load_for_inference(checkpoint)
+        model, cfg, tokenizer = load_for_inference(checkpoint, tasks=tasks)
         for patch in patches:
             patch.install(model)
         return model, cfg, tokenizer
@@ -174,6 +174,26 @@ def wait_for_metric(server, name, labels="", *, at_least):
         assert time.monotonic() < deadline, f"{name}{labels} stayed at {value}, below {at_least}"
         time.sleep(0.02)
     return value
+
+
+def queued_together(server, gate, route, bodies):
+    """POSTs bodies[0] to `route`; while `gate` holds its batch, the other bodies, which so wait together
+    (seen in /metrics); then opens the gate. The responses, in the bodies' order."""
+    answers = {}
+
+    def post(i):
+        answers[i] = httpx.post(server.url + route, json=bodies[i], headers=AUTH, timeout=WAIT_S)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    threads[0].start()
+    gate.wait_reached()
+    for thread in threads[1:]:
+        thread.start()
+    wait_for_metric(server, "hanlm_task_requests_waiting", at_least=len(bodies) - 1)
+    gate.release()
+    for thread in threads:
+        thread.join(WAIT_S)
+    return [answers[i] for i in range(len(bodies))]
 
 
 def error_of(response, status):

@@ -64,6 +64,26 @@ def test_the_other_suites_run_quick_and_report_their_tables(tmp_path, capsys):
         assert heading in report
 
 
+def test_the_nlu_suite_runs_quick_and_reports_speeds_goals_and_the_served_join(tmp_path):
+    assert main(["bench", "nlu", "--quick", "--out", str(tmp_path)]) == 0
+    (results,) = tmp_path.glob("*.json")
+    nlu = json.loads(results.read_text())["suites"]["nlu"]
+    names = {(r["task"], r["name"], r["how"]) for r in nlu["rows"]}
+    for task, name in (("classify", "hanlm classifier, tiny (2×64)"), ("segment", "hanlm neural tagger, tiny (2×64)")):
+        assert {(task, name, "batched by length"), (task, name, "one text per call")} <= names
+    assert {"hanlm CRF", "jieba"} <= {r["name"] for r in nlu["rows"]} and "thulac" in nlu["skipped"]
+    assert all(r["texts_per_s"] > 0 and r["chars_per_s"] > 0 for r in nlu["rows"])
+    assert all(0 < r["backbone_share"] <= 1 for r in nlu["rows"] if r["name"].startswith("hanlm ") and "CRF" not in
+               r["name"])
+    served = {(x["concurrency"], x["joining"]): x for x in nlu["served"]}
+    assert set(served) == {(1, True), (8, True), (8, False)} and all(x["failed"] == 0 for x in served.values())
+    assert served[(8, False)]["requests_per_batch"] == 1 and served[(8, True)]["requests_per_batch"] >= 1
+    report = results.with_suffix(".md").read_text()
+    for says in ("## NLU throughput", "### Classification", "### Segmentation", "### Served", "goal ≥ 100,000",
+                 "goal ≥ 1,000", "thulac: not run"):
+        assert says in report
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_bench_refuses_a_missing_device_before_running_anything(tmp_path, capsys):
     assert main(["bench", "train", "--device", "cuda", "--out", str(tmp_path)]) == 2

@@ -10,7 +10,19 @@ import sys
 import httpx
 import pytest
 import torch
-from serve_helpers import AUTH, KEY, LiveServer, ask_the_playground, browser, checkpoints, error_of  # noqa: F401
+from serve_helpers import (  # noqa: F401
+    AUTH,
+    KEY,
+    Gate,
+    LiveServer,
+    ask_the_playground,
+    browser,
+    checkpoints,
+    error_of,
+    metric,
+    queued_together,
+    serve,
+)
 
 from hanlm.checkpoint import load_checkpoint
 from hanlm.loading import load_for_inference
@@ -20,7 +32,7 @@ from hanlm.data.reader import DocumentReader
 from hanlm.errors import CheckpointError, ConfigError, DataError
 from hanlm.serve.app import create_app
 from hanlm.finetune.run import Finetuner, epoch_batches
-from hanlm.tasks.labelled import read_labelled, split_of
+from hanlm.tasks.labelled import encode_texts, read_labelled, split_of
 from hanlm.loading import load_classifier
 from hanlm.tasks.predict import classify_file
 
@@ -252,6 +264,29 @@ def test_v1_classify_through_http_and_each_model_refuses_the_others_task(finetun
         error = error_of(httpx.post(server.url + "/v1/classify", json={"input": "好"}), 400)
         assert "language model" in error["message"]
         assert httpx.get(server.url + "/v1/models").json()["data"][0]["task"] == "lm"
+
+
+def test_concurrent_classify_requests_join_one_batch_and_get_what_each_gets_alone(finetuned, reviews):
+    _, result = finetuned
+    classifier = load_classifier(str(result.run_dir))
+    texts = [r["text"] for r in reviews[:40]]
+    bodies = [{"input": texts[0]}, {"input": texts[1:5]}, {"input": texts[5]}, {"input": texts[6:40]}]
+    gate = Gate("forward")  # the network's: one call per batch of up to 64 texts
+    with serve(str(result.run_dir), patches=[gate], tasks=("classify",), api_key=KEY) as server:
+        server.wait_ready()
+        together = queued_together(server, gate, "/v1/classify", bodies)
+        assert gate.calls == 2 and metric(server, "hanlm_task_batched_requests_total") == 4  # the held one, then 3
+    for response, body in zip(together, bodies):
+        assert response.status_code == 200, response.text
+        inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        alone = classifier.probabilities(inputs)
+        data = response.json()["data"]
+        assert [d["label"] for d in data] == [classifier.labels[i] for i in alone.argmax(-1).tolist()]
+        # Equal up to float32 rounding: a text's batch (its neighbours, its padding) orders BLAS's sums.
+        got = [p for d in data for p in d["probabilities"].values()]
+        assert got == pytest.approx(alone.flatten().tolist(), abs=1e-6)
+        rows = encode_texts(classifier.tokenizer, inputs, classifier.config.finetune.max_length)
+        assert response.json()["usage"]["prompt_tokens"] == sum(map(len, rows))
 
 
 def test_the_playground_labels_text_for_a_classifier(finetuned, browser):

@@ -10,7 +10,19 @@ import sys
 import httpx
 import pytest
 import torch
-from serve_helpers import AUTH, KEY, LiveServer, ask_the_playground, browser, checkpoints, error_of  # noqa: F401
+from serve_helpers import (  # noqa: F401
+    AUTH,
+    KEY,
+    Gate,
+    LiveServer,
+    ask_the_playground,
+    browser,
+    checkpoints,
+    error_of,
+    metric,
+    queued_together,
+    serve,
+)
 
 from hanlm.loading import load_for_inference
 from hanlm.config import load_config
@@ -233,6 +245,36 @@ def test_the_neural_tagger_learns_to_segment_and_serves_through_the_same_loader(
     assert "".join(out.words) == long
 
 
+def plain_emissions(model, row) -> torch.Tensor:
+    """The network over one row alone, nothing padded, the BiLSTM run by its module as training once ran it:
+    the plain reference that batched tagging is checked against. Log-probabilities (N, n_tags)."""
+    h = model.backbone.hidden(torch.tensor([row.ids]))[0]  # (T, C)
+    states = h[row.char_token] + model.piece_emb(torch.tensor(row.char_piece)) + model.char_emb(torch.tensor(row.char_ids))
+    states = model.context(states[None])[0][0]  # (N, 2 · hidden)
+    return model.out(states).log_softmax(-1)
+
+
+def test_batched_tagging_gives_the_tags_of_a_plain_per_row_reference(neural, sample):
+    from hanlm.tasks.neural_tagger import encode_row, fitted_pieces
+    from hanlm.tasks.viterbi import mask_scores
+
+    tagger = load_tagger(str(neural.run_dir)).tagger
+    texts = [s.text for s in read_tagged([str(sample)], load_config("tiny").data, "auto")][:40]
+    assert max(map(len, texts)) > tagger.max_length > min(map(len, texts))  # long texts are cut into pieces
+    pieces = [t[a:b] for t in texts for a, b in fitted_pieces(tagger.tokenizer, t, tagger.max_length)]
+    rows = [encode_row(tagger.tokenizer, p) for p in pieces]
+    grammar = [mask_scores(m) for m in allowed_transitions(tagger.tags)]
+    with torch.no_grad():
+        plain = [plain_emissions(tagger.model.eval(), row) for row in rows]
+    batched = tagger.emissions(rows)  # rows of similar length padded together, the BiLSTM unpacked
+    for e, p in zip(batched, plain):
+        assert torch.allclose(e, p, atol=1e-5)
+    expected = [[tagger.tags[s] for s in viterbi(e[None], [len(e)], *grammar)[0]] for e in plain]
+    got = tagger.tag(pieces)
+    assert got == expected
+    assert [len(t) for t in tagger.tag(texts)] == list(map(len, texts))
+
+
 @pytest.mark.parametrize("head", ["lookahead", "causal"])
 def test_every_head_gives_one_emission_per_character(checkpoints, head):
     from hanlm.checkpoint import load_checkpoint
@@ -337,6 +379,21 @@ def test_v1_segment_batches_texts_checks_keys_and_refuses_other_tasks(hmm, check
         server.wait_ready()
         error = error_of(httpx.post(server.url + "/v1/segment", json={"input": "好"}), 400)
         assert "language model" in error["message"] and "/v1/segment needs a tagger" in error["message"]
+
+
+def test_concurrent_segment_requests_join_one_batch_and_get_what_each_gets_alone(neural, sample):
+    tagger = load_tagger(str(neural.run_dir)).tagger
+    texts = [s.text for s in read_tagged([str(sample)], load_config("tiny").data, "auto")][200:240]
+    bodies = [{"input": texts[0]}, {"input": texts[1:9]}, {"input": texts[9]}, {"input": texts[10:40]}]
+    gate = Gate("segment")
+    with serve(str(neural.run_dir), patches=[gate], tasks=("tag",), api_key=KEY) as server:
+        server.wait_ready()
+        together = queued_together(server, gate, "/v1/segment", bodies)
+        assert gate.calls == 2 and metric(server, "hanlm_task_batched_requests_total") == 4  # the held one, then 3
+    for response, body in zip(together, bodies):
+        assert response.status_code == 200, response.text
+        alone = tagger.segment([body["input"]] if isinstance(body["input"], str) else body["input"])
+        assert [d["words"] for d in response.json()["data"]] == [s.words for s in alone]
 
 
 def test_a_tagger_can_be_the_word_tokenizers_segmenter(hmm, paragraphs, tmp_path):

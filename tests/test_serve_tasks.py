@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from serve_helpers import AUTH, KEY, WAIT_S, Gate, LiveServer, error_of, metric, wait_for_metric
+from serve_helpers import AUTH, KEY, WAIT_S, Gate, LiveServer, error_of, metric, queued_together, wait_for_metric
 
 from hanlm.config import load_config
 from hanlm.serve.app import create_app
@@ -24,6 +24,8 @@ from hanlm.serve.protocol import MAX_TEXT_CHARS, MAX_TEXTS, MAX_TEXTS_CHARS
 from hanlm.tasks.tagging import Tagger
 
 WAITING = "hanlm_task_requests_waiting"
+BATCHES = "hanlm_task_batches_total"  # model batches the task worker ran
+JOINED = "hanlm_task_batched_requests_total"  # requests answered from them
 
 
 class OneCharWords(Tagger):
@@ -174,6 +176,60 @@ def test_a_waiting_request_whose_client_left_is_skipped():
         after = httpx.post(server.url + "/v1/segment", json={"input": "后来"}, headers=AUTH, timeout=WAIT_S)
         assert after.status_code == 200
         assert gate.calls == 2  # the first and the last: the batch nobody waited for never ran
+
+
+class FailsOn(OneCharWords):
+    """A tagger that breaks on any text holding 坏, as a model with a bug would."""
+
+    def tag(self, texts):
+        if any("坏" in t for t in texts):
+            raise RuntimeError("injected failure on 坏")
+        return super().tag(texts)
+
+
+def segmented(response):
+    assert response.status_code == 200, response.text
+    return [d["words"] for d in response.json()["data"]]
+
+
+def test_requests_waiting_together_run_as_one_batch_and_each_gets_its_answer_alone():
+    gate = Gate("segment")
+    with LiveServer(tagger_app(OneCharWords(), gate), on_exit=[gate.release]) as server:
+        server.wait_ready()
+        bodies = [{"input": "第一"}, {"input": ["你好", "世界 和平"]}, {"input": "走"}, {"input": ["甲乙", "丙"]}]
+        together = queued_together(server, gate, "/v1/segment", bodies)
+        assert gate.calls == 2  # the held batch, then the three that waited, joined
+        assert metric(server, BATCHES) == 2 and metric(server, JOINED) == 4
+        alone = [httpx.post(server.url + "/v1/segment", json=b, headers=AUTH, timeout=WAIT_S) for b in bodies]
+        assert [r.json() for r in together] == [r.json() for r in alone]
+        assert segmented(together[1]) == [["你", "好"], ["世", "界", "和", "平"]]
+        assert together[3].json()["usage"] == {"characters": 3, "words": 3}
+        assert metric(server, BATCHES) == 6 and metric(server, WAITING) == 0
+
+
+def test_a_batch_joins_waiting_requests_in_order_up_to_task_batch_texts():
+    gate = Gate("segment")
+    with LiveServer(tagger_app(OneCharWords(), gate, task_batch_texts=4), on_exit=[gate.release]) as server:
+        server.wait_ready()
+        bodies = [{"input": "零"}, {"input": ["一", "二"]}, {"input": ["三", "四"]}, {"input": ["五", "六"]},
+                  {"input": "七"}]
+        together = queued_together(server, gate, "/v1/segment", bodies)
+        assert [segmented(r) for r in together] == [[["零"]], [["一"], ["二"]], [["三"], ["四"]], [["五"], ["六"]],
+                                                    [["七"]]]
+        assert metric(server, BATCHES) == 3  # 零 held; 一二三四 (4 texts); 五六七: one more text would pass the cap
+
+
+def test_when_a_joined_batch_fails_only_the_request_that_broke_it_fails():
+    gate = Gate("segment")
+    with LiveServer(tagger_app(FailsOn(), gate), on_exit=[gate.release]) as server:
+        server.wait_ready()
+        bodies = [{"input": "第一"}, {"input": "好"}, {"input": ["也好", "坏"]}, {"input": "还好"}]
+        together = queued_together(server, gate, "/v1/segment", bodies)
+        assert [r.status_code for r in together] == [200, 200, 500, 200]
+        assert [segmented(together[i]) for i in (1, 3)] == [[["好"]], [["还", "好"]]]
+        assert "injected failure" in error_of(together[2], 500)["message"]
+        assert metric(server, BATCHES) == 5  # the held one, the joined one that failed, then each of its three alone
+        assert metric(server, JOINED) == 3
 
 
 # -- the request head's deadline ------------------------------------------------------------------

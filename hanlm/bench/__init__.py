@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-SUITES = ("train", "generate", "data", "dist", "ngram", "serve")  # `hanlm bench` runs them in this order
+SUITES = ("train", "generate", "data", "dist", "ngram", "serve", "nlu")  # `hanlm bench` runs them in this order
 
 
 def suite_parser(module: str, doc: str) -> argparse.ArgumentParser:

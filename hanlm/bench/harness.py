@@ -12,6 +12,8 @@ dense matmul peak first (fp32 on CPU, bf16 on CUDA), then each suite. Results go
     dist      1 → 2 processes scaling efficiency; bytes sent per rank per sync strategy
     ngram     n-gram build time, peak RSS, val BPC; query speed against kenlm and NLTK
     serve     HTTP throughput, TTFT and inter-token latency at several concurrencies
+    nlu       classifier and neural tagger texts/s and characters/s against the CRF, jieba and thulac; /v1/segment
+              and /v1/classify with N concurrent clients against one (dynamic batching on and off)
 
 Peers come from the `bench` extra: pip install -e '.[bench]'.
 """
@@ -37,7 +39,8 @@ from hanlm.config import load_config
 from hanlm.data.prepare import prepare
 from hanlm.log import measure_matmul_peak, read_metrics
 
-PEERS = {"train": ("transformers",), "generate": ("transformers",), "ngram": ("kenlm", "nltk"), "serve": ("httpx",)}
+PEERS = {"train": ("transformers",), "generate": ("transformers",), "ngram": ("kenlm", "nltk"), "serve": ("httpx",),
+         "nlu": ("httpx",)}
 GOALS = {"mfu": 0.75, "train_vs_hf": 1.2, "decode_vs_hf": 2.0, "engine_vs_llama_cpp": 0.9}
 
 
@@ -129,7 +132,7 @@ def missing_peers(suites: list[str]) -> list[str]:
 
 def run_suite(name: str, device: str, quick: bool, peak: float) -> Any:
     """One suite's results, in this process."""
-    from hanlm.bench import step
+    from hanlm.bench import nlu, step
 
     dev = torch.device(device)
     work: dict[str, Callable[[], Any]] = {
@@ -139,6 +142,7 @@ def run_suite(name: str, device: str, quick: bool, peak: float) -> Any:
         "dist": lambda: dist_suite(quick),
         "ngram": lambda: ngram_suite(quick),
         "serve": lambda: serve_suite(quick),
+        "nlu": lambda: nlu.nlu_suite(quick),
     }
     return work[name]()
 
@@ -269,9 +273,15 @@ def _serve_md(rows: list[dict]) -> list[str]:
             f"{_verdict(gain, 8.0)})", ""]
 
 
+def _nlu_md(result: dict[str, Any]) -> list[str]:
+    from hanlm.bench import nlu
+
+    return nlu.markdown(result)
+
+
 _SECTIONS: dict[str, Callable[[Any], list[str]]] = {
     "train": _train_md, "generate": _generate_md, "data": _data_md, "dist": _dist_md, "ngram": _ngram_md,
-    "serve": _serve_md}
+    "serve": _serve_md, "nlu": _nlu_md}
 
 
 def markdown(r: dict[str, Any], plots: list[str] = ()) -> str:

@@ -21,8 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from fastapi import FastAPI
 
 from hanlm.bench import suite_parser
 from hanlm.bench.serve_client import PROMPTS
@@ -62,48 +65,55 @@ def engine_ceiling(model, tokenizer, batch: int, length: int, steps: int = 12, c
     return batch / statistics.median(times[2:])
 
 
-def _clients(url: str, concurrency: int, requests: int, tokens: int, system: str) -> dict:
-    """The load generator in its own process (hanlm.bench.serve_client); its summary."""
-    done = subprocess.run([sys.executable, "-m", "hanlm.bench.serve_client", url, "--concurrency", str(concurrency),
-                           "--requests", str(requests), "--tokens", str(tokens), "--system", system],
-                          capture_output=True, text=True, check=False)
+def client_process(module: str, *args: str) -> dict:
+    """A load generator (`python -m MODULE ARGS`) in its own process, so that the clients' Python does not
+    share the server's interpreter (and its GIL); the summary it prints as its last line."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """uvicorn serving `app` in a thread on a free loopback port, once its model has loaded; its URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started or (app.state.hanlm.loaded is None and app.state.hanlm.error is None):
+        time.sleep(0.05)
+    try:
+        if app.state.hanlm.error:
+            raise RuntimeError(app.state.hanlm.error)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def server_load(model, cfg, tokenizer, levels: list[int], requests: int, tokens: int, system: str = "",
                 compile: bool = False, prefix_cache_tokens: int = 4096) -> list[dict]:
     """Each concurrency level's client-side summary, with the engine's ceiling at that batch size
     (measured in the same run, while the server is idle) and the share of it the clients received."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(lambda: (model, cfg, tokenizer), model_name="small", max_batch=max(levels), max_queue=1024,
                      compile="on" if compile else "off", prefix_cache_tokens=prefix_cache_tokens)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started or (app.state.hanlm.loaded is None and app.state.hanlm.error is None):
-        time.sleep(0.05)
-    if app.state.hanlm.error:
-        raise RuntimeError(app.state.hanlm.error)
     length = len(tokenizer.encode(system + PROMPTS[0])) + 1 + tokens // 2  # a typical cache mid-request
-    try:
-        out = []
+    out = []
+    with live_server(app) as url:
         for c in levels:
             with app.state.hanlm.loaded.engine.lock:
                 ceiling = engine_ceiling(model, tokenizer, c, length, compile=compile)
-            level = _clients(f"http://127.0.0.1:{port}", c, max(requests, c), tokens, system)
+            level = client_process("hanlm.bench.serve_client", url, "--concurrency", str(c), "--requests",
+                                   str(max(requests, c)), "--tokens", str(tokens), "--system", system)
             level |= {"engine_ceiling_tokens_per_s": ceiling, "of_ceiling": level["tokens_per_s"] / ceiling}
             out.append(level)
             print(json.dumps(out[-1]), flush=True)
-        return out
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return out
 
 
 def prefix_caching(tokens: int, requests: int, system_tokens: int = 500) -> dict:

@@ -19,9 +19,9 @@ shape; bad input is a 4xx, never a 500. With an API key, every route but
 /health and the page needs `Authorization: Bearer KEY`; /metrics too unless `metrics_public`.
 
 A language model computes on the engine's thread (and /v1/score under its lock); a classifier or
-tagger on the task worker's one thread (hanlm.serve.worker), where at most `max_task_queue` batches
-wait and the next gets a 429 at once. Each connection's request head must arrive within
-`header_timeout_s` (hanlm.serve.connections).
+tagger on the task worker's one thread (hanlm.serve.worker), where at most `max_task_queue` requests
+wait and the next gets a 429 at once; those waiting together run as one batch (`task_batch_texts`).
+Each connection's request head must arrive within `header_timeout_s` (hanlm.serve.connections).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ from hanlm.serve.protocol import (
     TokenizeRequest,
 )
 from hanlm.serve.streaming import CLIENT_GONE, DISCONNECT_POLL_S, ClientGone
+from hanlm.serve.texts import CLASSIFY, NER, SEGMENT, TextsTask
 from hanlm.serve.worker import Job, TaskQueueFull, TaskWorker, TaskWorkerStopped
 from hanlm.speculative import Speculation, speculation_from_config
 
@@ -125,15 +126,17 @@ class _Service:
                                 max_depth=self.max_json_depth)
 
     async def texts_route(self, request: Request, task: str, schema: type[TextsRequest], endpoint: str,
-                          answer: Callable[[Loaded, list[str]], dict[str, Any]]) -> JSONResponse:
-        """A route over a batch of texts (/v1/classify, /v1/segment): the model of `task`, and `answer`
-        over the body's texts run by the task worker; 429 when its queue is full."""
+                          work: TextsTask) -> JSONResponse:
+        """A route over a batch of texts (/v1/classify, /v1/segment, /v1/ner): the model of `task` runs `work`
+        over the body's texts on the task worker, joined with other waiting requests' texts; 429 when its queue
+        is full."""
         loaded = self.ready(task)
         req = await self.body(request, schema)
         worker = self.worker
         assert worker is not None  # a classifier or tagger has one from the moment it is ready
         try:
-            job = worker.submit(lambda: answer(loaded, req.input))
+            job = worker.submit(endpoint, req.input, lambda texts: work.label(loaded, texts),
+                                lambda results: work.answer(loaded, req.input, results))
         except TaskQueueFull:
             raise APIError(429, f"the server is busy: {worker.max_waiting} classify, segment and ner requests can wait "
                                 "(serve.max_task_queue) and that many already do; retry later",
@@ -182,39 +185,6 @@ def score_text(loaded: Loaded, text: str) -> dict[str, Any]:
     return {"object": "score", "tokens": [loaded.tokenizer.decode([t]) for t in ids], "token_ids": ids,
             "token_logprobs": logprobs, "nll": nll, "perplexity": perplexity(nll / len(ids)), "characters": len(text),
             "bpc": nll / math.log(2) / len(text), "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids)}}
-
-
-def classify_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
-    """/v1/classify's answer: each text's label and label probabilities, the texts run as one batch."""
-    from hanlm.tasks.labelled import encode_texts
-    from hanlm.tasks.predict import rows_probabilities
-
-    ft = loaded.config.finetune
-    rows = encode_texts(loaded.tokenizer, texts, ft.max_length)
-    probs = rows_probabilities(loaded.model, rows, batch_size=len(rows))
-    tokens = sum(map(len, rows))
-    data = [{"index": i, "label": ft.labels[int(row.argmax())],
-             "probabilities": {label: float(p) for label, p in zip(ft.labels, row)}} for i, row in enumerate(probs)]
-    return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-def segment_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
-    """/v1/segment's answer: each text's words (and tags, from a POS tagger), the texts run as one batch."""
-    sentences = loaded.model.segment(texts)
-    data = [{"index": i, "words": s.words, **({"tags": s.tags} if s.tags is not None else {})}
-            for i, s in enumerate(sentences)]
-    characters = sum(map(len, texts))
-    return {"object": "list", "data": data, "usage": {"characters": characters,
-                                                      "words": sum(len(s.words) for s in sentences)}}
-
-
-def ner_texts(loaded: Loaded, texts: list[str]) -> dict[str, Any]:
-    """/v1/ner's answer: each text's entities (text, type, start, end: character offsets, end excluded)."""
-    found = loaded.model.entities(texts)
-    data = [{"index": i, "entities": [{"text": t[e.start:e.end], "type": e.type, "start": e.start, "end": e.end}
-                                      for e in entities]} for i, (t, entities) in enumerate(zip(texts, found))]
-    return {"object": "list", "data": data, "usage": {"characters": sum(map(len, texts)),
-                                                      "entities": sum(map(len, found))}}
 
 
 async def _outcome(request: Request, job: Job) -> Any:
@@ -296,15 +266,15 @@ def _routes(app: FastAPI, s: _Service, keyed: Dependency, metrics_key: list[Depe
 
     @app.post("/v1/classify", dependencies=[keyed])
     async def classify(request: Request) -> JSONResponse:
-        return await s.texts_route(request, "classify", ClassifyRequest, "/v1/classify", classify_texts)
+        return await s.texts_route(request, "classify", ClassifyRequest, "/v1/classify", CLASSIFY)
 
     @app.post("/v1/segment", dependencies=[keyed])
     async def segment(request: Request) -> JSONResponse:
-        return await s.texts_route(request, "tag", SegmentRequest, "/v1/segment", segment_texts)
+        return await s.texts_route(request, "tag", SegmentRequest, "/v1/segment", SEGMENT)
 
     @app.post("/v1/ner", dependencies=[keyed])
     async def ner(request: Request) -> JSONResponse:
-        return await s.texts_route(request, "ner", NerRequest, "/v1/ner", ner_texts)
+        return await s.texts_route(request, "ner", NerRequest, "/v1/ner", NER)
 
     @app.post("/v1/completions", dependencies=[keyed])
     async def completions(request: Request) -> Response:
@@ -357,17 +327,19 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
                api_key: str | None = None, max_batch: int = 16, max_queue: int = 256, max_body_bytes: int = 1 << 20,
                max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
                speculation: Callable[[Tokenizer], Speculation | None] | None = None, max_task_queue: int = 8,
-               task_threads: int | None = None, compile: str = "auto", prefill_chunk: int = 256,
-               prefix_cache_tokens: int = 4096) -> FastAPI:
+               task_threads: int | None = None, task_batch_texts: int = 256, compile: str = "auto",
+               prefill_chunk: int = 256, prefix_cache_tokens: int = 4096) -> FastAPI:
     """The app; `load` runs in a background thread at startup (/health says 503 until it is done).
     `speculation` makes the engine's drafter for the loaded tokenizer (None: no speculative decoding);
     `compile` (generate.compile), `prefill_chunk` and `prefix_cache_tokens` (serve.*) configure the engine.
-    A classifier or tagger runs its batches on a worker thread with `task_threads` intra-op threads
-    (None: `task_threads_for` its config), where at most `max_task_queue` batches wait.
+    A classifier or tagger runs on a worker thread with `task_threads` intra-op threads (None:
+    `task_threads_for` its config), where at most `max_task_queue` requests wait and those waiting together
+    run as one batch of up to `task_batch_texts` texts.
 
     `app.state.hanlm.loaded` is the model and engine once loaded (None before)."""
-    if max_task_queue < 0 or (task_threads is not None and task_threads < 1):
-        raise ValueError(f"max_task_queue must be ≥ 0 and task_threads ≥ 1 (got {max_task_queue}, {task_threads})")
+    if max_task_queue < 0 or (task_threads is not None and task_threads < 1) or task_batch_texts < 1:
+        raise ValueError(f"max_task_queue must be ≥ 0, task_threads and task_batch_texts ≥ 1 (got {max_task_queue}, "
+                         f"{task_threads}, {task_batch_texts})")
     s = _Service(model_name, Metrics(), max_body_bytes, max_json_depth, body_timeout_s)
 
     def load_model() -> None:
@@ -382,7 +354,7 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
                 engine.start()
             elif cfg.model.task != "lm":
                 s.worker = TaskWorker(max_waiting=max_task_queue, threads=task_threads or task_threads_for(cfg),
-                                      metrics=s.metrics)
+                                      batch_items=task_batch_texts, metrics=s.metrics)
                 s.worker.start()
             s.loaded = Loaded(model, cfg, tokenizer, engine)
         except Exception as e:  # reported by /health and every API call
@@ -410,9 +382,9 @@ def create_app(load: Callable[[], tuple[LanguageModel, Config, Tokenizer]], *, m
 def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_body_bytes: int, max_json_depth: int = 32, body_timeout_s: float = 30.0, metrics_public: bool = False,
           model_name: str | None = None, device: str = "cpu", draft: tuple | None = None, max_task_queue: int = 8,
-          task_threads: int | None = None, header_timeout_s: float = HEAD_TIMEOUT_S, compile: str = "auto",
-          prefill_chunk: int = 256, prefix_cache_tokens: int = 4096, engine: str = "torch",
-          gguf_dtype: str = "f32") -> None:
+          task_threads: int | None = None, task_batch_texts: int = 256,
+          header_timeout_s: float = HEAD_TIMEOUT_S, compile: str = "auto", prefill_chunk: int = 256,
+          prefix_cache_tokens: int = 4096, engine: str = "torch", gguf_dtype: str = "f32") -> None:
     """Run the server until interrupted; the model loads while it already answers /health. `draft`:
     speculation_from_config's arguments after the tokenizer (the generate config, mode, draft model, k).
     `header_timeout_s`: how long a client may take to send a request head (then the connection closes).
@@ -439,8 +411,8 @@ def serve(spec: str, *, host: str, port: int, api_key: str | None, max_batch: in
                      max_queue=max_queue, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
                      body_timeout_s=body_timeout_s, metrics_public=metrics_public,
                      speculation=_drafts(*draft) if draft else None, max_task_queue=max_task_queue,
-                     task_threads=task_threads, compile=compile, prefill_chunk=prefill_chunk,
-                     prefix_cache_tokens=prefix_cache_tokens)
+                     task_threads=task_threads, task_batch_texts=task_batch_texts, compile=compile,
+                     prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
     # Ctrl-C: finish what can finish in a few seconds, then cancel the rest (whose generations stop).
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
                 **uvicorn_settings(header_timeout_s))

@@ -10,8 +10,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
-    """Requests running and waiting (generation, and the task worker's batches), TTFT, inter-token latency,
-    token totals, requests by outcome."""
+    """Requests running and waiting (generation, and the task worker's), the task worker's batches, TTFT,
+    inter-token latency, token totals, requests by outcome."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -36,9 +36,15 @@ class Metrics:
         self.cancelled = Counter("hanlm_sequences_cancelled", "Sequences dropped because the client went away",
                                  registry=r)
         self.task_waiting = Gauge("hanlm_task_requests_waiting",
-                                  "/v1/classify and /v1/segment batches waiting for the task worker", registry=r)
+                                  "/v1/classify, /v1/segment and /v1/ner requests waiting for the task worker",
+                                  registry=r)
         self.task_running = Gauge("hanlm_task_requests_running",
-                                  "/v1/classify and /v1/segment batches the task worker runs (0 or 1)", registry=r)
+                                  "Requests in the batch the task worker runs (0 when idle)", registry=r)
+        self.task_batches = Counter("hanlm_task_batches", "Batches the task worker ran through the model (each "
+                                    "of one request or of several joined)", registry=r)
+        self.task_batched_requests = Counter("hanlm_task_batched_requests", "Requests answered from those "
+                                             "batches: over hanlm_task_batches_total, the requests per batch",
+                                             registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
