@@ -196,6 +196,20 @@ def queued_together(server, gate, route, bodies):
     return [answers[i] for i in range(len(bodies))]
 
 
+def joined_batch(run_dir, method, task, route, bodies):
+    """Serves the `task` checkpoint in `run_dir` with its `method` gated, sends `bodies` so that all but the
+    first wait together (`queued_together`), checks that they ran as one batch after the held one, and
+    returns the bodies of the answers, each a 200."""
+    gate = Gate(method)
+    with serve(run_dir, patches=[gate], tasks=(task,), api_key=KEY) as server:
+        server.wait_ready()
+        together = queued_together(server, gate, route, bodies)
+        assert gate.calls == 2 and metric(server, "hanlm_task_batched_requests_total") == len(bodies)
+    for response in together:
+        assert response.status_code == 200, response.text
+    return [response.json() for response in together]
+
+
 def error_of(response, status):
     """The response's error object, after checking its status and OpenAI's error shape."""
     assert response.status_code == status, (response.status_code, response.text)

@@ -19,6 +19,7 @@ from serve_helpers import (  # noqa: F401
     browser,
     checkpoints,
     error_of,
+    joined_batch,
     metric,
     queued_together,
     serve,
@@ -271,22 +272,18 @@ def test_concurrent_classify_requests_join_one_batch_and_get_what_each_gets_alon
     classifier = load_classifier(str(result.run_dir))
     texts = [r["text"] for r in reviews[:40]]
     bodies = [{"input": texts[0]}, {"input": texts[1:5]}, {"input": texts[5]}, {"input": texts[6:40]}]
-    gate = Gate("forward")  # the network's: one call per batch of up to 64 texts
-    with serve(str(result.run_dir), patches=[gate], tasks=("classify",), api_key=KEY) as server:
-        server.wait_ready()
-        together = queued_together(server, gate, "/v1/classify", bodies)
-        assert gate.calls == 2 and metric(server, "hanlm_task_batched_requests_total") == 4  # the held one, then 3
+    # The network's forward: one call per batch of up to 64 texts.
+    together = joined_batch(str(result.run_dir), "forward", "classify", "/v1/classify", bodies)
     for response, body in zip(together, bodies):
-        assert response.status_code == 200, response.text
         inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
         alone = classifier.probabilities(inputs)
-        data = response.json()["data"]
+        data = response["data"]
         assert [d["label"] for d in data] == [classifier.labels[i] for i in alone.argmax(-1).tolist()]
         # Equal up to float32 rounding: a text's batch (its neighbours, its padding) orders BLAS's sums.
         got = [p for d in data for p in d["probabilities"].values()]
         assert got == pytest.approx(alone.flatten().tolist(), abs=1e-6)
         rows = encode_texts(classifier.tokenizer, inputs, classifier.config.finetune.max_length)
-        assert response.json()["usage"]["prompt_tokens"] == sum(map(len, rows))
+        assert response["usage"]["prompt_tokens"] == sum(map(len, rows))
 
 
 def test_the_playground_labels_text_for_a_classifier(finetuned, browser):

@@ -267,7 +267,7 @@ def test_the_neural_entity_tagger_learns_and_serves_through_hanlm_ner(neural_ner
 
 
 def test_concurrent_ner_requests_join_one_batch_and_get_what_each_gets_alone(neural_ner, ner_run):
-    from serve_helpers import KEY, Gate, metric, queued_together, serve
+    from serve_helpers import joined_batch
 
     from hanlm.loading import load_entity_tagger
 
@@ -275,17 +275,12 @@ def test_concurrent_ner_requests_join_one_batch_and_get_what_each_gets_alone(neu
     tagger, cfg, _ = load_entity_tagger(str(neural_ner.run_dir))
     texts = [s.text for s in read_ner([str(root / "sample.jsonl")], cfg.data)][1000:1030]
     bodies = [{"input": texts[0]}, {"input": texts[1:4]}, {"input": texts[4]}, {"input": texts[5:30]}]
-    gate = Gate("entities")
-    with serve(str(neural_ner.run_dir), patches=[gate], tasks=("ner",), api_key=KEY) as server:
-        server.wait_ready()
-        together = queued_together(server, gate, "/v1/ner", bodies)
-        assert gate.calls == 2 and metric(server, "hanlm_task_batched_requests_total") == 4  # the held one, then 3
+    together = joined_batch(str(neural_ner.run_dir), "entities", "ner", "/v1/ner", bodies)
     for response, body in zip(together, bodies):
-        assert response.status_code == 200, response.text
         inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
         alone = [[{"text": t[e.start:e.end], "type": e.type, "start": e.start, "end": e.end} for e in found]
                  for t, found in zip(inputs, tagger.entities(inputs))]
-        assert [d["entities"] for d in response.json()["data"]] == alone
+        assert [d["entities"] for d in response["data"]] == alone
 
 
 def test_the_playground_marks_the_entities_of_a_neural_recognizer(neural_ner, browser):
