@@ -157,7 +157,7 @@ def no_generation(monkeypatch):
     import hanlm.loading
 
     calls = []
-    stand_in = types.SimpleNamespace(generates=True)
+    stand_in = types.SimpleNamespace(generates=True, device=torch.device("cpu"))
     monkeypatch.setattr(hanlm.loading, "load_for_inference", lambda spec, device: (stand_in, load_config("tiny"), None))
 
     def record(model, tokenizer, prompt, params, **kw):

@@ -81,7 +81,8 @@ def test_a_lora_classifier_learns_with_the_pretrained_weights_untouched(checkpoi
                                "finetune.lora_rank=8", *QUIET])
     result = Finetuner(cfg).run()
     assert "LoRA rank 8 on qkv, proj, gate, up, down" in capsys.readouterr().out
-    assert result.test.accuracy > 0.6, result.test.summary()
+    counts = [sum(row) for row in result.test.confusion]  # a 30-step backbone: above the majority label, clearly
+    assert result.test.accuracy > max(counts) / sum(counts) + 0.05, result.test.summary()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["trainable_parameters"] < results["parameters"] / 4 and results["peak_rss_gb"] > 0
     pretrained = load_checkpoint(resolve_checkpoint(checkpoints["gpt"])).weights
