@@ -114,6 +114,7 @@ class Engine:
                  metrics: Metrics | None = None, speculation: Speculation | None = None, compile: bool = False,
                  prefill_chunk: int = 0, prefix_cache_tokens: int = 0):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = model.device  # once: the property walks the parameters, and every step needs it
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
         self.speculation = speculation  # its drafter serves every sequence; each has its own draft length
@@ -144,14 +145,14 @@ class Engine:
         that the compiled step exists for any batch before the first request; the seconds go to stderr and to
         the metric hanlm_compile_seconds."""
         with self.lock, torch.no_grad():
-            logp, state = self.model.log_probs(torch.tensor([[self.tokenizer.eos_id]], device=self.model.device),
+            logp, state = self.model.log_probs(torch.tensor([[self.tokenizer.eos_id]], device=self.device),
                                                self.model.initial_state(1))
             widths = (1, 2, 3) if self.speculation is not None else (1,)
             for rows in (1, 2):
                 while len(self.batch) < rows:
                     self.batch.admit(state, 1)
                 for width in widths:
-                    self.batch.step(torch.full((rows, width), self.tokenizer.eos_id, device=self.model.device))
+                    self.batch.step(torch.full((rows, width), self.tokenizer.eos_id, device=self.device))
                     for row in range(rows):
                         self.batch.cut(row, 0)
             self.batch.keep([])
@@ -254,7 +255,7 @@ class Engine:
         take = min(budget, len(ids) - p.done)
         if take == 0:
             return 0
-        chunk = torch.tensor([ids[p.done:p.done + take]], device=self.model.device)
+        chunk = torch.tensor([ids[p.done:p.done + take]], device=self.device)
         logp, p.state = self.model.log_probs(chunk, p.state)
         if p.request.prompt_logprobs:
             following = torch.tensor(ids[p.done + 1:p.done + take + 1], device=logp.device)
@@ -278,7 +279,7 @@ class Engine:
         for i in range(request.n):
             generator = None
             if seed is not None:
-                generator = torch.Generator(device=self.model.device).manual_seed(seed + i)
+                generator = torch.Generator(device=self.device).manual_seed(seed + i)
             draft = None if self.speculation is None else DraftLength(self.speculation.k, self.speculation.adaptive)
             self.batch.admit(p.state, len(request.prompt_ids))
             self._running.append(_Sequence(request, request.first_index + i, p.logp, generator,
@@ -295,7 +296,7 @@ class Engine:
             kept = [i for i, token, logp in zip(live, tokens, logps) if self._emit(self._running[i], token, logp)]
         self._keep(kept)
         if self._running:
-            tokens = torch.tensor([[s.stream.ids[-1]] for s in self._running], device=self.model.device)
+            tokens = torch.tensor([[s.stream.ids[-1]] for s in self._running], device=self.device)
             for seq, row in zip(self._running, self.batch.step(tokens)[:, -1]):
                 seq.logp = row
 
@@ -329,7 +330,7 @@ class Engine:
         self.metrics.draft_seconds.inc(time.perf_counter() - started)
         width = 1 + max(len(d) for d in drafts)
         tokens = torch.tensor([[s.pending, *d, *[s.pending] * (width - 1 - len(d))] for s, d in zip(rows, drafts)],
-                              device=self.model.device)
+                              device=self.device)
         logp = self.batch.step(tokens)
         kept = []
         for b, (seq, draft) in enumerate(zip(rows, drafts)):
