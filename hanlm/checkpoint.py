@@ -117,9 +117,13 @@ def step_name(step: int) -> str:
 
 
 def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor], cfg: Config, tokenizer: Tokenizer,
-                    train_state: dict[str, Any], *, val_loss: float | None = None, protect: Iterable[str] = (),
-                    note: Callable[[str], None] = _note) -> str:
+                    train_state: dict[str, Any], *, val_loss: float | None = None, selected_on: str = "val",
+                    protect: Iterable[str] = (), note: Callable[[str], None] = _note) -> str:
     """Write a checkpoint for `train_state["step"]`, move `latest` to it, update `best`, prune.
+
+    `val_loss` is the loss that ranks checkpoints (lower is better), measured on the split named by
+    `selected_on` (the manifest records both): `tune`, held out from training and from val, for language
+    models prepared with one; `val` otherwise; `dev` for fine-tuned tasks (1 − their dev score).
 
     `model` is the module, or its full state dict when it is sharded. The manifest is written
     last, before the rename (for remote roots: uploaded last). Retention: the newest
@@ -145,7 +149,7 @@ def save_checkpoint(root: str, model: torch.nn.Module | dict[str, torch.Tensor],
             cfg.save(tmp / "config.yaml")
             tokenizer.save(tmp / "tokenizer.json")
             save_state(train_state, tmp / STATE_FILE)
-            write_manifest(tmp, step=step, val_loss=val_loss)
+            write_manifest(tmp, step=step, val_loss=val_loss, selected_on=selected_on)
         if not local:
             _upload(fs, final, _join(base, name))
     finally:
@@ -238,6 +242,18 @@ def _best(fs: fsspec.AbstractFileSystem, base: str, note: Callable[[str], None])
     if name not in _list(fs, base):
         return None
     return name, value
+
+
+def selected_on(path: str) -> str:
+    """The split whose loss ranked the checkpoint at `path` (its manifest's `selected_on`; `val` for
+    checkpoints written before it was recorded, or when the manifest is unreadable)."""
+    fs, base = _fs(path)
+    try:
+        with fs.open(_join(base, MANIFEST), "r", encoding="utf-8") as f:
+            split = json.load(f).get("selected_on", "val")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return "val"
+    return split if isinstance(split, str) else "val"
 
 
 def list_checkpoints(root: str) -> list[str]:

@@ -202,6 +202,17 @@ class TrainConfig:
                               "biases or embeddings).", min=0.0, max=10.0)
     beta1: float = key(0.9, "AdamW beta1.", min=0.0, max=1.0)
     beta2: float = key(0.95, "AdamW beta2.", min=0.0, max=1.0)
+    ema_decay: float = key(0.0, "Weight averaging: evaluate, save and serve an exponential moving average of the "
+                           "weights, each step keeping min(ema_decay, (1 + step) / (10 + step)) of the old average "
+                           "(about the last 1 / (1 − ema_decay) steps); the live weights stay in the training state "
+                           "for resume. 0: off.", min=0.0, max=0.99999)
+    distill_weight: float = key(0.0, "Distillation from an n-gram counted on the train split when the run starts: "
+                                "each position's target is (1 − w) · its next token + w · the n-gram's next-token "
+                                "distribution (its distill_top_k most likely tokens); the train loss logged is that "
+                                "mixed objective. 0: off.", min=0.0, max=0.99)
+    distill_order: int = key(3, "distill_weight: the teacher n-gram's order.", min=1, max=8)
+    distill_top_k: int = key(32, "distill_weight: the teacher's most likely tokens per position that the target "
+                             "keeps (renormalised).", min=1, max=4096)
     grad_clip: float = key(1.0, "Clip the gradient norm to this; 0 turns clipping off.", min=0.0, max=1e6)
     seed: int = key(1337, "Seed for initialisation, data order and sampling.", min=0, max=(1 << 32) - 1)
     device: Literal["auto", "cpu", "cuda"] = key("auto", "`auto` uses CUDA when available.")

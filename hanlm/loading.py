@@ -33,6 +33,7 @@ from hanlm.checkpoint import (
     load_weights,
     read_best,
     resolve_stored,
+    selected_on,
     stored_task,
 )
 from hanlm.config import Config, load_config
@@ -98,9 +99,11 @@ _RETRIES = 3  # a training that saves faster than a checkpoint loads would prune
 
 
 def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
-    """`resolve_checkpoint`, except that a directory of classifier or tagger checkpoints (`hanlm finetune`)
-    gives its best by dev score, the run's result, rather than its latest, which only a resume wants. A
-    directory of language-model checkpoints gives its latest, and says so when its best by val loss is another."""
+    """`resolve_checkpoint`, except that a run or checkpoint directory gives the run's result rather than its
+    latest checkpoint, which only a resume wants: for classifiers and taggers (`hanlm finetune`) the best by dev
+    score; for language models the best by the held-out tune split's loss, saying so when it is not the latest.
+    A language-model run ranked by val loss (prepared without a tune split) gives its latest, and names its
+    best by val loss when that is another: choosing by val would make val scores look better than new text's."""
     path = resolve_checkpoint(spec, note)
     if path == spec or is_hf_dir(path):
         return path
@@ -108,9 +111,14 @@ def resolve_served(spec: str, note: Callable[[str], None] = _note) -> str:
     best = read_best(root, note)
     if stored_task(path) in ("classify", "tag", "ner"):
         return f"{root}/{best[0]}" if best else path
-    if best and best[0] != name:
-        note(f"note: {spec}: using its latest checkpoint, {name}; its best by val loss is {best[0]} "
-             f"({best[1]:.4f}): give {root}/{best[0]} to use that one")
+    if best is None or best[0] == name:
+        return path
+    if selected_on(f"{root}/{best[0]}") == "tune":
+        note(f"note: {spec}: using its best checkpoint by held-out tune loss, {best[0]} ({best[1]:.4f}); its latest "
+             f"is {name}: give {root}/{name} to use that one")
+        return f"{root}/{best[0]}"
+    note(f"note: {spec}: using its latest checkpoint, {name}; its best by val loss is {best[0]} "
+         f"({best[1]:.4f}): give {root}/{best[0]} to use that one")
     return path
 
 

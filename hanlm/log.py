@@ -159,7 +159,7 @@ class RunLogger:
             return
         # Known metrics first, in a fixed order and format; any others after them.
         formats = {"loss": ("val loss", ".4f"), "bpc": ("bpc", ".3f"), "ppl_char": ("ppl/char", ".1f"),
-                   "ppl_token": ("ppl/token", ".1f")}
+                   "ppl_token": ("ppl/token", ".1f"), "tune_loss": ("tune loss", ".4f")}
         names = [n for n in formats if n in metrics] + [n for n in metrics if n not in formats]
         parts = [f"eval step {step}"]
         for name in names:

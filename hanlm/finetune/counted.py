@@ -104,7 +104,7 @@ def _save_and_report(cfg: Config, run_dir: Path, weights, tokenizer: Tokenizer, 
                      data, dev, test, echo: Callable[[str], None]) -> FinetuneResult:
     """One checkpoint (step 1, its dev error as the val loss), results.json and report.md."""
     path = save_checkpoint(str(run_dir / "checkpoints"), weights, cfg, tokenizer, {"step": 1, "train_seconds": seconds},
-                           val_loss=1.0 - dev.scores.f1, note=echo)
+                           val_loss=1.0 - dev.scores.f1, selected_on="dev", note=echo)
     results |= {"best_checkpoint": path, "steps": 1, "seconds": seconds,
                 "data": {"summary": data.summary(), **data.split_sizes()},
                 "dev": {**dev.scores.as_dict(), "chars_per_s": dev.chars_per_s},

@@ -261,7 +261,7 @@ class Finetuner:
                 self._fresh = False
             state = {"step": self.step, "best_dev": self.best_dev, "elapsed_s": elapsed_s, "ranks": ranks}
             path = save_checkpoint(self.ckpt_root, self.model, self.cfg, self.tokenizer, state,
-                                   val_loss=None if dev is None else 1.0 - dev.primary,
+                                   val_loss=None if dev is None else 1.0 - dev.primary, selected_on="dev",
                                    protect=[self.resumed_from] if self.resumed_from else [], note=self.echo)
         barrier()
         return path

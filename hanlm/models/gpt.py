@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hanlm.config import ModelConfig
 from hanlm.models.base import LanguageModel
-from hanlm.models.loss import linear_cross_entropy
+from hanlm.models.loss import SoftTargets, linear_cross_entropy
 from hanlm.models.slot_cache import SlotBatch
 
 ROPE_THETA = 10000.0
@@ -309,9 +309,9 @@ class Transformer(LanguageModel):
 class GPT(Transformer):
     """Decoder-only transformer language model; see the module docstring for the cache."""
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None, soft: SoftTargets | None = None) -> Tensor:
         h = self.hidden(x)
-        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
+        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y, soft=soft)
 
     def hidden(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The final normalised hidden states (B, T, C) of x (B, T): what the head reads. (`lengths` of

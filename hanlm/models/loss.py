@@ -14,12 +14,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+
 CHUNK_ROWS = 1024  # fast on a 2-core CPU and an H200 alike; the (rows × V) fp32 chunk is 19 MB at V = 4,700
+
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """A teacher's next-token distribution beside the data (knowledge distillation, Hinton et al. 2015): for
+    each position its k most likely tokens `ids` (..., k) with probabilities `probs` (..., k) summing to 1,
+    mixed into the target with `weight`: the target is (1 − weight) · one-hot(y) + weight · teacher."""
+
+    ids: Tensor
+    probs: Tensor
+    weight: float
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, chunk_rows: int, needs_grad: bool) -> Tensor:
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, chunk_rows: int, needs_grad: bool,
+                soft_ids: Tensor | None = None, soft_probs: Tensor | None = None, soft_weight: float = 0.0) -> Tensor:
         valid = y.ne(-1)
         count = valid.sum()
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -27,17 +41,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # fp32 accumulation, also for bf16 weights: the sum runs over every position.
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs_grad else None
         for start in range(0, h.size(0), chunk_rows):
-            hc, yc, vc = h[start:start + chunk_rows], y[start:start + chunk_rows], valid[start:start + chunk_rows]
+            rows = slice(start, start + chunk_rows)
+            hc, yc, vc = h[rows], y[rows], valid[rows]
             target = yc.clamp(min=0).unsqueeze(1)  # ignored rows point at token 0 and are masked below
             logits = (hc @ w.T).float()  # (rows, V)
             top = logits.amax(dim=1, keepdim=True)
             picked = logits.gather(1, target)
+            if soft_ids is not None:  # the target's expected logit: (1 − a) · the data's + a · the teacher's
+                taught = (logits.gather(1, soft_ids[rows]) * soft_probs[rows]).sum(dim=1, keepdim=True)
+                picked = (1.0 - soft_weight) * picked + soft_weight * taught
             probs = logits.sub_(top).exp_()  # in place: this chunk's logits are ours alone
             norm = probs.sum(dim=1, keepdim=True)
             total += ((norm.log() + top - picked).squeeze(1) * vc).sum()
             if needs_grad:
-                # d(mean loss)/d(logits) = (softmax − one-hot) / count, zero on ignored rows.
-                probs.div_(norm).scatter_add_(1, target, torch.full_like(picked, -1.0))
+                # d(mean loss)/d(logits) = (softmax − target) / count, zero on ignored rows.
+                probs.div_(norm).scatter_add_(1, target, torch.full_like(picked, soft_weight - 1.0))
+                if soft_ids is not None:
+                    probs.scatter_add_(1, soft_ids[rows], soft_probs[rows] * -soft_weight)
                 probs.mul_((vc / count).unsqueeze(1))
                 g = probs.to(h.dtype)
                 grad_h[start:start + chunk_rows] = g @ w
@@ -52,11 +72,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, \
+            None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, y: Tensor, chunk_rows: int | None = None) -> Tensor:
+def linear_cross_entropy(h: Tensor, weight: Tensor, y: Tensor, chunk_rows: int | None = None,
+                         soft: SoftTargets | None = None) -> Tensor:
     """Mean cross-entropy of the logits h @ weightᵀ against targets y, ignoring y == -1, in float32.
+
+    With `soft`, the target of each position is (1 − soft.weight) · one-hot(y) + soft.weight · the teacher's
+    distribution, so the loss is (1 − a) · CE(y) + a · H(teacher, model): distillation at the cost of k more
+    gathered logits per position.
 
     Equal (to rounding) to `F.cross_entropy((h @ weight.T).float().flatten(0, -2), y.flatten(),
     ignore_index=-1)` with its gradients, without ever holding all the logits; see the module
@@ -68,5 +94,11 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, y: Tensor, chunk_rows: int |
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     h2, w = h.reshape(-1, h.size(-1)).to(dtype), weight.to(dtype)
     needs_grad = torch.is_grad_enabled() and (h2.requires_grad or w.requires_grad)
+    if soft is None:
+        ids = probs = None
+    else:
+        k = soft.ids.size(-1)
+        ids, probs = soft.ids.reshape(-1, k).to(h.device), soft.probs.reshape(-1, k).to(h.device, torch.float32)
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(h2, w, y.reshape(-1), chunk_rows or CHUNK_ROWS, needs_grad)
+        return _LinearCrossEntropy.apply(h2, w, y.reshape(-1), chunk_rows or CHUNK_ROWS, needs_grad, ids, probs,
+                                         soft.weight if soft is not None else 0.0)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from hanlm.config import ModelConfig
 from hanlm.models.base import LanguageModel
-from hanlm.models.loss import linear_cross_entropy
+from hanlm.models.loss import SoftTargets, linear_cross_entropy
 
 
 class LSTMLM(LanguageModel):
@@ -38,9 +38,9 @@ class LSTMLM(LanguageModel):
         h, state = self.lstm(self.dropout(self.tok_emb(x)), state)
         return self.dropout(h), state
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None, soft: SoftTargets | None = None) -> Tensor:
         h = self.hidden(x)
-        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y)
+        return self.lm_head(h) if y is None else linear_cross_entropy(h, self.lm_head.weight, y, soft=soft)
 
     def hidden(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The top layer's outputs (B, T, C) from the zero state: what the head reads (a left-to-right

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -49,6 +50,8 @@ from hanlm.models.lora import adapted, trainable_share
 from hanlm.models.masking import Masker, row_seed
 from hanlm.runlock import RunLock
 from hanlm.train.autobatch import resolve_micro_batch
+from hanlm.train.distill import NGramTeacher
+from hanlm.train.ema import WeightAverage
 from hanlm.train.distributed import (
     agreed_reason,
     all_reduce_mean,
@@ -155,6 +158,17 @@ class Trainer:
                                   seed=cfg.train.seed)
         self.val_tokens = open_split(self.prepared.directory, "val")
         self.val_characters = split_characters(self.prepared.meta, "val")
+        # The held-out tune split (never trained on) ranks the checkpoints, so that val stays unseen by every
+        # choice; without one (older prepared data, data.tune_fraction 0, masked objectives) val ranks them.
+        self.tune_tokens = (open_split(self.prepared.directory, "tune")
+                            if "tune" in self.prepared.meta["splits"] and self.masker is None else None)
+        self.selected_on = "val" if self.tune_tokens is None else "tune"
+        self.average = WeightAverage(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.teacher = None
+        if t.distill_weight > 0:
+            self.teacher = NGramTeacher.count(open_split(self.prepared.directory, "train"), self.tokenizer.vocab_size,
+                                              t.distill_order, t.distill_weight, t.distill_top_k)
+            self.echo(self.teacher.summary())
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
         self._elapsed_before, self._clock_started = 0.0, None
         if ckpt is not None:
@@ -207,9 +221,25 @@ class Trainer:
             raise CheckpointError(f"{source}/{STATE_FILE}: {e}") from None
         if note:
             self.echo(f"note: {note}")
+        self._restore_average(state, source)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.best_val = float(state.get("best_val", math.inf))
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
+
+    def _restore_average(self, state: dict, source: str) -> None:
+        """train.ema_decay: the checkpoint's model weights are the average, its state holds the live ones."""
+        live = state.get("ema_live")
+        if (live is None) != (self.average is None):
+            was = "with" if live is not None else "without"
+            raise CheckpointError(f"{source} was trained {was} weight averaging (train.ema_decay) and this run "
+                                  f"{'is not' if live is not None else 'is'}; resume with the config the run started "
+                                  "with, or start a new run from its weights with train.init_from")
+        if self.average is not None:
+            self.average.resume(live, source)
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The averaged weights in the model while evaluating, saving or sampling (train.ema_decay)."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def elapsed_s(self) -> float:
         """Wall seconds this run has trained, earlier invocations (before a resume) included."""
@@ -240,10 +270,11 @@ class Trainer:
             if self.masker is not None:  # the masked input, and the original tokens at the masked positions
                 seeds = [row_seed(cfg.train.seed, epoch, start) for epoch, start in self.loader.last_rows]
                 x, y = self.masker(x, row_seeds=seeds)
+            soft = {"soft": self.teacher.targets(x)} if self.teacher is not None else {}
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # Gradients are synchronised once per step, on the last micro-batch's backward.
             with self.sync.no_sync() if micro < accum - 1 else contextlib.nullcontext(), self._amp():
-                loss = self.step_model(x, y)
+                loss = self.step_model(x, y, **soft)
                 (loss * self._loss_weight(y) / accum).backward()
             total += loss.item()
         self.sync.after_backward(self.step)
@@ -256,6 +287,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.average is not None:
+            self.average.update(self.step)
         self.tokens_seen += cfg.derived.tokens_per_step
         self.sync.after_step(self.step)
         return {"loss": all_reduce_mean(total / accum), "lr": lr, "grad_norm": grad_norm}
@@ -269,14 +302,29 @@ class Trainer:
         return y.ne(-1).sum() / (self.cfg.train.mask_rate * y.numel())
 
     def evaluate(self, full: bool = False) -> EvalResult | MaskedEvalResult:
+        """The val split (its first eval.max_batches batches unless `full`), with the averaged weights when
+        train.ema_decay averages them."""
+        with self._averaged():
+            return self._evaluate(self.val_tokens, self.val_characters, full)
+
+    def selection_loss(self, result: EvalResult | MaskedEvalResult, full: bool = False) -> tuple[float, dict]:
+        """The loss that ranks checkpoints (the tune split's, or val's `result` without one) and the metrics
+        to log beside `result`'s."""
+        if self.tune_tokens is None:
+            return result.loss, result.metrics()
+        with self._averaged():
+            tune = self._evaluate(self.tune_tokens, split_characters(self.prepared.meta, "tune"), full)
+        return tune.loss, {**result.metrics(), "tune_loss": tune.loss}
+
+    def _evaluate(self, tokens: np.ndarray, characters: int | None, full: bool) -> EvalResult | MaskedEvalResult:
         if self.masker is not None:
-            result = evaluate_masked(self.model, self.val_tokens, self.masker, block_size=self.cfg.train.block_size,
+            result = evaluate_masked(self.model, tokens, self.masker, block_size=self.cfg.train.block_size,
                                      batch_size=self.cfg.eval.batch_size,
                                      max_batches=None if full else self.cfg.eval.max_batches)
             self._reshard()
             return result
-        result = evaluate(self.model, self.val_tokens, block_size=self.cfg.train.block_size,
-                          batch_size=self.cfg.eval.batch_size, characters=self.val_characters,
+        result = evaluate(self.model, tokens, block_size=self.cfg.train.block_size,
+                          batch_size=self.cfg.eval.batch_size, characters=characters,
                           max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype,
                           stride=self.cfg.eval.stride)
         self._reshard()
@@ -298,6 +346,8 @@ class Trainer:
         weights: torch.nn.Module | dict = self.model
         state: dict = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                        "elapsed_s": self.elapsed_s()}
+        if self.average is not None:
+            state["ema_live"] = self.average.live_state()
         if self.sharded:
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(self.model, options=full)
@@ -306,9 +356,10 @@ class Trainer:
         path = ""
         if self.info.main:
             self._set_earlier_aside()
-            path = save_checkpoint(self.ckpt_root, weights, self.cfg, self.tokenizer, {**state, "ranks": ranks},
-                                   val_loss=val_loss, protect=[self.resumed_from] if self.resumed_from else [],
-                                   note=self.echo)
+            with self._averaged():
+                path = save_checkpoint(self.ckpt_root, weights, self.cfg, self.tokenizer, {**state, "ranks": ranks},
+                                       val_loss=val_loss, selected_on=self.selected_on,
+                                       protect=[self.resumed_from] if self.resumed_from else [], note=self.echo)
         barrier()
         return path
 
@@ -413,9 +464,8 @@ class Trainer:
                                   **self._comm() if self.info.distributed else {})
                 val_loss = None
                 if self.step % cfg.eval.every_steps == 0 and self.step < cfg.derived.max_steps and evaluates:
-                    result = self.evaluate()
-                    logger.eval(self.step, self.tokens_seen, result.metrics())
-                    val_loss = result.loss
+                    val_loss, metrics = self.selection_loss(self.evaluate())
+                    logger.eval(self.step, self.tokens_seen, metrics)
                 if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.derived.max_steps:
                     self._save_best(val_loss)
             if reason in ("signal", "stop_after"):
@@ -424,9 +474,10 @@ class Trainer:
                 return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason)
             self.sync.finish()  # diloco: the final model is the synchronised one
             final = self.evaluate(full=True) if evaluates else None
+            chosen = self.selection_loss(final, full=True) if evaluates else None
             if main:
-                logger.eval(self.step, self.tokens_seen, final.metrics())
-            path = self._save_best(final.loss if main else None)
+                logger.eval(self.step, self.tokens_seen, chosen[1])
+            path = self._save_best(chosen[0] if main else None)
             samples = self.samples() if evaluates else []
             report = (logger.write_report(f"hanlm run: {self.run_dir}", self._report_sections(final, samples))
                       if main else None)
@@ -450,7 +501,8 @@ class Trainer:
         encoder, which does not generate)."""
         if not self.model.generates:
             return []
-        samples = config_samples(self.model, self.tokenizer, self.cfg.generate)
+        with self._averaged():
+            samples = config_samples(self.model, self.tokenizer, self.cfg.generate)
         self._reshard()
         return samples
 
