@@ -31,10 +31,10 @@ from hanlm.limits import (
 
 
 def key(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        above: float | None = None) -> Any:
+        above: float | None = None, below: float | None = None) -> Any:
     """Declare a config key: its default, help text and allowed range (inclusive `min`/`max`,
-    exclusive `above`)."""
-    meta = {"help": help, "min": min, "max": max, "above": above}
+    exclusive `above`/`below`)."""
+    meta = {"help": help, "min": min, "max": max, "above": above, "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
