@@ -320,6 +320,9 @@ def _check_paths(cfg: Config) -> None:
 def check(cfg: Config) -> None:
     """Checks that involve more than one key."""
     m, t = cfg.model, cfg.train
+    if cfg.tokenizer.bpe_dropout and cfg.tokenizer.kind != "bpe":
+        raise ConfigError(f"tokenizer.bpe_dropout ({cfg.tokenizer.bpe_dropout}) skips BPE merges: it applies to "
+                          f"tokenizer.kind bpe, not {cfg.tokenizer.kind}")
     if m.arch in NETWORKS:
         missing = [k for k in ("n_layer", "n_embd", "context_length") + (("n_head",) if m.arch != "lstm" else ())
                    if getattr(m, k) is None]
