@@ -158,13 +158,15 @@ def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
-    lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
+    lo, hi, above, below = meta.get("min"), meta.get("max"), meta.get("above"), meta.get("below")
     if lo is not None and value < lo:
         raise ConfigError(f"{name} must be >= {lo}, got {value}")
     if above is not None and value <= above:
         raise ConfigError(f"{name} must be > {above}, got {value}")
     if hi is not None and value > hi:
         raise ConfigError(f"{name} must be <= {hi}, got {value}")
+    if below is not None and value >= below:
+        raise ConfigError(f"{name} must be < {below}, got {value}")
 
 
 def _number(value: float) -> str:
@@ -173,10 +175,11 @@ def _number(value: float) -> str:
 
 
 def describe_range(meta: typing.Mapping[str, Any]) -> str:
-    """A key's allowed range for the key table: `≥ 0, ≤ 10`, `> 0`, or empty when it has none."""
+    """A key's allowed range for the key table: `≥ 0, ≤ 10`, `> 0`, `≥ 0, < 1`, or empty when it has none."""
     parts = [f"≥ {_number(meta['min'])}" if meta.get("min") is not None else "",
              f"> {_number(meta['above'])}" if meta.get("above") is not None else "",
-             f"≤ {_number(meta['max'])}" if meta.get("max") is not None else ""]
+             f"≤ {_number(meta['max'])}" if meta.get("max") is not None else "",
+             f"< {_number(meta['below'])}" if meta.get("below") is not None else ""]
     return ", ".join(p for p in parts if p)
 
 
@@ -317,6 +320,9 @@ def _check_paths(cfg: Config) -> None:
 def check(cfg: Config) -> None:
     """Checks that involve more than one key."""
     m, t = cfg.model, cfg.train
+    if cfg.tokenizer.bpe_dropout and cfg.tokenizer.kind != "bpe":
+        raise ConfigError(f"tokenizer.bpe_dropout ({cfg.tokenizer.bpe_dropout}) skips BPE merges: it applies to "
+                          f"tokenizer.kind bpe, not {cfg.tokenizer.kind}")
     if m.arch in NETWORKS:
         missing = [k for k in ("n_layer", "n_embd", "context_length") + (("n_head",) if m.arch != "lstm" else ())
                    if getattr(m, k) is None]

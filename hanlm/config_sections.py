@@ -31,10 +31,10 @@ from hanlm.limits import (
 
 
 def key(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        above: float | None = None) -> Any:
+        above: float | None = None, below: float | None = None) -> Any:
     """Declare a config key: its default, help text and allowed range (inclusive `min`/`max`,
-    exclusive `above`)."""
-    meta = {"help": help, "min": min, "max": max, "above": above}
+    exclusive `above`/`below`)."""
+    meta = {"help": help, "min": min, "max": max, "above": above, "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -91,6 +91,14 @@ class TokenizerConfig:
     train_chars: int = key(20_000_000, "bpe, word: train on at most this many characters of the train split, a "
                            "deterministic sample spread over all of it (char counts every character); 0: all.",
                            min=0, max=TOKENS_MAX)
+    bpe_dropout: float = key(0.0, "bpe: BPE-dropout (Provilkov et al. 2020), subword regularisation for multi-epoch "
+                             "training: `hanlm prepare` also writes tokenizer.dropout_copies encodings of the train "
+                             "split that skip this share of merges, each segmenting words differently, and epoch e "
+                             "of training reads copy e mod dropout_copies; val, tune and the plain train split keep "
+                             "the plain encoding. The copies come from an unseeded RNG, so two prepares differ (a "
+                             "resumed run reads the stored copies and stays exact); 0: none.", min=0.0, below=1.0)
+    dropout_copies: int = key(4, "bpe with tokenizer.bpe_dropout: how many differently segmented encodings of the "
+                              "train split prepare writes (each as big as the train split).", min=1, max=64)
 
 
 # Shapes of the model presets; explicit model.* keys override them.

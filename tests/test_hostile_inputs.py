@@ -40,15 +40,16 @@ INT_KEYS = [k for k in NUMERIC if k[1] is int]
 
 
 def in_range(value: float, meta: typing.Mapping) -> bool:
-    """What the key's declaration allows: finite, and within min / above / max."""
+    """What the key's declaration allows: finite, and within min / above / max / below."""
     return (math.isfinite(value) and (meta["min"] is None or value >= meta["min"])
-            and (meta["above"] is None or value > meta["above"]) and (meta["max"] is None or value <= meta["max"]))
+            and (meta["above"] is None or value > meta["above"]) and (meta["max"] is None or value <= meta["max"])
+            and (meta["below"] is None or value < meta["below"]))
 
 
 def test_the_schema_bounds_every_number():
     assert len(FLOAT_KEYS) > 30 and len(INT_KEYS) > 40
-    unbounded = [name for name, _, meta in NUMERIC if meta["max"] is None or (meta["min"] is None and
-                                                                              meta["above"] is None)]
+    unbounded = [name for name, _, meta in NUMERIC if (meta["max"] is None and meta["below"] is None)
+                 or (meta["min"] is None and meta["above"] is None)]
     assert not unbounded, f"numeric keys without both bounds: {unbounded}"
 
 

@@ -35,7 +35,7 @@ from hanlm.data.reader import DocumentReader
 from hanlm.data.splits import split_names, split_of, text_bucket
 from hanlm.data.spool import DocumentSpool, read_chunk
 from hanlm.data.segmenters import SegmenterLoader, plug_segmenter_loader, segmenter_loader
-from hanlm.data.shards import FORMAT_VERSION, ShardWriter, open_split, read_meta, token_dtype
+from hanlm.data.shards import FORMAT_VERSION, ShardWriter, dropout_split, open_split, read_meta, token_dtype
 from hanlm.data.tokenizer import Tokenizer, char_tokenizer_from_counts, train_tokenizer
 from hanlm.errors import DataError
 
@@ -56,11 +56,19 @@ class Prepared:
         m = self.meta
         lines = [f"prepared data: {self.directory}" + (" (up to date, reused)" if self.reused else ""),
                  f"tokenizer: {m['tokenizer_kind']}, vocabulary {m['vocab_size']:,}, shards {m['dtype']}"]
+        copies = [dropout_split(k) for k in range(1, m.get("bpe_dropout", {}).get("copies", 0) + 1)]
         for split, s in m["splits"].items():
+            if split in copies:  # summed up in one line below
+                continue
             per = s["characters"] / s["tokens"] if s["tokens"] else 0.0
             lines.append(f"{split:>5}: {s['documents']:>9,} documents {s['characters']:>12,} characters "
                          f"{s['tokens']:>12,} tokens ({per:.2f} characters/token, unigram entropy "
                          f"{s['unigram_bpc']:.3f} bits/character)")
+        if copies:
+            tokens = sum(m["splits"][c]["tokens"] for c in copies) / len(copies)
+            per = m["splits"][copies[0]]["characters"] / tokens if tokens else 0.0
+            lines.append(f"train, BPE-dropout {m['bpe_dropout']['p']}: {len(copies)} more encodings of "
+                         f"{tokens:,.0f} tokens on average ({per:.2f} characters/token)")
         lines.append(f"distinct characters (train): {m['distinct_characters']:,}")
         if m.get("read_report"):
             lines.append(f"reader: {m['read_report']}")
@@ -74,7 +82,10 @@ def _settings(cfg: Config) -> dict[str, Any]:
     """The data and tokenizer settings that change the shards (not where they go, nor how many
     processes write them), with the shard format."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("prepared_dir", "num_workers")}
-    return {"format": FORMAT_VERSION, "data": data, "tokenizer": dataclasses.asdict(cfg.tokenizer)}
+    tokenizer = dataclasses.asdict(cfg.tokenizer)
+    if not cfg.tokenizer.bpe_dropout:  # no copies: the directories prepared before these keys keep their hash
+        del tokenizer["bpe_dropout"], tokenizer["dropout_copies"]
+    return {"format": FORMAT_VERSION, "data": data, "tokenizer": tokenizer}
 
 
 def settings_hash(cfg: Config) -> str:
@@ -130,6 +141,13 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
     tokenizer.train_chars characters (bpe, word), and the chunks are encoded in worker processes.
     `launcher="spark"` reads the source files and encodes the chunks in Spark tasks instead
     (`hanlm.data.spark_prepare`); the shards are byte for byte the same.
+
+    With tokenizer.bpe_dropout > 0 (bpe only), the train documents are encoded tokenizer.dropout_copies
+    more times, skipping that share of BPE merges (`BpeTokenizer.with_dropout`), into the splits
+    `train-dropout-1` … (always in local processes); training reads copy e mod K in epoch e, and the
+    plain `train` split stays for everything else. Hugging Face draws the skipped merges from its own
+    unseeded RNG, so these copies, unlike every other shard, differ between two prepares; they are
+    stored, so a run (and its resume) reads the same ones.
     """
     start = time.perf_counter()
     directory = Path(out_dir or cfg.data.prepared_dir or default_dir(cfg))
@@ -155,23 +173,36 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
             if spool.documents == 0:
                 raise _empty_split_error(split, cfg)
         tokenizer = _tokenizer(cfg, spools["train"])
+        dropout, copies = cfg.tokenizer.bpe_dropout, cfg.tokenizer.dropout_copies
+        if dropout:
+            tokenizer.with_dropout(dropout)  # a tokenizer.path that is not bpe is refused before any encoding
         tokenizer.save(tmp / "tokenizer.json")
         dtype = token_dtype(tokenizer.vocab_size)
         workers = cfg.data.num_workers or os.cpu_count() or 1
-        splits = {}
-        for split, spool in spools.items():
+
+        def write(split: str, spool: DocumentSpool, encoded: Iterable[tuple[np.ndarray, int, int]]) -> dict[str, Any]:
             writer = ShardWriter(tmp, split, dtype, cfg.data.shard_tokens)
             try:
                 with tqdm(total=spool.characters, desc=f"encode {split}", unit=" chars", unit_scale=True,
                           disable=not progress, leave=False) as bar:
-                    encoded = spark_prepare.encode(spool, tmp) if launcher == "spark" else \
-                        _encode(spool, tmp / "tokenizer.json", workers)
                     for ids, chars, docs in encoded:
                         writer.write(ids, chars, docs)
                         bar.update(chars)
             finally:
-                splits[split] = writer.close() | {"unigram_bpc": spool.unigram_bpc()}
-            spool.remove()
+                entry = writer.close()
+            return entry | {"unigram_bpc": spool.unigram_bpc()}
+
+        splits = {}
+        for split, spool in spools.items():
+            splits[split] = write(split, spool, spark_prepare.encode(spool, tmp) if launcher == "spark" else
+                                  _encode(spool, tmp / "tokenizer.json", workers))
+            if not (dropout and split == "train"):  # the train spool stays for its dropout copies
+                spool.remove()
+        if dropout:
+            for k in range(1, copies + 1):
+                splits[dropout_split(k)] = write(dropout_split(k), spools["train"],
+                                                 _encode(spools["train"], tmp / "tokenizer.json", workers, dropout))
+            spools["train"].remove()
         meta = {
             "format": FORMAT_VERSION, "key": key, "hanlm_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -186,6 +217,8 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, *, force: bool = Fal
             "read_report": stats.summary(),
             "splits": splits,
         }
+        if dropout:
+            meta["bpe_dropout"] = {"p": dropout, "copies": copies}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return Prepared(directory, meta, reused=False, seconds=time.perf_counter() - start)
 
@@ -249,11 +282,13 @@ def _empty_split_error(split: str, cfg: Config) -> DataError:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(path: str, segmenters: SegmenterLoader | None = None) -> None:
+def _init_worker(path: str, segmenters: SegmenterLoader | None = None, dropout: float = 0.0) -> None:
     global _worker_tokenizer
     if segmenters is not None:  # a spawned worker has not imported the module that plugs it in
         plug_segmenter_loader(segmenters)
     _worker_tokenizer = Tokenizer.load(path)
+    if dropout:
+        _worker_tokenizer = _worker_tokenizer.with_dropout(dropout)
 
 
 def _encode_chunk(paths: tuple[Path, Path], chunk: tuple[int, int, int, int]) -> tuple[np.ndarray, int, int]:
@@ -262,10 +297,12 @@ def _encode_chunk(paths: tuple[Path, Path], chunk: tuple[int, int, int, int]) ->
     return _worker_tokenizer.encode_documents(docs), sum(map(len, docs)), len(docs)
 
 
-def _encode(spool: DocumentSpool, tokenizer_path: Path, workers: int) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Encode the spool's chunks in order. The first runs here and is timed: when the rest would take
-    long enough to repay starting processes, they go to a pool of `workers`."""
-    _init_worker(str(tokenizer_path))
+def _encode(spool: DocumentSpool, tokenizer_path: Path, workers: int,
+            dropout: float = 0.0) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Encode the spool's chunks in order (with BPE-dropout `dropout`, when > 0). The first runs here and
+    is timed: when the rest would take long enough to repay starting processes, they go to a pool of
+    `workers`."""
+    _init_worker(str(tokenizer_path), dropout=dropout)
     chunks, paths = spool.chunks, (spool.text_path, spool.lengths_path)
     if not chunks:
         return
@@ -275,7 +312,8 @@ def _encode(spool: DocumentSpool, tokenizer_path: Path, workers: int) -> Iterato
     if workers > 1 and (time.perf_counter() - t0) * len(rest) > POOL_WORTH_SECONDS:
         # spawn, not fork: the parent may hold torch or tokenizers thread pools that fork breaks.
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), segmenter_loader())) as pool:
+        with ctx.Pool(workers, initializer=_init_worker,
+                      initargs=(str(tokenizer_path), segmenter_loader(), dropout)) as pool:
             yield from pool.imap(functools.partial(_encode_chunk, paths), rest)
     else:
         for chunk in rest:

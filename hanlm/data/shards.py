@@ -1,7 +1,8 @@
 """Packed token shards: the token ids of each split in one or more flat files, with `meta.json` beside them.
 
 A prepared directory holds `train.bin` and `val.bin` (raw little-endian uint16 when the vocabulary
-is under 65,536, else uint32; documents separated by `<eos>`), `tokenizer.json` and `meta.json`,
+is under 65,536, else uint32; documents separated by `<eos>`; `tune.bin` too, and with BPE-dropout
+`train-dropout-1.bin` …, other encodings of the train documents), `tokenizer.json` and `meta.json`,
 which records the dtype, vocabulary size, token/character/document counts, source fingerprints
 and the tokenizer hash. A split of more than `data.shard_tokens` tokens is written as
 `train-00000.bin`, `train-00001.bin`, …; meta.json lists the files and their token counts in
@@ -22,6 +23,12 @@ from hanlm.errors import DataError
 
 FORMAT_VERSION = 3
 SPLITS = ("train", "val", "tune")
+
+
+def dropout_split(copy: int) -> str:
+    """The name of the train split's BPE-dropout encoding number `copy` (1, 2, …), which prepare writes
+    when tokenizer.bpe_dropout > 0."""
+    return f"train-dropout-{copy}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -134,6 +141,15 @@ class TokenShards:
             where = part == p
             out[where] = self.parts[p][idx[where] - self.starts[p]]
         return out.reshape(flat_or_shaped.shape)
+
+
+def open_train_copies(directory: str | Path) -> list[np.ndarray | TokenShards]:
+    """What training reads, one array per epoch of a cycle: the train split's BPE-dropout encodings
+    (`train-dropout-1` … `train-dropout-K`; epoch e reads copy e mod K) where prepare wrote them, else
+    the train split alone."""
+    splits = read_meta(directory)["splits"]
+    copies = [dropout_split(k) for k in range(1, len(splits) + 1) if dropout_split(k) in splits]
+    return [open_split(directory, split) for split in copies or ["train"]]
 
 
 def open_split(directory: str | Path, split: str) -> np.ndarray | TokenShards:

@@ -106,6 +106,12 @@ class Tokenizer(ABC):
         """Text of `ids`: <pad>/<bos>/<eos> are dropped, <unk> becomes U+FFFD, byte tokens are read as UTF-8
         (an invalid or cut sequence becomes U+FFFD)."""
 
+    def with_dropout(self, p: float) -> Tokenizer:
+        """This tokenizer with BPE-dropout (Provilkov et al. 2020): each merge skipped with probability p.
+        Only bpe has merges: every other kind refuses, naming tokenizer.kind."""
+        raise ConfigError(f"tokenizer.bpe_dropout applies to tokenizer.kind bpe (it skips BPE merges), not "
+                          f"{self.kind}; set tokenizer.bpe_dropout: 0 or tokenizer.kind: bpe")
+
     @abstractmethod
     def token_strings(self) -> list[str]:
         """The vocabulary entry of every id, specials included (bpe: its byte-level spelling; byte fallback:
@@ -447,6 +453,24 @@ class BpeTokenizer(_HFBacked):
 
     def _payload(self) -> dict[str, Any]:
         return {"hf": json.loads(self.hf.to_str())}
+
+    def with_dropout(self, p: float) -> BpeTokenizer:
+        """A copy of this tokenizer whose encodings skip each BPE merge with probability p (BPE-dropout,
+        Provilkov et al. 2020): the same text gets a different segmentation on each call, into the same
+        vocabulary, and decodes back exactly (the byte alphabet is always there to fall back on). p = 0 gives
+        the plain encoding. Hugging Face draws the skips from its own unseeded RNG, so the segmentations are
+        not reproducible: store what they encode (as `hanlm prepare` does) rather than re-encode.
+        ConfigError, naming tokenizer.bpe_dropout, unless 0 <= p < 1 (p = 1 would never merge)."""
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ConfigError(f"tokenizer.bpe_dropout={p!r} must be at least 0 and below 1 (the share of merges "
+                              "skipped; 0: none)")
+        data = json.loads(self.hf.to_str())
+        data["model"]["dropout"] = float(p) if p else None
+        # ignore_merges would take a word that is in the vocabulary whole, never dropping a merge inside it.
+        data["model"]["ignore_merges"] = False
+        # A new Hugging Face tokenizer has a cache of its own: no word segmented without dropout is reused, and
+        # its BPE model skips the cache whenever dropout is set.
+        return BpeTokenizer(HFTokenizer.from_str(json.dumps(data)))
 
     @classmethod
     def _from_payload(cls, data: dict[str, Any]) -> BpeTokenizer:

@@ -38,7 +38,7 @@ from hanlm.checkpoint import (
 from hanlm.config import Config, with_micro_batch
 from hanlm.data.loader import BatchLoader
 from hanlm.data.prepare import prepare
-from hanlm.data.shards import open_split
+from hanlm.data.shards import open_split, open_train_copies
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
 from hanlm.eval import EvalResult, MaskedEvalResult, evaluate, evaluate_masked, split_characters
@@ -153,7 +153,8 @@ class Trainer:
         if cfg.train.compile:
             self.step_model = torch.compile(self.step_model)
         self.amp_dtype = autocast_dtype(cfg, self.device)
-        self.loader = BatchLoader(open_split(self.prepared.directory, "train"), cfg.train.block_size,
+        # The train split, or its BPE-dropout copies (epoch e reads copy e mod K); val stays the plain encoding.
+        self.loader = BatchLoader(open_train_copies(self.prepared.directory), cfg.train.block_size,
                                   cfg.derived.micro_batch, rank=self.info.rank, world_size=self.info.world_size,
                                   seed=cfg.train.seed)
         self.val_tokens = open_split(self.prepared.directory, "val")
