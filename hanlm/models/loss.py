@@ -22,8 +22,9 @@ CHUNK_ROWS = 1024  # fast on a 2-core CPU and an H200 alike; the (rows × V) fp3
 @dataclass(frozen=True)
 class SoftTargets:
     """A teacher's next-token distribution beside the data (knowledge distillation, Hinton et al. 2015): for
-    each position its k most likely tokens `ids` (..., k) with probabilities `probs` (..., k) summing to 1,
-    mixed into the target with `weight`: the target is (1 − weight) · one-hot(y) + weight · teacher."""
+    each position its k most likely tokens `ids` (..., k) and their probabilities `probs` (..., k), whose sum m
+    is at most 1, mixed into the target with `weight` w: the target is w · teacher on those k tokens and the
+    rest, 1 − w · m, on the data's token (the mass the teacher spreads beyond its k stays with the data)."""
 
     ids: Tensor
     probs: Tensor
@@ -47,15 +48,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (hc @ w.T).float()  # (rows, V)
             top = logits.amax(dim=1, keepdim=True)
             picked = logits.gather(1, target)
-            if soft_ids is not None:  # the target's expected logit: (1 − a) · the data's + a · the teacher's
-                taught = (logits.gather(1, soft_ids[rows]) * soft_probs[rows]).sum(dim=1, keepdim=True)
-                picked = (1.0 - soft_weight) * picked + soft_weight * taught
+            data_share = None
+            if soft_ids is not None:  # the target's expected logit: the data token's share + the teacher's
+                q = soft_probs[rows] * soft_weight
+                data_share = 1.0 - q.sum(dim=1, keepdim=True)
+                picked = data_share * picked + (logits.gather(1, soft_ids[rows]) * q).sum(dim=1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place: this chunk's logits are ours alone
             norm = probs.sum(dim=1, keepdim=True)
             total += ((norm.log() + top - picked).squeeze(1) * vc).sum()
             if needs_grad:
                 # d(mean loss)/d(logits) = (softmax − target) / count, zero on ignored rows.
-                probs.div_(norm).scatter_add_(1, target, torch.full_like(picked, soft_weight - 1.0))
+                probs.div_(norm).scatter_add_(1, target, -data_share if data_share is not None
+                                              else torch.full_like(picked, -1.0))
                 if soft_ids is not None:
                     probs.scatter_add_(1, soft_ids[rows], soft_probs[rows] * -soft_weight)
                 probs.mul_((vc / count).unsqueeze(1))
@@ -80,8 +84,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, y: Tensor, chunk_rows: int |
                          soft: SoftTargets | None = None) -> Tensor:
     """Mean cross-entropy of the logits h @ weightᵀ against targets y, ignoring y == -1, in float32.
 
-    With `soft`, the target of each position is (1 − soft.weight) · one-hot(y) + soft.weight · the teacher's
-    distribution, so the loss is (1 − a) · CE(y) + a · H(teacher, model): distillation at the cost of k more
+    With `soft`, each position's target mixes the teacher's top k into the data's token (see SoftTargets): with
+    probabilities summing to 1 the loss is (1 − w) · CE(y) + w · H(teacher, model). Distillation costs k more
     gathered logits per position.
 
     Equal (to rounding) to `F.cross_entropy((h @ weight.T).float().flatten(0, -2), y.flatten(),

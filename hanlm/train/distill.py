@@ -6,8 +6,9 @@ vocabulary; a network that has read its training text once or twice has not lear
 n-gram's distribution into the target (`train.distill_weight`) hands it that knowledge, the way label
 smoothing would with a uniform one (data noising as smoothing, Xie et al. 2017, draws on the same
 Kneser-Ney statistics). The n-gram is counted on the train split when the run starts (seconds); each
-batch's targets are its `train.distill_top_k` most likely tokens per position, renormalised, so that the
-loss reads k more logits per position and never a second (positions × vocabulary) array.
+batch's targets are its `train.distill_top_k` most likely tokens per position with their probabilities
+(what it spreads beyond them stays with the data's token), so that the loss reads k more logits per
+position and never a second (positions × vocabulary) array.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from hanlm.models.loss import SoftTargets
@@ -36,12 +36,11 @@ class NGramTeacher:
         return cls(model, weight, min(top_k, vocab_size), time.perf_counter() - started)
 
     def targets(self, x: Tensor) -> SoftTargets:
-        """The teacher's top-k next tokens and their renormalised probabilities after each position of x (B, T):
-        each window is read from its own start, as the network reads it."""
+        """The teacher's top-k next tokens and their probabilities after each position of x (B, T): each window
+        is read from its own start, as the network reads it."""
         logp, _ = self.model.log_probs(x, self.model.initial_state(x.size(0)))  # (B, T, V)
         top, ids = logp.topk(self.top_k, dim=-1)
-        probs = torch.softmax(top, dim=-1)  # the k probabilities, renormalised to 1
-        return SoftTargets(ids, probs, self.weight)
+        return SoftTargets(ids, top.exp(), self.weight)
 
     def summary(self) -> str:
         counts = " / ".join(f"{c:,}" for c in self.model.counts())
