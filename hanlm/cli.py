@@ -28,6 +28,7 @@ from hanlm.commands import (
     cmd_train,
 )
 from hanlm.config import config_options
+from hanlm.data.offdomain import OFF_DOMAIN, OFF_DOMAIN_TEXTS
 from hanlm.errors import HanlmError
 from hanlm.limits import CONTEXT_MAX, NPROC_MAX
 from hanlm.train.run import RESTART_HELP, STOP_AFTER_HELP
@@ -102,6 +103,9 @@ def _pipeline_verbs(verbs: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument("--data", metavar="SPEC", action="append",
                    help="evaluate on this text instead: a file, directory, glob, URL or built-in corpus, read with "
                    "the checkpoint's data.* settings (repeatable)")
+    p.add_argument("--distinct", action="store_true", help="with --data: score each distinct text once, in the "
+                   "order first seen (duplicates would count one text's loss several times); `--data chn-reviews "
+                   "--distinct` is the off-domain figure hanlm mix reports, on all 17,408 distinct reviews")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--stride", type=bounded_int(1, CONTEXT_MAX), metavar="N", help="sliding windows: the model's "
                    "train.block_size windows move by N tokens and score their last N, so every token sees at least "
@@ -156,7 +160,9 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
                          description="Interpolate the next-token distributions of a neural checkpoint and an n-gram "
                          "checkpoint (the same tokenizer), the neural weight depending on how much context the "
                          "n-gram knows; the weights are tuned on the prepared tune split (data.tune_fraction), never the val split. "
-                         "Writes OUT/mixture.json, which eval, generate and serve take like a checkpoint.")
+                         "Writes OUT/mixture.json, which eval, generate and serve take like a checkpoint, and prints "
+                         "the val BPC of the n-gram, the network and the mixture, and their BPC on off-domain text "
+                         "(--off-domain).")
     p.add_argument("neural", help="the gpt or lstm checkpoint (path or checkpoint directory)")
     p.add_argument("ngram", nargs="?", help="the n-gram checkpoint, trained on the same prepared data (default: count "
                    "one of --order on the neural run's data into OUT/ngramN, seconds)")
@@ -168,7 +174,16 @@ def _serving_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentP
                    "the last tokens of the train split)")
     p.add_argument("--no-buckets", action="store_true",
                    help="one weight for every context instead of one per n-gram context length")
-    p.add_argument("--no-eval", action="store_true", help="skip scoring the parts and the mixture on the val split")
+    p.add_argument("--no-eval", action="store_true", help="skip scoring the parts and the mixture (val split and "
+                   "off-domain text): tune and write mixture.json only")
+    p.add_argument("--off-domain", default=OFF_DOMAIN, metavar="SPEC", help="also score the three on the distinct "
+                   "texts of this source (file, directory, glob, URL or built-in corpus), read with the neural "
+                   f"run's data.* settings: text unlike the training data; none skips it (default {OFF_DOMAIN}, "
+                   "product reviews)")
+    p.add_argument("--off-domain-texts", type=int, default=OFF_DOMAIN_TEXTS, metavar="N",
+                   help=f"score N of those distinct texts, evenly spaced (default {OFF_DOMAIN_TEXTS}, a few seconds "
+                   "for the demo; 0: all, 17,408 for chn-reviews; hanlm eval CKPT --data chn-reviews --distinct "
+                   "scores all of them for any checkpoint)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.set_defaults(func=cmd_mix)
 

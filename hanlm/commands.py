@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hanlm.eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device, stride=args.stride)
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device, stride=args.stride,
+                                 distinct=args.distinct)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -180,7 +181,9 @@ def cmd_mix(args: argparse.Namespace) -> int:
     if args.tune_tokens < 1000:
         raise ConfigError(f"--tune-tokens must be at least 1000, got {args.tune_tokens}")
     report = build_mixture(args.neural, args.ngram, args.out, order=args.order, buckets=not args.no_buckets,
-                           tune_tokens=args.tune_tokens, evaluate_val=not args.no_eval, device=args.device or "cpu")
+                           tune_tokens=args.tune_tokens, evaluate_val=not args.no_eval, device=args.device or "cpu",
+                           off_domain=None if args.off_domain.strip().lower() == "none" else args.off_domain,
+                           off_domain_texts=args.off_domain_texts)
     print(summary(report))
     print(f"mixture: {args.out}/mixture.json (use it like a checkpoint: hanlm eval|generate|serve {args.out})")
     return 0

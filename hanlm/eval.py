@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hanlm.config import Config
+from hanlm.data.offdomain import TextSet, read_text_set
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import DataError
 from hanlm.models import LanguageModel
@@ -221,20 +222,37 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tens
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def evaluate_text_set(model: LanguageModel, text: TextSet, tokenizer: Tokenizer, *, block_size: int,
+                      batch_size: int, stride: int | None = None,
+                      autocast_dtype: torch.dtype | None = None) -> EvalResult:
+    """Score `model` on a set of texts (`hanlm.data.offdomain`: the off-domain text) with `evaluate`: the texts
+    packed as prepare packs documents (each followed by <eos>), BPC per character of them."""
+    return evaluate(model, text.encode(tokenizer), block_size=block_size, batch_size=batch_size,
+                    characters=text.characters, stride=stride, autocast_dtype=autocast_dtype)
+
+
 def evaluate_checkpoint(spec: str, data: list[str] | None = None, device: str | None = None,
-                        stride: int | None = None) -> EvalResult | MaskedEvalResult:
+                        stride: int | None = None, distinct: bool = False,
+                        texts: int = 0) -> EvalResult | MaskedEvalResult:
     """Evaluate a checkpoint on its run's val split, or on the documents of `data` sources, in windows
     of its train.block_size sliding by `stride` (default: its eval.stride; see `evaluate`); an encoder on
-    its masked objective (`evaluate_masked`)."""
+    its masked objective (`evaluate_masked`). With `distinct`, each distinct document of `data` is scored
+    once, in first-seen order (`texts` of them evenly spaced; 0: all): the off-domain figure."""
     from hanlm.loading import load_for_inference
     from hanlm.data.reader import DocumentReader
 
+    if distinct and not data:
+        raise DataError("--distinct scores the distinct texts of --data sources; give --data (e.g. --data "
+                        "chn-reviews), or leave --distinct out to score the val split")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, tokenizer = load_for_inference(spec, device)
     if stride is not None and not 0 < stride <= cfg.train.block_size:
         raise DataError(f"--stride {stride}: the windows of {spec} are {cfg.train.block_size} tokens (its "
                         f"train.block_size); choose a stride from 1 to {cfg.train.block_size}")
-    if data:
+    if data and distinct:
+        text = read_text_set(data, cfg.data, texts, option="--data", count_option="--off-domain-texts")
+        tokens, characters = text.encode(tokenizer), text.characters
+    elif data:
         docs = list(DocumentReader(data, cfg.data))
         tokens, characters = tokenizer.encode_documents(docs), sum(map(len, docs)) + len(docs)
     else:

@@ -12,6 +12,10 @@ model trained on that text, which biases the weight towards it, and the output s
 
 `mixture.json` holds the weights and the two parts' paths with the digest of their manifests:
 the parts stay where they are, and loading refuses a part that has changed since the tuning.
+
+Beside the val split, the parts and the mixture are scored on off-domain text (`--off-domain`, default the
+distinct texts of the built-in chn-reviews product reviews, an evenly spaced `--off-domain-texts` of them):
+how much each model's gain holds on text unlike its training data.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from hanlm.atomic import atomic_write_text
 from hanlm.checkpoint import Checkpoint
 from hanlm.config import Config
 from hanlm.errors import CheckpointError, HanlmError
-from hanlm.eval import EvalResult, evaluate, prepared_for, prepared_split, token_scores
+from hanlm.data.offdomain import OFF_DOMAIN, OFF_DOMAIN_TEXTS, TextSet, read_text_set
+from hanlm.eval import EvalResult, evaluate, evaluate_text_set, prepared_for, prepared_split, token_scores
 from hanlm.loading import model_of, open_checkpoint, require_language_model, resolve_served
 from hanlm.mixture_file import MIXTURE_FILE, MIXTURE_FORMAT, is_mixture, manifest_digest
 from hanlm.models.mixture import MixtureLM, fit_weights, mixed_nats
@@ -51,28 +56,43 @@ class MixReport:
     val: dict[str, EvalResult] | None = None  # the same three on the val split, when evaluated
     unigram_bpc: float | None = None  # the val split's unigram character entropy
     protocol: str = ""
+    off_domain: dict[str, EvalResult] | None = None  # the same three on the off-domain text, when evaluated
+    off_domain_text: str = ""  # what that text was (spec, distinct texts, characters)
 
     def table(self) -> str:
-        """One row per model: held-out training nats/token, val BPC and perplexity per character."""
-        rows = ["| model | tuning text (nats/token) | val BPC | val perplexity per character |", "|---|---|---|---|"]
+        """One row per model: held-out training nats/token, val BPC and perplexity per character, and
+        off-domain BPC."""
+        rows = ["| model | tuning text (nats/token) | val BPC | val perplexity per character | off-domain BPC |",
+                "|---|---|---|---|---|"]
         if self.unigram_bpc:
-            rows.append(f"| unigram character entropy | | {self.unigram_bpc:.4f} | {2 ** self.unigram_bpc:.1f} |")
+            rows.append(f"| unigram character entropy | | {self.unigram_bpc:.4f} | {2 ** self.unigram_bpc:.1f} | — |")
         for name in ("ngram", "neural", "mixture"):
             v = self.val[name] if self.val else None
+            o = self.off_domain[name] if self.off_domain else None
             rows.append(f"| {self.names.get(name, name)} | {self.nats[name]:.4f} | {f'{v.bpc:.4f}' if v else '—'} | "
-                        f"{f'{v.ppl_char:.2f}' if v else '—'} |")
-        return "\n".join(rows) + (f"\n\nProtocol: {self.protocol}." if self.protocol else "")
+                        f"{f'{v.ppl_char:.2f}' if v else '—'} | {f'{o.bpc:.4f}' if o else '—'} |")
+        return ("\n".join(rows) + (f"\n\nProtocol: {self.protocol}." if self.protocol else "") +
+                (f"\n\nOff-domain text: {self.off_domain_text}, scored in the same windows."
+                 if self.off_domain_text else ""))
 
 
 def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, order: int = 5, buckets: bool = True,
                   tune_tokens: int = 100_000, evaluate_val: bool = True, device: str = "cpu",
+                  off_domain: str | None = OFF_DOMAIN, off_domain_texts: int = OFF_DOMAIN_TEXTS,
                   echo: Callable[[str], None] = print) -> MixReport:
     """Tune the mixture of the two checkpoints and write `out`/mixture.json; with `evaluate_val`
-    also score the parts and the mixture on the neural run's val split. Without `ngram_spec`, an
+    also score the parts and the mixture on the neural run's val split, and on the distinct texts of
+    `off_domain` (None: not), `off_domain_texts` of them evenly spaced (0: all). Without `ngram_spec`, an
     n-gram of `order` is first counted on the neural run's prepared data into `out`/ngram<order>."""
     _check_out(Path(out))
+    if off_domain_texts < 0:  # refused before any work
+        raise HanlmError(f"--off-domain-texts must be 0 (every distinct text) or a positive number of texts, got "
+                         f"{off_domain_texts}")
     neural_path = _part_path(neural_spec)
     neural_ckpt = require_language_model(open_checkpoint(neural_path, device))
+    other: TextSet | None = None
+    if evaluate_val and off_domain is not None:  # read (and refused) before the n-gram is counted
+        other = read_text_set(off_domain, neural_ckpt.config.data, off_domain_texts)
     ngram_path = _part_path(ngram_spec) if ngram_spec else count_ngram(neural_ckpt.config, order, Path(out), echo)
     ngram_ckpt = open_checkpoint(ngram_path)
     _check_parts(neural_ckpt, ngram_ckpt)
@@ -106,6 +126,13 @@ def build_mixture(neural_spec: str, ngram_spec: str | None, out: str | Path, *, 
         report.val = {name: evaluate(model, val, block_size=cfg.train.block_size, batch_size=cfg.eval.batch_size,
                                      characters=characters, stride=cfg.eval.stride)
                       for name, model in (("neural", neural), ("ngram", ngram_ckpt.ngram), ("mixture", mixture))}
+        if other is not None:
+            echo(f"scoring the three on off-domain text: {other.describe()} ...")
+            report.off_domain_text = other.describe()
+            report.off_domain = {name: evaluate_text_set(model, other, tokenizer, block_size=cfg.train.block_size,
+                                                         batch_size=cfg.eval.batch_size, stride=cfg.eval.stride)
+                                 for name, model in (("neural", neural), ("ngram", ngram_ckpt.ngram),
+                                                     ("mixture", mixture))}
     return report
 
 
@@ -199,9 +226,11 @@ def write_mixture(out: str | Path, neural: str, ngram: str, report: MixReport) -
 
 
 def summary(report: MixReport) -> str:
-    """The report's table, and how far the mixture's val BPC is below the better part's."""
+    """The report's table, and how far the mixture's val (and off-domain) BPC is below the better part's."""
     gain = ""
-    if report.val:
-        best = min(report.val["neural"].bpc, report.val["ngram"].bpc)
-        gain = f"\nthe mixture's val BPC is {100 * (1 - report.val['mixture'].bpc / best):.1f}% below the better part's"
+    for what, results in (("val", report.val), ("off-domain", report.off_domain)):
+        if results:
+            best = min(results["neural"].bpc, results["ngram"].bpc)
+            gain += (f"\nthe mixture's {what} BPC is {100 * (1 - results['mixture'].bpc / best):.1f}% below the "
+                     "better part's")
     return report.table() + gain

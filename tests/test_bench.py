@@ -106,10 +106,51 @@ def test_the_recipe_study_tabulates_and_plots_finished_runs(tmp_path):
     assert recipe.bpc_at(result["curve"], b["tokens"] + 1) is None
     text = recipe.table([result], {"5-gram": 5.508})
     assert "| tiny | `model.preset=tiny` |" in text and "| 5-gram |" in text and f"{run.final_eval.bpc:.3f}" in text
+    assert f"| {run.final_eval.bpc:.3f} | — |" in text  # not scored off-domain: a dash, not a failure
+    result["off_domain"] = recipe.off_domain(run.run_dir, 30)  # what --runs adds to each run directory
+    assert result["off_domain"]["texts"] == 30 and result["off_domain"]["bpc"] > run.final_eval.bpc
+    text = recipe.table([result], {"5-gram": 5.508})
+    assert "| off-domain BPC | minutes | tokens/s |" in text and f"{result['off_domain']['bpc']:.3f}" in text
+    assert "30 evenly spaced distinct chn-reviews texts" in text
     recipe.plot([result], {"5-gram": 5.508}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         recipe.main(["--only", "no-such-candidate", "--out", str(tmp_path)])
+
+
+def test_the_recipe_study_resolves_bases_budgets_and_candidates_without_training(tmp_path, capsys):
+    from hanlm.bench import recipe
+    from hanlm.config import load_config
+
+    old = recipe.parse(["--only", "base,muon", "--out", str(tmp_path)])  # the old command, as it was
+    assert old.base == "issue11" and old.budget == {"minutes": 4.0} and old.names == ["base", "muon"]
+    sets = recipe.candidate_sets(recipe.CANDIDATES["muon"], old.base, old.budget)
+    assert "train.precision=fp32" in sets and "train.schedule_clock=minutes" in sets and "train.max_minutes=4.0" in sets
+    args = recipe.parse(["--base", "demo", "--steps", "300", "--off-domain-texts", "100", "--out", str(tmp_path)])
+    assert args.budget == {"steps": 300} and args.off_domain_texts == 100
+    assert args.names == ["demo", "ema", "distill", "bpe-dropout", "muon-0.05", "muon-0.1", "deep-6"]
+    for name in ("demo", "muon-0.05", "deep-6"):  # the keys that exist on this branch resolve
+        cfg = load_config("default", recipe.candidate_sets(recipe.DEMO_CANDIDATES[name], "demo", args.budget))
+        t = cfg.train
+        assert (t.max_steps, t.schedule_clock, t.max_minutes, t.precision) == (300, "steps", None, "auto")
+        assert (cfg.tokenizer.kind, cfg.tokenizer.vocab_size, t.block_size, t.micro_batch, t.lr,
+                t.warmup_steps) == ("bpe", 8000, 128, 16, 3e-3, 100)
+    assert load_config("default", recipe.candidate_sets(recipe.DEMO_CANDIDATES["muon-0.1"], "demo",
+                                                        args.budget)).train.muon_lr == 0.1
+    assert recipe._eval_every([], {"steps": 300}, 8) == 38
+    for argv, message in ((["--only", "ema"], "unknown candidates ema of --base issue11"),
+                          (["--base", "demo", "--only", "base"], "unknown candidates base of --base demo"),
+                          (["--steps", "10", "--minutes", "2"], "not allowed with argument"),
+                          (["--steps", "0"], "--steps must be at least 1"),
+                          (["--off-domain-texts", "-1"], "--off-domain-texts must be 0")):
+        with pytest.raises(SystemExit):
+            recipe.parse([*argv, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
+    run = tmp_path / "runs" / "demo"  # a result from another budget is not passed off as this one's
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"name": "demo", "bpc": 6.0, "budget": {"minutes": 4.0}}))
+    with pytest.raises(SystemExit, match="was trained with the budget"):
+        recipe.run_candidate("demo", [], {"steps": 300}, tmp_path, 8, "demo", 0)
 
 
 def test_the_sync_benchmark_tabulates_against_full_and_plots(tmp_path, capsys):

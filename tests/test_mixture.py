@@ -112,9 +112,11 @@ def checkpoints(tmp_path_factory):
 def test_hanlm_mix_tunes_writes_and_the_mixture_evaluates_like_a_checkpoint(checkpoints, capsys):
     root, neural, ngram = checkpoints
     out = root / "mixture"
-    assert main(["mix", str(neural), str(ngram), "--out", str(out), "--tune-tokens", "20000"]) == 0
+    assert main(["mix", str(neural), str(ngram), "--out", str(out), "--tune-tokens", "20000",
+                 "--off-domain-texts", "200"]) == 0
     printed = capsys.readouterr().out
     assert "| mixture |" in printed and "below the better part" in printed
+    assert "| off-domain BPC |" in printed and "Off-domain text: chn-reviews: 200 of its 17,408" in printed
     assert "tokens of the tune split (data.tune_fraction" in printed  # fitted on text neither part trained on
     record = json.loads((out / "mixture.json").read_text())
     assert len(record["weights"]) == 3 and all(0 <= w <= 1 for w in record["weights"])
@@ -194,3 +196,91 @@ def test_a_mixture_serves_completions_and_scores(checkpoints):
         assert done["choices"][0]["finish_reason"] in ("length", "stop")
         scored = httpx.post(server.url + "/v1/score", headers=AUTH, timeout=60, json={"text": "中国经济"}).json()
         assert len(scored["token_logprobs"]) == 4 and all(lp < 0 for lp in scored["token_logprobs"])
+
+
+# -- off-domain text: the distinct chn-reviews, scored beside val ----------------------------------
+
+def test_the_off_domain_text_is_distinct_in_first_seen_order_and_its_sample_deterministic():
+    from hanlm.config import DataConfig
+    from hanlm.data.offdomain import read_text_set
+    from hanlm.data.reader import DocumentReader
+
+    every = list(DocumentReader(["chn-reviews"], DataConfig()))
+    text = read_text_set("chn-reviews", DataConfig())
+    assert len(every) == 35_123 and len(text.texts) == text.available == 17_408
+    assert len(set(text.texts)) == len(text.texts)
+    first_seen = {t: every.index(t) for t in text.texts[:300]}
+    assert list(first_seen.values()) == sorted(first_seen.values())  # the order each text first appears in
+    assert text.characters == sum(map(len, text.texts)) + len(text.texts) and 1_200_000 < text.characters < 1_400_000
+    sample = read_text_set("chn-reviews", DataConfig(), 100)
+    assert len(sample.texts) == 100 and sample.available == 17_408
+    assert sample == read_text_set("chn-reviews", DataConfig(), 100)  # always the same texts
+    where = [text.texts.index(t) for t in sample.texts]
+    assert where == sorted(where) and where[0] == 0 and where[-1] > 17_000  # spread over the whole set
+    assert "100 of its 17,408 distinct texts" in sample.describe()
+
+
+def test_the_mix_report_carries_off_domain_bpc_equal_to_evaluate(checkpoints):
+    from hanlm.config import DataConfig
+    from hanlm.data.offdomain import read_text_set
+    from hanlm.mix import build_mixture, summary
+
+    root, neural, ngram = checkpoints
+    out = root / "mixture-off"
+    report = build_mixture(str(neural), str(ngram), out, tune_tokens=20000, off_domain_texts=60,
+                           echo=lambda _: None)
+    assert set(report.off_domain) == {"neural", "ngram", "mixture"}
+    text = read_text_set("chn-reviews", DataConfig(), 60)
+    assert report.off_domain_text == text.describe()
+    for name, spec in (("neural", neural), ("ngram", ngram), ("mixture", out)):
+        model, cfg, tokenizer = load_for_inference(str(spec))
+        expected = evaluate(model, text.encode(tokenizer), block_size=cfg.train.block_size,
+                            batch_size=cfg.eval.batch_size, characters=text.characters, stride=cfg.eval.stride)
+        assert report.off_domain[name].bpc == pytest.approx(expected.bpc, rel=1e-6)
+        assert report.off_domain[name].characters == pytest.approx(text.characters)
+        assert report.off_domain[name].bpc > report.val[name].bpc  # reviews are not news
+    table = summary(report)
+    assert table.count(" | — |") == 1  # the unigram row only
+    assert "the mixture's off-domain BPC is" in table
+
+
+def test_off_domain_none_skips_it_and_no_eval_scores_nothing(checkpoints, capsys):
+    root, neural, ngram = checkpoints
+    assert main(["mix", str(neural), str(ngram), "--out", str(root / "mixture-none"), "--tune-tokens", "20000",
+                 "--off-domain", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "Off-domain text" not in printed and "off-domain BPC is" not in printed
+    assert all(row.endswith("| — |") for row in printed.splitlines() if row.startswith("| ") and "BPC |" not in row)
+    assert main(["mix", str(neural), str(ngram), "--out", str(root / "mixture-none"), "--tune-tokens", "20000",
+                 "--no-eval"]) == 0
+    printed = capsys.readouterr().out
+    assert "off-domain text" not in printed and "Off-domain text" not in printed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--off-domain", "no-such-corpus"], "--off-domain no-such-corpus: data source 'no-such-corpus' not found"),
+    (["--off-domain", ""], "--off-domain: give a source"),
+    (["--off-domain-texts", "-3"], "--off-domain-texts must be 0 (every distinct text) or a positive number"),
+    (["--off-domain", "EMPTY"], "no documents left"),
+])
+def test_hostile_off_domain_options_are_refused_by_name(checkpoints, tmp_path, capsys, flags, message):
+    root, neural, ngram = checkpoints
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    flags = [str(empty) if f == "EMPTY" else f for f in flags]
+    assert main(["mix", str(neural), str(ngram), "--out", str(tmp_path / "m"), "--tune-tokens", "20000",
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and flags[0] in err and "Traceback" not in err
+    assert not (tmp_path / "m" / "mixture.json").exists()  # refused before any work
+
+
+def test_hanlm_eval_distinct_scores_each_review_once(checkpoints, capsys):
+    root, neural, ngram = checkpoints
+    assert main(["eval", str(ngram), "--data", "chn-reviews", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(ngram), "--data", "chn-reviews", "--distinct", "--json"]) == 0
+    distinct = json.loads(capsys.readouterr().out)
+    assert 1_200_000 < distinct["characters"] < 0.6 * every["characters"]
+    assert main(["eval", str(ngram), "--distinct"]) == 2
+    assert "--distinct scores the distinct texts of --data sources" in capsys.readouterr().err
