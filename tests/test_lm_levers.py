@@ -139,14 +139,16 @@ def test_the_teacher_gives_the_ngrams_top_k(people_daily):
 
     tokenizer = train_tokenizer("char", people_daily[:300])
     tokens = tokenizer.encode_documents(people_daily[:300])
-    teacher = NGramTeacher.count(tokens, tokenizer.vocab_size, order=3, weight=0.25, top_k=8)
+    teacher = NGramTeacher.count(tokens, tokenizer.vocab_size, order=4, weight=0.25, top_k=8)
     x = torch.from_numpy(tokens[:64].astype(np.int64)).view(2, 32)
     soft = teacher.targets(x)
     assert soft.ids.shape == soft.probs.shape == (2, 32, 8) and soft.weight == 0.25
-    full, _ = teacher.model.log_probs(x, teacher.model.initial_state(2))
-    torch.testing.assert_close(full.exp().sum(-1), torch.ones(2, 32))  # a whole distribution, of which
-    assert torch.equal(soft.ids, full.topk(8, -1).indices)  # the 8 most likely tokens
-    torch.testing.assert_close(soft.probs, full.topk(8, -1).values.exp())  # with their own probabilities
+    full, _ = teacher.model.log_probs(x, teacher.model.initial_state(2))  # the model's whole distributions
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(2, 32))
+    # The 8 most likely tokens with their own probabilities (float32 against float64: a near-tie may swap two).
+    torch.testing.assert_close(soft.probs, full.topk(8, -1).values.exp(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(soft.probs, full.exp().gather(-1, soft.ids), rtol=1e-4, atol=1e-6)
+    assert (soft.ids == full.topk(8, -1).indices).float().mean() > 0.98
     assert bool((soft.probs.sum(-1) <= 1 + 1e-6).all())
 
 

@@ -38,8 +38,7 @@ class NGramTeacher:
     def targets(self, x: Tensor) -> SoftTargets:
         """The teacher's top-k next tokens and their probabilities after each position of x (B, T): each window
         is read from its own start, as the network reads it."""
-        logp, _ = self.model.log_probs(x, self.model.initial_state(x.size(0)))  # (B, T, V)
-        top, ids = logp.topk(self.top_k, dim=-1)
+        ids, top = self.model.top_next(x, self.top_k)
         return SoftTargets(ids, top.exp(), self.weight)
 
     def summary(self) -> str:

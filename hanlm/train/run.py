@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from hanlm.config import Config, config_options, load_config
 from hanlm.errors import ConfigError
+from hanlm.loading import resolve_served
 
 STOP_AFTER_HELP = ("train this many more steps, then save a checkpoint and stop, as Ctrl-C does; the schedule "
                    "stays that of the whole run (train.max_steps), so --resume continues it unchanged")
@@ -59,7 +60,12 @@ def train(cfg: Config, resume: str | None, *, restart_if_damaged: bool = False, 
     bpc = getattr(result.final_eval, "bpc", None)  # an encoder's masked figures have none
     if bpc is not None:
         print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is {bpc / unigram:.0%} of it)")
-    print(f"checkpoint: {result.checkpoint}\nreport: {result.report}\n\nsamples:")
+    print(f"checkpoint: {result.checkpoint}")
+    if result.checkpoint:  # what eval, mix, export, serve and finetune take when given the run directory
+        chosen = resolve_served(result.checkpoint.rstrip("/").rsplit("/", 1)[0], note=print)
+        if chosen.rstrip("/") != result.checkpoint.rstrip("/"):
+            print(f"the run's result: {chosen}")
+    print(f"report: {result.report}\n\nsamples:")
     for prompt, continuation in result.samples:
         print(f"  {prompt}|{continuation}")
     return 0
