@@ -154,7 +154,8 @@ def test_the_teacher_gives_the_ngrams_top_k(people_daily):
 
 def test_a_distilled_run_trains_and_says_what_its_teacher_is(tmp_path):
     messages = []
-    run = Trainer(tiny(tmp_path, "train.distill_weight=0.3", "train.distill_order=3"), echo=messages.append).run()
+    run = Trainer(tiny(tmp_path, "train.distill_weight=0.3", "train.distill_order=3", "train.max_steps=20"),
+                  echo=messages.append).run()
     assert any("distillation: a 3-gram teacher" in m for m in messages)
     train = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"] - 1.0

@@ -129,7 +129,7 @@ def test_retention_keeps_the_last_k_and_the_best(tmp_path):
     assert kept[-2:] == ["step-00000025", "step-00000030"]
     assert set(kept) == {"step-00000025", "step-00000030", best_name}
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
-    assert best_loss == pytest.approx(min(r["loss"] for r in evals))
+    assert best_loss == pytest.approx(min(r["tune_loss"] for r in evals))  # ranked by the held-out tune split
 
 
 def test_checkpoints_go_to_fsspec_urls(tmp_path):

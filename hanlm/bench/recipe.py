@@ -88,6 +88,7 @@ DEMO_CANDIDATES: dict[str, list[str]] = {
     "bpe-dropout": ["tokenizer.bpe_dropout=0.1"],
     "muon-0.05": ["train.optimizer=muon", "train.muon_lr=0.05"],
     "muon-0.1": ["train.optimizer=muon", "train.muon_lr=0.1"],
+    "muon-distill": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.3"],
     "deep-6": ["model.n_layer=6"],
 }
 
