@@ -390,7 +390,10 @@ def test_the_lock_message_names_the_key_of_the_run_that_asks(tmp_path):
             RunLock(tmp_path, "finetune.run_dir").acquire()
 
 
-def test_a_run_directory_means_its_latest_and_names_a_better_one(tmp_path, people_daily):
+@pytest.mark.parametrize("selected_on", ["val", "tune"])
+def test_a_run_directory_means_its_result_and_names_the_other_candidate(tmp_path, people_daily, selected_on):
+    """Ranked by the held-out tune split, a language model's run directory means its best checkpoint; ranked by
+    val (data without a tune split) its latest, since picking by val would flatter val. Either names the other."""
     from hanlm.data.tokenizer import train_tokenizer
     from hanlm.loading import resolve_served
 
@@ -398,11 +401,18 @@ def test_a_run_directory_means_its_latest_and_names_a_better_one(tmp_path, peopl
     tokenizer = train_tokenizer("char", people_daily[:50])
     model = build_model(cfg.model, tokenizer.vocab_size)
     root = str(tmp_path / "run" / "checkpoints")
-    for step, loss in ((1, 4.0), (2, 3.5), (3, 3.9)):  # the val loss rose at the end: overfitting
-        save_checkpoint(root, model, cfg, tokenizer, {"step": step}, val_loss=loss, note=lambda _: None)
+    for step, loss in ((1, 4.0), (2, 3.5), (3, 3.9)):  # the held-out loss rose at the end: overfitting
+        save_checkpoint(root, model, cfg, tokenizer, {"step": step}, val_loss=loss, selected_on=selected_on,
+                        note=lambda _: None)
     notes = []
-    assert resolve_served(str(tmp_path / "run"), notes.append).endswith("step-00000003")
-    assert notes == [f"note: {tmp_path / 'run'}: using its latest checkpoint, step-00000003; its best by val loss is "
-                     f"step-00000002 (3.5000): give {root}/step-00000002 to use that one"]
+    chosen = resolve_served(str(tmp_path / "run"), notes.append)
+    if selected_on == "tune":
+        assert chosen == f"{root}/step-00000002"
+        assert notes == [f"note: {tmp_path / 'run'}: using its best checkpoint by held-out tune loss, step-00000002 "
+                         f"(3.5000); its latest is step-00000003: give {root}/step-00000003 to use that one"]
+    else:
+        assert chosen == f"{root}/step-00000003"
+        assert notes == [f"note: {tmp_path / 'run'}: using its latest checkpoint, step-00000003; its best by val "
+                         f"loss is step-00000002 (3.5000): give {root}/step-00000002 to use that one"]
     notes.clear()
-    assert resolve_served(f"{root}/step-00000002", notes.append).endswith("step-00000002") and not notes
+    assert resolve_served(f"{root}/step-00000003", notes.append).endswith("step-00000003") and not notes

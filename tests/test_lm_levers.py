@@ -11,17 +11,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from hanlm.checkpoint import load_checkpoint, load_weights, read_best, save_checkpoint
+from hanlm.checkpoint import load_checkpoint, load_weights, read_best
 from hanlm.config import load_config
 from hanlm.data.prepare import prepare
 from hanlm.data.shards import open_split
 from hanlm.errors import CheckpointError, ConfigError
 from hanlm.eval import evaluate, split_characters
-from hanlm.loading import resolve_served
 from hanlm.log import read_metrics
 from hanlm.models import build_model
 from hanlm.models.loss import SoftTargets, linear_cross_entropy
-from hanlm.models.ngram import estimate
 from hanlm.state_file import load_state
 from hanlm.train.distill import NGramTeacher
 from hanlm.train.ema import WeightAverage, ema_beta
@@ -179,20 +177,3 @@ def test_checkpoints_are_ranked_by_the_tune_split(ema_run):
     assert loss == min(r["tune_loss"] for r in evals)
     manifest = json.loads((ema_run.run_dir / "checkpoints" / name / "manifest.json").read_text())
     assert manifest["selected_on"] == "tune" and manifest["val_loss"] == loss
-
-
-def test_a_run_ranked_by_tune_loss_gives_its_best_and_says_so(tmp_path, people_daily):
-    from hanlm.data.tokenizer import train_tokenizer
-
-    cfg = load_config("tiny")
-    tokenizer = train_tokenizer("char", people_daily[:50])
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    root = str(tmp_path / "run" / "checkpoints")
-    for step, loss in ((1, 4.0), (2, 3.5), (3, 3.9)):  # the tune loss rose at the end: overfitting
-        save_checkpoint(root, model, cfg, tokenizer, {"step": step}, val_loss=loss, selected_on="tune", note=quiet)
-    notes = []
-    assert resolve_served(str(tmp_path / "run"), notes.append) == f"{root}/step-00000002"
-    assert notes == [f"note: {tmp_path / 'run'}: using its best checkpoint by held-out tune loss, step-00000002 "
-                     f"(3.5000); its latest is step-00000003: give {root}/step-00000003 to use that one"]
-    notes.clear()
-    assert resolve_served(f"{root}/step-00000003", notes.append).endswith("step-00000003") and not notes

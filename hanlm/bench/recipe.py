@@ -44,11 +44,13 @@ BASE = ["model.preset=small", "tokenizer.kind=char", "train.block_size=256", "tr
         "train.grad_accum=1", "model.dropout=0", "train.optimizer=adamw", "train.schedule=cosine",
         "train.precision=fp32"]
 
-# The demo recipe of configs/default.yaml (December 2026), fixed here likewise: BPE 8000, 16 × 128 tokens per
-# step, AdamW at 3e-3, warm-up 100, bf16 autocast where the CPU has bf16 instructions (precision auto).
+# The demo recipe of configs/default.yaml before issue 34 (December 2026), fixed here likewise: BPE 8000, 16 × 128
+# tokens per step, AdamW at 3e-3, warm-up 100, bf16 autocast where the CPU has bf16 instructions (precision auto),
+# no distillation.
 DEMO_BASE = ["model.preset=small", "tokenizer.kind=bpe", "tokenizer.vocab_size=8000", "train.block_size=128",
              "train.micro_batch=16", "train.grad_accum=1", "train.lr=3e-3", "train.warmup_steps=100",
-             "model.dropout=0", "train.optimizer=adamw", "train.schedule=cosine", "train.precision=auto"]
+             "model.dropout=0", "train.optimizer=adamw", "train.schedule=cosine", "train.precision=auto",
+             "train.distill_weight=0"]
 
 # Overrides of the base recipe (4 layers, 256 wide, 8 × 256 tokens per step, AdamW at 3e-3).
 CANDIDATES: dict[str, list[str]] = {
