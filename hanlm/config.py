@@ -357,10 +357,13 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"model.task {m.task} needs a neural network (model.arch {', '.join(NETWORKS)}), not "
                           f"{m.arch}")
     _check_objective(cfg)
-    if t.distill_weight > 0 and (m.arch not in ("gpt", "lstm") or m.task != "lm" or cfg.tokenizer.kind == "pretrained"):
+    # Refused only where a network would train with it: an n-gram counted from a distilled run's config, or a
+    # classifier fine-tuned from its checkpoint, inherit the key and do not use it.
+    if t.distill_weight > 0 and m.task == "lm" and (m.arch in ("encoder", "bert") or (
+            m.arch in ("gpt", "lstm") and cfg.tokenizer.kind == "pretrained")):
         raise ConfigError("train.distill_weight distils an n-gram into a gpt or lstm language model over a char, bpe "
-                          f"or word tokenizer (here model.arch {m.arch}, model.task {m.task}, tokenizer.kind "
-                          f"{cfg.tokenizer.kind}); set it to 0")
+                          f"or word tokenizer (here model.arch {m.arch}, tokenizer.kind {cfg.tokenizer.kind}); set it "
+                          "to 0")
     if t.ema_decay > 0 and cfg.dist.shard == "fsdp":
         raise ConfigError("train.ema_decay averages whole weights on each worker; with dist.shard fsdp each holds a "
                           "shard: use dist.shard none (DDP) or train.ema_decay 0")

@@ -161,9 +161,13 @@ def test_a_distilled_run_trains_and_says_what_its_teacher_is(tmp_path):
     assert run.final_eval.loss < math.log(vocab) - 1.0
 
 
-def test_distillation_into_a_model_that_cannot_take_it_is_refused():
+def test_distillation_into_a_model_that_cannot_take_it_is_refused_and_what_inherits_it_is_not():
     with pytest.raises(ConfigError, match="train.distill_weight"):
         load_config("tiny", ["train.distill_weight=0.3", "model.arch=encoder", "train.objective=mlm"])
+    # An n-gram counted from a distilled run's config (hanlm mix) and a classifier fine-tuned from its checkpoint
+    # inherit the key without using it.
+    load_config("tiny", ["train.distill_weight=0.3", "model.arch=ngram", "model.order=5"])
+    load_config("tiny", ["train.distill_weight=0.3", "model.task=classify", "finetune.labels=[neg,pos]"])
 
 
 # -- which checkpoint a run directory gives ------------------------------------------------------------

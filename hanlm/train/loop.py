@@ -166,7 +166,7 @@ class Trainer:
         self.selected_on = "val" if self.tune_tokens is None else "tune"
         self.average = WeightAverage(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.teacher = None
-        if t.distill_weight > 0:
+        if t.distill_weight > 0 and cfg.model.arch in ("gpt", "lstm") and cfg.model.task == "lm":
             self.teacher = NGramTeacher.count(open_split(self.prepared.directory, "train"), self.tokenizer.vocab_size,
                                               t.distill_order, t.distill_weight, t.distill_top_k)
             self.echo(self.teacher.summary())
