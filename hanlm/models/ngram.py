@@ -227,6 +227,15 @@ class NGramLM(LanguageModel):
         ctx = [c.reshape(B, h)[:, -1] for c in self._contexts(grid.ravel())]
         return self._distributions(ctx).float(), advanced
 
+    def _explicit(self, j: int, c: np.ndarray, has: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (j + 1)-grams that extend the j-token contexts `c[has]`: for each, the position it belongs to,
+        its index in the order-(j + 1) table and its last token."""
+        starts, ends = self._children[j + 1][c[has]], self._children[j + 1][c[has] + 1]
+        sizes = ends - starts
+        rows = np.repeat(has, sizes)
+        child = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes) + np.repeat(starts, sizes)
+        return rows, child, self.keys[j + 1][child] % self.vocab_size
+
     def _distributions(self, ctx: list[np.ndarray]) -> Tensor:
         """(P, V) float64 log-probabilities for P positions with contexts `ctx` (see `_contexts`):
         the unigram row, then per context length j its backoff added and its explicit children set."""
@@ -239,11 +248,7 @@ class NGramLM(LanguageModel):
                 continue
             bows = self.uni_bow if j == 1 else self.bow[j]
             dist[torch.from_numpy(has)] += torch.from_numpy(bows[c[has]] * LN10)[:, None]
-            starts, ends = self._children[j + 1][c[has]], self._children[j + 1][c[has] + 1]
-            sizes = ends - starts
-            rows = np.repeat(has, sizes)
-            child = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes) + np.repeat(starts, sizes)
-            words = self.keys[j + 1][child] % self.vocab_size
+            rows, child, words = self._explicit(j, c, has)
             dist[torch.from_numpy(rows), torch.from_numpy(words)] = torch.from_numpy(self.logp[j + 1][child] * LN10)
         return dist
 
@@ -268,12 +273,7 @@ class NGramLM(LanguageModel):
         dist = torch.from_numpy((self.uni_logp * LN10).astype(np.float32)).expand(B * T, -1) + \
             torch.from_numpy((later[0] * LN10).astype(np.float32))[:, None]
         for j, c in enumerate(ctx, 1):
-            has = np.flatnonzero(c >= 0)
-            starts, ends = self._children[j + 1][c[has]], self._children[j + 1][c[has] + 1]
-            sizes = ends - starts
-            rows = np.repeat(has, sizes)
-            child = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes) + np.repeat(starts, sizes)
-            words = self.keys[j + 1][child] % self.vocab_size
+            rows, child, words = self._explicit(j, c, np.flatnonzero(c >= 0))
             dist[torch.from_numpy(rows), torch.from_numpy(words)] = torch.from_numpy(
                 ((self.logp[j + 1][child] + later[j][rows]) * LN10).astype(np.float32))
         top, ids = dist.topk(k, dim=-1)

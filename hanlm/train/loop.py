@@ -51,7 +51,6 @@ from hanlm.models.masking import Masker, row_seed
 from hanlm.runlock import RunLock
 from hanlm.train.autobatch import resolve_micro_batch
 from hanlm.train.distill import NGramTeacher
-from hanlm.train.ema import WeightAverage
 from hanlm.train.distributed import (
     agreed_reason,
     all_reduce_mean,
@@ -64,6 +63,7 @@ from hanlm.train.distributed import (
     setup_worker,
 )
 from hanlm.train.device import autocast_dtype
+from hanlm.train.ema import WeightAverage
 from hanlm.train.optim import build_optimizer, lr_at, set_lr
 from hanlm.train.runs import find_resume, set_earlier_aside, stop_on_signals
 from hanlm.train.strategies import build_sync
@@ -317,7 +317,7 @@ class Trainer:
             tune = self._evaluate(self.tune_tokens, split_characters(self.prepared.meta, "tune"), full)
         return tune.loss, {**result.metrics(), "tune_loss": tune.loss}
 
-    def _evaluate(self, tokens: np.ndarray, characters: int | None, full: bool) -> EvalResult | MaskedEvalResult:
+    def _evaluate(self, tokens: np.ndarray, characters: int, full: bool) -> EvalResult | MaskedEvalResult:
         if self.masker is not None:
             result = evaluate_masked(self.model, tokens, self.masker, block_size=self.cfg.train.block_size,
                                      batch_size=self.cfg.eval.batch_size,
