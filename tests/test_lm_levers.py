@@ -58,6 +58,23 @@ def test_the_average_is_the_hand_computed_one_and_swaps_back_bit_for_bit():
         assert torch.equal(p, live[n])
 
 
+@pytest.mark.parametrize("damage, refusal", [
+    (lambda live: live.pop("bias"), "live weights do not match this model's parameters"),
+    (lambda live: live.update(extra=torch.zeros(1)), "live weights do not match this model's parameters"),
+    (lambda live: live.update(bias=torch.zeros(3)), r"live weight bias has shape \(3,\), this model \(2,\)"),
+])
+def test_saved_live_weights_of_another_model_are_refused_by_name_and_leave_the_model_as_it_was(damage, refusal):
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.9)
+    live = {n: v + 1 for n, v in average.live_state().items()}  # other values: a partial copy would show
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    damage(live)
+    with pytest.raises(CheckpointError, match=f"^ckpt/step-9: the saved {refusal}"):
+        average.resume(live, "ckpt/step-9")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ema") / "run"

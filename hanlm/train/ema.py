@@ -73,9 +73,10 @@ class WeightAverage:
         if sorted(live) != sorted(self.names):
             raise CheckpointError(f"{source}: the saved live weights do not match this model's parameters; resume "
                                   "with the config the run started with")
-        for name, p, avg in zip(self.names, self.params, self.average, strict=True):
+        for name, p in zip(self.names, self.params, strict=True):  # all checked before any is copied
             if live[name].shape != p.shape:
                 raise CheckpointError(f"{source}: the saved live weight {name} has shape {tuple(live[name].shape)}, "
                                       f"this model {tuple(p.shape)}")
+        for name, p, avg in zip(self.names, self.params, self.average, strict=True):
             avg.copy_(p)
             p.copy_(live[name])
