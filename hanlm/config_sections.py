@@ -310,8 +310,13 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: int = key(250, "Evaluate on the val split every this many steps (and at the end).", min=1,
                            max=STEPS_MAX)
-    max_batches: int | None = key(20, "Cap on val batches per periodic evaluation; null for the whole split. "
-                                  "The final evaluation always reads the whole split.", min=1, max=STEPS_MAX)
+    max_batches: int | None = key(20, "Cap on val (and tune) batches per periodic evaluation; null for the whole "
+                                  "split. The final evaluation has its own cap, eval.final_max_batches.", min=1,
+                                  max=STEPS_MAX)
+    final_max_batches: int | None = key(None, "Cap on val (and tune) batches for the final evaluation of a run, the "
+                                        "one its report and result give; null: the whole split. Only for quick "
+                                        "runs that are not measurements (the tiny config of the tests).", min=1,
+                                        max=STEPS_MAX)
     batch_size: int = key(16, "Sequences per evaluation batch.", min=1, max=1 << 20)
     stride: int | None = key(None, "Sliding-window evaluation: windows of train.block_size tokens move by this many, "
                              "each scoring its last `stride` tokens, so every token is scored once with at least "

@@ -88,6 +88,15 @@ class MaskedEvalResult:
                 f"{self.tokens:,} masked tokens (BPC does not apply to an encoder)")
 
 
+def final_eval_scope(cfg: Config) -> str:
+    """What a run's final evaluation read, as its report and `hanlm train` name it (an n-gram's count
+    always reads the whole split)."""
+    cap = cfg.eval.final_max_batches
+    if cap is None or cfg.model.arch == "ngram":
+        return "whole val split"
+    return f"the val split's first {cap} batches: eval.final_max_batches"
+
+
 @torch.no_grad()
 def evaluate_masked(model: LanguageModel, tokens: np.ndarray, masker: Masker, *, block_size: int, batch_size: int,
                     max_batches: int | None = None, seed: int = 0) -> MaskedEvalResult:

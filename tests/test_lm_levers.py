@@ -93,7 +93,8 @@ def test_an_averaged_run_saves_the_average_and_keeps_the_live_weights_for_resume
     load_weights(model, ckpt.weights, ckpt.path)
     prepared = prepare(ckpt.config)
     again = evaluate(model, open_split(prepared.directory, "val"), block_size=ckpt.config.train.block_size,
-                     batch_size=ckpt.config.eval.batch_size, characters=split_characters(prepared.meta, "val"))
+                     batch_size=ckpt.config.eval.batch_size, characters=split_characters(prepared.meta, "val"),
+                     max_batches=ckpt.config.eval.final_max_batches)
     assert math.isclose(again.loss, ema_run.final_eval.loss, rel_tol=1e-6)
 
 

@@ -35,7 +35,8 @@ def tiny(run_dir, *overrides):
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("gpt") / "run"
-    return Trainer(tiny(run_dir), echo=lambda _: None).run()
+    # The whole val split at the end, as outside the tests: `hanlm eval` must give the run's own figure.
+    return Trainer(tiny(run_dir, "eval.final_max_batches=null"), echo=lambda _: None).run()
 
 
 def final_weights(run) -> dict[str, torch.Tensor]:
@@ -69,10 +70,11 @@ def test_gpt_and_lstm_train_to_a_loss_below_their_start(tmp_path, arch, gpt_run)
 
 
 def test_resume_gives_identical_weights(tmp_path, gpt_run):
-    first = Trainer(tiny(tmp_path), echo=lambda _: None).run(stop_after=20)
+    whole = "eval.final_max_batches=null"  # as gpt_run
+    first = Trainer(tiny(tmp_path, whole), echo=lambda _: None).run(stop_after=20)
     assert first.stopped_by == "stop_after" and first.step == 20
     messages = []
-    resumed = Trainer(tiny(tmp_path), resume="auto", echo=messages.append).run()
+    resumed = Trainer(tiny(tmp_path, whole), resume="auto", echo=messages.append).run()
     assert any("resumed from" in m and "step 20" in m for m in messages)
     assert resumed.step == 40
     straight, again = final_weights(gpt_run), final_weights(resumed)
@@ -197,6 +199,19 @@ def test_report_sets_the_bpc_beside_the_unigram_entropy(gpt_run):
     report = (gpt_run.run_dir / "report.md").read_text(encoding="utf-8")
     assert f"| val unigram character entropy (bits) | {unigram:.4f} |" in report
     assert f"| val BPC | {gpt_run.final_eval.bpc:.4f} |" in report
+
+
+def test_the_final_evaluation_reads_the_whole_split_unless_capped_and_says_which(gpt_run, tmp_path, capsys):
+    whole = gpt_run.final_eval.tokens
+    assert "Evaluation (whole val split)" in (gpt_run.run_dir / "report.md").read_text(encoding="utf-8")
+    assert main(["train", "--config", "tiny", "--set", f"train.run_dir={tmp_path}", "--set", "train.max_steps=4",
+                 "--set", "eval.final_max_batches=3", "--set", "log.peak_tflops=0.1"]) == 0
+    assert "\nfinal (the val split's first 3 batches: eval.final_max_batches): val loss" in capsys.readouterr().out
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Evaluation (the val split's first 3 batches: eval.final_max_batches)" in report
+    scored = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+    capped = Trainer(tiny(tmp_path / "again", "train.max_steps=4", "eval.final_max_batches=3"), echo=lambda _: None).run()
+    assert capped.final_eval.tokens == 3 * 16 * 64 < whole and scored[-1]["bpc"] == pytest.approx(capped.final_eval.bpc)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])

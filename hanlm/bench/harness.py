@@ -63,8 +63,10 @@ def dist_suite(quick: bool) -> dict[str, Any]:
     from hanlm.bench.sync import BASE, DIST_SUITE_STRATEGIES, GLOBAL_BATCH, strategies
     from hanlm.bench.sync import run as run_strategy
 
-    # Quick (the test suite's smoke run): startup dominates each launch, so fewer and shorter runs.
+    # Quick (the test suite's smoke run): startup dominates each launch, so fewer and shorter runs, and a
+    # final evaluation of a few batches (after 12 steps its BPC measures nothing anyway).
     steps = 12 if quick else 200
+    cap = ["eval.final_max_batches=4"] if quick else []
     # The same threads per worker in both runs (half the cores), so that 2 workers can reach 2×.
     threads = max(1, (os.cpu_count() or 2) // 2)
     scaling = {}
@@ -72,7 +74,7 @@ def dist_suite(quick: bool) -> dict[str, Any]:
         for nproc in (1, 2):
             run_dir = Path(tmp) / f"nproc{nproc}"
             sets = [f"train.max_steps={steps}", f"train.run_dir={run_dir}", "log.every_steps=1",
-                    f"train.threads={threads}", f"train.micro_batch={GLOBAL_BATCH // 2}"]  # per worker, both runs
+                    f"train.threads={threads}", f"train.micro_batch={GLOBAL_BATCH // 2}", *cap]  # per worker, both
             done = subprocess.run([sys.executable, "-m", "hanlm.cli", "train", "--nproc", str(nproc), *BASE,
                                    *(a for kv in sets for a in ("--set", kv))], capture_output=True, text=True,
                                   check=False)
@@ -82,7 +84,7 @@ def dist_suite(quick: bool) -> dict[str, Any]:
             scaling[nproc] = sum(r["tokens_per_s"] for r in train) / len(train)
         every = strategies(steps)
         names = ("full", "powersgd-r8") if quick else DIST_SUITE_STRATEGIES
-        sync = [run_strategy(name, every[name], steps, Path(tmp) / "sync") for name in names]
+        sync = [run_strategy(name, [*every[name], *cap], steps, Path(tmp) / "sync") for name in names]
     full = next(s for s in sync if s["strategy"] == "full")
     for s in sync:
         s["vs_full"] = full["bytes"] / s["bytes"] if s["bytes"] else float("inf")

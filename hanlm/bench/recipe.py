@@ -91,6 +91,11 @@ DEMO_CANDIDATES: dict[str, list[str]] = {
     "muon-0.05": ["train.optimizer=muon", "train.muon_lr=0.05"],
     "muon-0.1": ["train.optimizer=muon", "train.muon_lr=0.1"],
     "muon-distill": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.3"],
+    # Around the demo's recipe (muon-distill): a larger Muon step, a heavier or a longer-context teacher.
+    "muon-0.1-distill": ["train.optimizer=muon", "train.muon_lr=0.1", "train.distill_weight=0.3"],
+    "muon-distill-0.5": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.5"],
+    "muon-distill-5gram": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.3",
+                           "train.distill_order=5"],
     "deep-6": ["model.n_layer=6"],
 }
 

@@ -6,7 +6,8 @@ beside transformers' `generate` of the same weights (plain, and with its own pro
 The model is a trained checkpoint — by default the demo's `runs/default` once `make demo` has run,
 else a `small` GPT trained here for a few hundred steps — because a draft is only as good as the
 model's agreement with it, which random weights do not have. The n-gram draft is a 5-gram counted
-on the same prepared data (seconds). Every speculative run's tokens are compared with plain decoding's.
+on the same prepared data (seconds; a 3-gram with --quick, whose tiny model it only has to run with).
+Every speculative run's tokens are compared with plain decoding's.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def trained_model(quick: bool, workdir: Path) -> str:
 
 
 def ngram_draft(checkpoint: str, workdir: Path, order: int = 5) -> NGramDraft:
-    """A 5-gram counted on the checkpoint's own prepared data (so over its tokenizer)."""
+    """An n-gram of `order` counted on the checkpoint's own prepared data (so over its tokenizer)."""
     from hanlm.mix import count_ngram
 
     cfg = load_checkpoint(resolve_served(checkpoint)).config
@@ -126,7 +127,8 @@ def speculative_suite(quick: bool, checkpoint: str | None = None, tokens: int | 
         work = workdir or Path(tmp)
         checkpoint = checkpoint or trained_model(quick, work)
         model, cfg, tokenizer = load_for_inference(checkpoint)
-        drafts = {"prompt lookup": PromptLookup(), "5-gram": ngram_draft(checkpoint, work / "ngram")}
+        order = 3 if quick else 5
+        drafts = {"prompt lookup": PromptLookup(), f"{order}-gram": ngram_draft(checkpoint, work / "ngram", order)}
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(export_hf(checkpoint, work / "hf"))).eval()
@@ -143,7 +145,7 @@ def speculative_suite(quick: bool, checkpoint: str | None = None, tokens: int | 
             runs[label] = lambda p, s=stats[label]: _decode(model, tokenizer, p, tokens, s)
     if not quick:  # compiling takes longer than the quick suite's whole run (tests/test_decoding checks it)
         runs["hanlm GPT compiled"] = lambda p: _decode(model, tokenizer, p, tokens, None, True)
-        for name in ("prompt lookup", "5-gram"):
+        for name in drafts:
             label = f"hanlm GPT compiled + {name} draft, k = adaptive ≤ 4"
             stats[label] = Speculation(drafts[name], k=4, adaptive=True)
             runs[label] = lambda p, s=stats[label]: _decode(model, tokenizer, p, tokens, s, True)

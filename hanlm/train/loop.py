@@ -3,7 +3,7 @@
 `Trainer` composes the components (prepared data, model, optimizer, loader, checkpoints,
 evaluator, logger); `run()` is the whole job `hanlm train` runs: train until max_steps,
 max_tokens or max_minutes, evaluating and saving on the way, then a final evaluation on the
-whole val split, a report and sample continuations. SIGINT/SIGTERM finish the current step,
+whole val split (unless eval.final_max_batches caps it), a report and sample continuations. SIGINT/SIGTERM finish the current step,
 save a checkpoint and return.
 """
 
@@ -41,7 +41,8 @@ from hanlm.data.prepare import prepare
 from hanlm.data.shards import open_split, open_train_copies
 from hanlm.data.tokenizer import Tokenizer
 from hanlm.errors import CheckpointError, ConfigError, HanlmError
-from hanlm.eval import EvalResult, MaskedEvalResult, evaluate, evaluate_masked, split_characters
+from hanlm.eval import (EvalResult, MaskedEvalResult, evaluate, evaluate_masked, final_eval_scope,
+                        split_characters)
 from hanlm.generate import config_samples
 from hanlm.loading import open_checkpoint, require_language_model, resolve_served
 from hanlm.log import RunLogger, measure_matmul_peak
@@ -302,31 +303,32 @@ class Trainer:
             return 1.0
         return y.ne(-1).sum() / (self.cfg.train.mask_rate * y.numel())
 
-    def evaluate(self, full: bool = False) -> EvalResult | MaskedEvalResult:
-        """The val split (its first eval.max_batches batches unless `full`), with the averaged weights when
-        train.ema_decay averages them."""
+    def evaluate(self, final: bool = False) -> EvalResult | MaskedEvalResult:
+        """The val split (its first eval.max_batches batches, or eval.final_max_batches when `final`), with the
+        averaged weights when train.ema_decay averages them."""
         with self._averaged():
-            return self._evaluate(self.val_tokens, self.val_characters, full)
+            return self._evaluate(self.val_tokens, self.val_characters, final)
 
-    def selection_loss(self, result: EvalResult | MaskedEvalResult, full: bool = False) -> tuple[float, dict]:
+    def selection_loss(self, result: EvalResult | MaskedEvalResult, final: bool = False) -> tuple[float, dict]:
         """The loss that ranks checkpoints (the tune split's, or val's `result` without one) and the metrics
         to log beside `result`'s."""
         if self.tune_tokens is None:
             return result.loss, result.metrics()
         with self._averaged():
-            tune = self._evaluate(self.tune_tokens, split_characters(self.prepared.meta, "tune"), full)
+            tune = self._evaluate(self.tune_tokens, split_characters(self.prepared.meta, "tune"), final)
         return tune.loss, {**result.metrics(), "tune_loss": tune.loss}
 
-    def _evaluate(self, tokens: np.ndarray, characters: int, full: bool) -> EvalResult | MaskedEvalResult:
+    def _evaluate(self, tokens: np.ndarray, characters: int, final: bool) -> EvalResult | MaskedEvalResult:
+        max_batches = self.cfg.eval.final_max_batches if final else self.cfg.eval.max_batches
         if self.masker is not None:
             result = evaluate_masked(self.model, tokens, self.masker, block_size=self.cfg.train.block_size,
                                      batch_size=self.cfg.eval.batch_size,
-                                     max_batches=None if full else self.cfg.eval.max_batches)
+                                     max_batches=max_batches)
             self._reshard()
             return result
         result = evaluate(self.model, tokens, block_size=self.cfg.train.block_size,
                           batch_size=self.cfg.eval.batch_size, characters=characters,
-                          max_batches=None if full else self.cfg.eval.max_batches, autocast_dtype=self.amp_dtype,
+                          max_batches=max_batches, autocast_dtype=self.amp_dtype,
                           stride=self.cfg.eval.stride)
         self._reshard()
         return result
@@ -474,8 +476,8 @@ class Trainer:
                 logger.message(f"stopped at step {self.step} ({reason}); saved {path}")
                 return TrainResult(self.run_dir, path, self.step, self.tokens_seen, reason)
             self.sync.finish()  # diloco: the final model is the synchronised one
-            final = self.evaluate(full=True) if evaluates else None
-            chosen = self.selection_loss(final, full=True) if evaluates else None
+            final = self.evaluate(final=True) if evaluates else None
+            chosen = self.selection_loss(final, final=True) if evaluates else None
             if main:
                 logger.eval(self.step, self.tokens_seen, chosen[1])
             path = self._save_best(chosen[0] if main else None)
@@ -512,5 +514,5 @@ class Trainer:
         if self.info.distributed:
             table += f"\n| bytes sent per rank ({self.cfg.dist.sync}) | {self.sync.bytes_total:,} |"
         sample_md = "\n\n".join(f"**{p}**{c}" for p, c in samples)
-        return {"Evaluation (whole val split)": table, "Samples": sample_md,
+        return {f"Evaluation ({final_eval_scope(self.cfg)})": table, "Samples": sample_md,
                 "Config": f"```yaml\n{self.cfg.to_yaml()}```"}

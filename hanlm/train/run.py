@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from hanlm.config import Config, config_options, load_config
 from hanlm.errors import ConfigError
+from hanlm.eval import final_eval_scope
 from hanlm.loading import resolve_served
 
 STOP_AFTER_HELP = ("train this many more steps, then save a checkpoint and stop, as Ctrl-C does; the schedule "
@@ -56,7 +57,7 @@ def train(cfg: Config, resume: str | None, *, restart_if_damaged: bool = False, 
               f"(same --config/--set)")
         return 0
     unigram = prepared.meta["splits"]["val"]["unigram_bpc"]
-    print(f"\nfinal (whole val split): {result.final_eval.summary()}")
+    print(f"\nfinal ({final_eval_scope(cfg)}): {result.final_eval.summary()}")
     bpc = getattr(result.final_eval, "bpc", None)  # an encoder's masked figures have none
     if bpc is not None:
         print(f"val unigram character entropy: {unigram:.4f} bits (the model's BPC is {bpc / unigram:.0%} of it)")
