@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 # The demo trains the small GPT (9 minutes) with the levers of issue 34 (Muon at lr 0.05, distillation from a
 # 3-gram), then counts a 5-gram on the same data (seconds), mixes the two and prints one table: unigram
 # entropy, 5-gram, GPT and mixture on the val split, and on 2,000 distinct chn-reviews texts (off-domain).
-DEMO_LEVERS := --set train.optimizer=muon --set train.muon_lr=0.05 --set train.distill_weight=0.3
+DEMO_LEVERS := --set train.optimizer=muon --set train.muon_lr=0.05 --set train.distill_weight=0.5
 demo: install
 	$(BIN)/hanlm train $(DEMO_LEVERS)
 	$(BIN)/hanlm mix runs/default --order 5 --out runs/default/mix
