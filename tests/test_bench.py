@@ -130,7 +130,8 @@ def test_the_recipe_study_resolves_bases_budgets_and_candidates_without_training
     assert args.budget == {"steps": 300} and args.off_domain_texts == 100
     assert args.names == ["demo", "ema", "distill", "distill-0.5", "distill-5gram", "distill-ema", "demo-seed7",
                           "distill-seed7", "bpe-dropout", "muon-0.05", "muon-0.1", "muon-distill", "muon-0.1-distill",
-                          "muon-distill-0.5", "muon-distill-5gram", "deep-6"]
+                          "muon-distill-0.5", "muon-distill-5gram", "muon-distill-seed7", "muon-distill-0.5-seed7",
+                          "deep-6"]
     for name in ("demo", "muon-0.05", "deep-6", "distill-ema"):
         cfg = load_config("default", recipe.candidate_sets(recipe.DEMO_CANDIDATES[name], "demo", args.budget))
         t = cfg.train

@@ -96,6 +96,10 @@ DEMO_CANDIDATES: dict[str, list[str]] = {
     "muon-distill-0.5": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.5"],
     "muon-distill-5gram": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.3",
                            "train.distill_order=5"],
+    # A second seed of the pair that decided the demo's distillation weight.
+    "muon-distill-seed7": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.3", "train.seed=7"],
+    "muon-distill-0.5-seed7": ["train.optimizer=muon", "train.muon_lr=0.05", "train.distill_weight=0.5",
+                               "train.seed=7"],
     "deep-6": ["model.n_layer=6"],
 }
 

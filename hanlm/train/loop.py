@@ -3,8 +3,8 @@
 `Trainer` composes the components (prepared data, model, optimizer, loader, checkpoints,
 evaluator, logger); `run()` is the whole job `hanlm train` runs: train until max_steps,
 max_tokens or max_minutes, evaluating and saving on the way, then a final evaluation on the
-whole val split (unless eval.final_max_batches caps it), a report and sample continuations. SIGINT/SIGTERM finish the current step,
-save a checkpoint and return.
+whole val split (unless eval.final_max_batches caps it), a report and sample continuations.
+SIGINT/SIGTERM finish the current step, save a checkpoint and return.
 """
 
 from __future__ import annotations
